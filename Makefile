@@ -1,0 +1,32 @@
+# Two entry points: `make demo` and `make test`. Each creates .venv when missing and installs the
+# pinned dependencies; the stamp file makes the install step a no-op until pyproject.toml changes.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.moref-installed
+
+.PHONY: demo test test-gpu setup clean
+
+$(STAMP): pyproject.toml tools/cpu_env/moref_torchvision_cpu_shim.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and exactly pinned, so pip takes the CPU wheel instead of the CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) tools/cpu_env/install_shim.py
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/moref-index run jobs/configs/demo.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests --ignore=tests/gpu
+
+# CUDA tests (run on a GPU machine; see README "GPU tests").
+test-gpu:
+	$(PYTHON) -m pytest -q tests/gpu
+
+clean:
+	rm -rf $(VENV) .cache demo-output
