@@ -1,0 +1,274 @@
+"""The job config: one YAML file, validated before any work starts.
+
+One typed model per stage. Unknown keys and bad values fail fast with the dotted key and the
+expected form (see `load_job_config`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import pathlib
+import uuid
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A job config that cannot run; the message names the key and what was expected."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StorageConfig(_Strict):
+    """fsspec storage options for object stores. Credentials default to the environment
+    (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL, instance roles); values set
+    here are never written to outputs or logs."""
+
+    endpoint_url: str | None = None
+    key: str | None = Field(default=None, repr=False)
+    secret: str | None = Field(default=None, repr=False)
+    token: str | None = Field(default=None, repr=False)
+    anon: bool = False
+
+    def fsspec_options(self, protocol: str) -> dict[str, Any]:
+        if protocol not in ("s3", "s3a"):
+            return {}
+        opts: dict[str, Any] = {"anon": self.anon}
+        for name in ("key", "secret", "token"):
+            value = getattr(self, name)
+            if value:
+                opts[name] = value
+        if self.endpoint_url:
+            opts["client_kwargs"] = {"endpoint_url": self.endpoint_url}
+        return opts
+
+
+class InputConfig(_Strict):
+    """Where the videos are: glob(s) over a local or fsspec path, or a manifest file."""
+
+    videos: list[str] | None = None
+    manifest: str | None = None
+    limit: int | None = Field(default=None, ge=1)
+    storage: StorageConfig = StorageConfig()
+
+    @field_validator("videos", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self):
+        if bool(self.videos) == bool(self.manifest):
+            raise ValueError("give exactly one of 'videos' (glob or list of globs) or 'manifest' (file)")
+        return self
+
+
+class GlobalQuestion(_Strict):
+    question_id: str
+    question: str = Field(min_length=1)
+
+
+class QuestionsConfig(_Strict):
+    """Per-video questions from a file (JSONL/Parquet/CSV: video_id, question_id, question) and/or
+    global prompts asked of every video (captioning)."""
+
+    file: str | None = None
+    prompts: list[GlobalQuestion] = []
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _strings_become_prompts(cls, value):
+        if isinstance(value, list):
+            return [
+                {"question_id": f"prompt-{i}", "question": v} if isinstance(v, str) else v
+                for i, v in enumerate(value)
+            ]
+        return value
+
+    @model_validator(mode="after")
+    def _some_questions(self):
+        if not self.file and not self.prompts:
+            raise ValueError("give 'file' (per-video questions) and/or 'prompts' (asked of every video)")
+        ids = [p.question_id for p in self.prompts]
+        if len(ids) != len(set(ids)):
+            raise ValueError("prompt question_id values must be unique")
+        return self
+
+
+class DecodeConfig(_Strict):
+    """Candidate frames are sampled by time, decoded only where needed, resized to a square."""
+
+    backend: Literal["auto", "pyav", "decord"] = "auto"
+    sampling: Literal["uniform", "fps"] = "uniform"
+    num_frames: int = Field(default=32, ge=1, le=4096)  # uniform: frames over the duration
+    fps: float = Field(default=1.0, gt=0)  # fps sampling: frames per second of video ...
+    max_frames: int = Field(default=256, ge=1, le=4096)  # ... capped at this many
+    frame_size: int = Field(default=384, ge=8, le=2048)  # square side the frames are resized to
+    timeout_s: float = Field(default=300.0, gt=0)  # per attempt, in an isolated process
+    retries: int = Field(default=1, ge=0, le=5)  # retries per backend after a crash or timeout
+    max_duration_s: float = Field(default=4 * 3600.0, gt=0)  # refuse longer videos before decoding
+    max_pixels: int = Field(default=8192 * 8192, ge=1)  # refuse larger frames before decoding
+    max_bytes: int = Field(default=20 * 1024**3, ge=1)  # refuse larger files before reading
+    num_cpus: float = Field(default=1.0, gt=0)
+
+
+class GuidanceConfig(_Strict):
+    """CLIP frame embeddings (the frames table) and per-question frame selection."""
+
+    model: str = "ViT-L-14-336-quickgelu"  # open_clip model name, 'hf-hub:org/name' or a local dir
+    pretrained: str | None = "openai"  # open_clip pretrained tag or a weights file; None for a local dir
+    selection: Literal["uniform"] = "uniform"
+    frames_per_question: int = Field(default=32, ge=1, le=4096)
+    batch_size: int = Field(default=32, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_gpus: float = Field(default=0.25, ge=0)
+    num_cpus: float = Field(default=1.0, ge=0)
+    concurrency: int = Field(default=1, ge=1)
+
+
+class MoRefOptions(_Strict):
+    """Free-MoRef options (README "Free-MoRef"). None means the paper's default."""
+
+    enabled: bool = True
+    temporal_units: int = Field(default=64, ge=1)
+    references: int | None = Field(default=None, ge=1)
+    fusion_layer: int | None = Field(default=None, ge=1)
+    keep_ratio: float | None = Field(default=None, gt=0, le=1)
+    granularity: Literal["chunk", "head", "token"] = "chunk"
+
+
+class AnswerConfig(_Strict):
+    """The Video-LLM actor: a LlavaOnevision checkpoint (local dir or hub id) and generation."""
+
+    model: str = "llava-hf/LLaVA-Video-7B-Qwen2-hf"
+    layout: Literal["auto", "llava_vid", "onevision"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    trust_remote_code: bool = False
+    system_prompt: str = "You are a helpful assistant."
+    max_new_tokens: int = Field(default=128, ge=1, le=8192)
+    do_sample: bool = False
+    temperature: float = Field(default=1.0, gt=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    seed: int = 0
+    stop_strings: list[str] = []
+    moref: MoRefOptions = MoRefOptions()
+    num_gpus: float = Field(default=1.0, ge=0)
+    num_cpus: float = Field(default=1.0, ge=0)
+    concurrency: int = Field(default=1, ge=1)
+
+
+class OutputConfig(_Strict):
+    """Where answers/ and frames/ Parquet tables go (local dir or fsspec URL)."""
+
+    path: str
+    storage: StorageConfig = StorageConfig()
+    resume: bool = True  # skip (video_id, question_id) pairs already written
+
+
+class RayConfig(_Strict):
+    address: str | None = None  # None: start a local Ray; "auto": join the running cluster
+    num_cpus: int | None = Field(default=None, ge=1)  # local Ray only
+
+
+class JobConfig(_Strict):
+    run_id: str | None = None
+    input: InputConfig
+    questions: QuestionsConfig
+    decode: DecodeConfig = DecodeConfig()
+    guidance: GuidanceConfig = GuidanceConfig()
+    answer: AnswerConfig = AnswerConfig()
+    output: OutputConfig
+    ray: RayConfig = RayConfig()
+
+    def resolved_run_id(self) -> str:
+        if self.run_id:
+            return self.run_id
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        return f"{stamp}-{uuid.uuid4().hex[:8]}"
+
+
+def _describe(errors: list[dict]) -> str:
+    lines = []
+    for err in errors:
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+        else:
+            lines.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(lines)
+
+
+def parse_job_config(data: Any, base_dir: pathlib.Path | None = None) -> JobConfig:
+    """Validate a config mapping. Relative local paths resolve against `base_dir`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"job config must be a mapping of keys, got {type(data).__name__}")
+    try:
+        cfg = JobConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid job config: {_describe(exc.errors())}") from None
+    return _resolve_paths(cfg, base_dir) if base_dir is not None else cfg
+
+
+def load_job_config(path: str | pathlib.Path, overrides: dict | None = None) -> JobConfig:
+    """Read a YAML job config (safe loader), apply dotted-key overrides, validate."""
+    path = pathlib.Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"job config not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"job config {path} is not valid YAML: {exc}") from None
+    data = data or {}
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    return parse_job_config(data, base_dir=path.parent.resolve())
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot override {dotted}: {part} is not a mapping")
+    node[parts[-1]] = value
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path
+
+
+def _resolve(path: str | None, base_dir: pathlib.Path) -> str | None:
+    if path is None or not _is_local(path) or pathlib.Path(path).is_absolute():
+        return path
+    return str((base_dir / path).resolve())
+
+
+def _resolve_paths(cfg: JobConfig, base_dir: pathlib.Path) -> JobConfig:
+    inp = cfg.input.model_copy(
+        update={
+            "videos": [_resolve(v, base_dir) for v in cfg.input.videos] if cfg.input.videos else None,
+            "manifest": _resolve(cfg.input.manifest, base_dir),
+        }
+    )
+    questions = cfg.questions.model_copy(update={"file": _resolve(cfg.questions.file, base_dir)})
+    output = cfg.output.model_copy(update={"path": _resolve(cfg.output.path, base_dir)})
+    guidance = cfg.guidance
+    if _looks_like_local_path(guidance.model):
+        guidance = guidance.model_copy(update={"model": _resolve(guidance.model, base_dir)})
+    answer = cfg.answer
+    if _looks_like_local_path(answer.model):
+        answer = answer.model_copy(update={"model": _resolve(answer.model, base_dir)})
+    return cfg.model_copy(
+        update={"input": inp, "questions": questions, "output": output, "guidance": guidance, "answer": answer}
+    )
+
+
+def _looks_like_local_path(name: str) -> bool:
+    return name.startswith((".", "/", "~"))

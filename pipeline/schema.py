@@ -1,0 +1,100 @@
+"""Output tables and the columns that travel between stages: every column name is defined here once.
+
+`ANSWERS_SCHEMA` and `FRAMES_SCHEMA` are the Parquet schemas users query (DESIGN.md section 5).
+The `Col` names are the per-video row columns the Ray stages read and write.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+
+class Col:
+    """Columns of the per-video row as it moves through the pipeline."""
+
+    # source listing
+    VIDEO_ID = "video_id"
+    VIDEO_URI = "video_uri"
+    SIZE_BYTES = "size_bytes"
+    QUESTION_IDS = "question_ids"
+    QUESTIONS = "questions"
+    # per-row status: the first stage that fails sets error; later stages pass the row through
+    STATUS = "status"
+    ERROR = "error"
+    # decode
+    FRAMES = "frames"  # uint8 (T, S, S, 3)
+    FRAME_TIMES_S = "frame_times_s"  # float64 (T,)
+    FRAME_INDICES = "frame_indices"  # int64 (T,)
+    WIDTH = "width"
+    HEIGHT = "height"
+    FPS = "fps"
+    DURATION_S = "duration_s"
+    ROTATION = "rotation"
+    CODEC = "codec"
+    DECODE_BACKEND = "decode_backend"
+    DECODE_S = "decode_s"
+    # guidance
+    FRAME_EMBEDDINGS = "frame_embeddings"  # float32 (T, D)
+    CLIP_MODEL = "clip_model"
+    SELECTED_POSITIONS = "selected_positions"  # int64 (Q, K): positions into the T candidate frames
+    ROI_BOXES = "roi_boxes"  # float32 (Q, 4) as (x0, y0, x1, y1) in [0, 1], or absent
+    GUIDANCE_S = "guidance_s"
+
+
+ANSWERS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("video_id", pa.string()),
+        ("video_uri", pa.string()),
+        ("question_id", pa.string()),
+        ("question", pa.string()),
+        ("answer", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("model", pa.string()),
+        ("frames_decoded", pa.int32()),
+        ("frame_indices", pa.list_(pa.int64())),
+        ("frame_times_s", pa.list_(pa.float64())),
+        ("roi_box", pa.list_(pa.float32(), 4)),
+        ("references", pa.int32()),
+        ("temporal_units", pa.int32()),
+        ("fusion_layer", pa.int32()),
+        ("visual_tokens_native", pa.int64()),
+        ("visual_tokens_used", pa.int64()),
+        ("prompt_tokens", pa.int64()),
+        ("output_tokens", pa.int64()),
+        ("attn_flops_ratio", pa.float64()),
+        ("total_flops", pa.float64()),
+        ("total_flops_native", pa.float64()),
+        ("decode_s", pa.float64()),
+        ("guidance_s", pa.float64()),
+        ("prefill_s", pa.float64()),
+        ("generate_s", pa.float64()),
+    ]
+)
+
+ANSWER_COLUMNS = tuple(ANSWERS_SCHEMA.names)
+
+
+def frames_schema(embedding_dim: int) -> pa.Schema:
+    """The frames table: one row per candidate frame, embeddings as fixed-size float32 lists."""
+    return pa.schema(
+        [
+            ("video_id", pa.string()),
+            ("frame_index", pa.int64()),
+            ("time_s", pa.float64()),
+            ("embedding", pa.list_(pa.float32(), embedding_dim)),
+            ("clip_model", pa.string()),
+        ]
+    )
+
+
+FRAME_COLUMNS = ("video_id", "frame_index", "time_s", "embedding", "clip_model")
+
+
+def empty_answer_row() -> dict:
+    """An answers row with every column present and null, for stages to fill in."""
+    return {name: None for name in ANSWER_COLUMNS}
