@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml tools/cpu_env/moref_torchvision_cpu_shim.py
 setup: $(STAMP)
 
 demo: $(STAMP)
+	$(VENV)/bin/moref-index tiny-models .cache/models
 	$(VENV)/bin/moref-index run jobs/configs/demo.yaml
 
 test: $(STAMP)

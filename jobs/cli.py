@@ -1,0 +1,99 @@
+"""The `moref-index` command line; also the entry point for `ray job submit`.
+
+    moref-index run CONFIG.yaml [--set key.path=value ...]
+    moref-index convert SRC_LLAVA_NEXT_DIR DST_HF_DIR
+    moref-index tiny-models DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+import sys
+
+import yaml
+
+
+def _parse_overrides(pairs: list[str]) -> dict:
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set expects key.path=value, got {pair!r}")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def cmd_run(args) -> int:
+    from pipeline.config import ConfigError, load_job_config
+    from pipeline.runner import run_job
+
+    try:
+        cfg = load_job_config(args.config, _parse_overrides(args.set))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    summary = run_job(cfg)
+    print(summary.render())
+    if args.summary_json:
+        pathlib.Path(args.summary_json).write_text(json.dumps(summary.to_dict(), indent=2))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from freemoref.convert import convert_llava_next_checkpoint
+
+    out = convert_llava_next_checkpoint(args.src, args.dst, vision_config_dir=args.vision_config, dtype=args.dtype)
+    print(f"wrote HF LlavaOnevision checkpoint to {out}")
+    return 0
+
+
+def build_tiny_models(root: pathlib.Path) -> dict[str, str]:
+    """Tiny random models for the demo and tests, built offline once and reused."""
+    from freemoref.tiny import build_tiny_llava_onevision
+    from pipeline.clip_models import build_tiny_clip
+
+    paths = {"llava": root / "tiny-llava-onevision", "clip": root / "tiny-clip"}
+    if not (paths["llava"] / "config.json").exists():
+        build_tiny_llava_onevision(str(paths["llava"]))
+    if not paths["clip"].exists() or not any(paths["clip"].iterdir()):
+        build_tiny_clip(str(paths["clip"]))
+    return {name: str(path) for name, path in paths.items()}
+
+
+def cmd_tiny_models(args) -> int:
+    for name, path in build_tiny_models(pathlib.Path(args.dir)).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moref-index", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a job config (YAML)")
+    run.add_argument("config")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    run.add_argument("--summary-json", help="also write the run summary to this file")
+    run.set_defaults(func=cmd_run)
+
+    convert = sub.add_parser("convert", help="convert a LLaVA-NeXT LLaVA-Video checkpoint to HF LlavaOnevision")
+    convert.add_argument("src")
+    convert.add_argument("dst")
+    convert.add_argument("--vision-config", help="dir with the SigLIP config, if not derivable from src")
+    convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    convert.set_defaults(func=cmd_convert)
+
+    tiny = sub.add_parser("tiny-models", help="build the tiny offline models used by the demo")
+    tiny.add_argument("dir")
+    tiny.set_defaults(func=cmd_tiny_models)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

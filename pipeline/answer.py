@@ -1,0 +1,169 @@
+"""The answer stage: a Video-LLM actor that answers every question of one video.
+
+Vision features are computed once per video; each question then picks its frames (from guidance)
+and runs Free-MoRef (or native) prefill and decode. Every question yields exactly one answers
+row: 'ok' with the answer and statistics, or 'error' with a reason.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import AnswerConfig
+from pipeline.schema import ANSWER_COLUMNS, STATUS_ERROR, STATUS_OK, Col, empty_answer_row
+
+
+def model_label(model: str) -> str:
+    """The model name recorded in outputs: a hub id as given, a local checkpoint by its folder name."""
+    path = pathlib.Path(model).expanduser()
+    return path.name if path.exists() else model
+
+
+def _error_reason(prefix: str, exc: BaseException) -> str:
+    return f"{prefix}: {type(exc).__name__}: {exc}"[:500]
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return list(value)
+
+
+class AnswerStage:
+    """Ray actor body (map_batches over one video per batch); usable without Ray."""
+
+    reads = (
+        Col.VIDEO_ID, Col.VIDEO_URI, Col.QUESTION_IDS, Col.QUESTIONS, Col.STATUS, Col.ERROR,
+        Col.FRAMES, Col.FRAME_TIMES_S, Col.FRAME_INDICES, Col.SELECTED_POSITIONS, Col.ROI_BOXES,
+        Col.DECODE_S, Col.GUIDANCE_S,
+    )
+    writes = ANSWER_COLUMNS
+
+    def __init__(self, cfg: AnswerConfig, run_id: str):
+        from freemoref.loading import load_video_llm
+        from freemoref.video_llm import GenerationOptions
+
+        self.cfg = cfg
+        self.run_id = run_id
+        self.resources = {"num_gpus": cfg.num_gpus, "num_cpus": cfg.num_cpus}
+        self.llm = load_video_llm(
+            cfg.model,
+            dtype=cfg.dtype,
+            device=cfg.device,
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+            layout=cfg.layout,
+        )
+        self.model_name = model_label(cfg.model)
+        self.generation = GenerationOptions(
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=cfg.do_sample,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            seed=cfg.seed,
+            stop_strings=list(cfg.stop_strings),
+        )
+        self.moref = None
+        if cfg.moref.enabled:
+            from freemoref.config import MoRefConfig
+
+            o = cfg.moref
+            self.moref = MoRefConfig(
+                enabled=True,
+                temporal_units=o.temporal_units,
+                references=o.references,
+                fusion_layer=o.fusion_layer,
+                keep_ratio=o.keep_ratio,
+                granularity=o.granularity,
+            )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        out: dict[str, list] = {name: [] for name in ANSWER_COLUMNS}
+        for i in range(len(batch[Col.VIDEO_ID])):
+            for row in self.answer_video({k: v[i] for k, v in batch.items()}):
+                for name in ANSWER_COLUMNS:
+                    out[name].append(row[name])
+        return out
+
+    def answer_video(self, video: dict) -> list[dict]:
+        question_ids = [str(q) for q in _as_list(video[Col.QUESTION_IDS])]
+        questions = [str(q) for q in _as_list(video[Col.QUESTIONS])]
+        frames = video.get(Col.FRAMES)
+        times = np.asarray(video.get(Col.FRAME_TIMES_S, []), dtype=np.float64)
+        indices = np.asarray(video.get(Col.FRAME_INDICES, []), dtype=np.int64)
+        base = {
+            "run_id": self.run_id,
+            "video_id": str(video[Col.VIDEO_ID]),
+            "video_uri": str(video[Col.VIDEO_URI]),
+            "model": self.model_name,
+            "frames_decoded": int(len(times)),
+            "decode_s": _float_or_none(video.get(Col.DECODE_S)),
+            "guidance_s": _float_or_none(video.get(Col.GUIDANCE_S)),
+        }
+        rows = []
+        for qid, question in zip(question_ids, questions):
+            row = empty_answer_row()
+            row.update(base, question_id=qid, question=question, status=STATUS_ERROR)
+            rows.append(row)
+
+        if video.get(Col.STATUS) != STATUS_OK:
+            for row in rows:
+                row["error"] = str(video.get(Col.ERROR) or "failed before the answer stage")
+            return rows
+        try:
+            frame_tokens = self.llm.encode_frames(np.asarray(frames))
+        except Exception as exc:  # a model failure for one video must not fail the job
+            for row in rows:
+                row["error"] = _error_reason("vision_failed", exc)
+            return rows
+
+        selected = video.get(Col.SELECTED_POSITIONS)
+        roi_boxes = video.get(Col.ROI_BOXES)
+        for q, row in enumerate(rows):
+            positions = np.arange(len(times)) if selected is None else np.asarray(selected[q], dtype=np.int64)
+            roi = None if roi_boxes is None or len(roi_boxes) == 0 else [float(x) for x in roi_boxes[q]]
+            try:
+                result = self.llm.answer(
+                    frame_tokens[positions],
+                    row["question"],
+                    system_prompt=self.cfg.system_prompt,
+                    generation=self.generation,
+                    moref=self.moref,
+                    roi_box=roi,
+                )
+            except Exception as exc:
+                row["error"] = _error_reason("answer_failed", exc)
+                continue
+            row.update(
+                status=STATUS_OK,
+                answer=result.text,
+                frame_indices=indices[positions].tolist(),
+                frame_times_s=times[positions].tolist(),
+                roi_box=roi,
+                references=result.references,
+                temporal_units=result.temporal_units,
+                fusion_layer=result.fusion_layer,
+                visual_tokens_native=result.visual_tokens_native,
+                visual_tokens_used=result.visual_tokens_used,
+                prompt_tokens=result.prompt_tokens,
+                output_tokens=result.output_tokens,
+                attn_flops_ratio=result.attn_flops_ratio,
+                total_flops=result.total_flops,
+                total_flops_native=result.total_flops_native,
+                prefill_s=result.prefill_s,
+                generate_s=result.generate_s,
+            )
+        return rows
+
+
+def _float_or_none(value) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return None if np.isnan(value) else value
+

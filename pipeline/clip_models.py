@@ -1,0 +1,159 @@
+"""Loading open_clip CLIP models for the guidance stage, and a tiny one for offline tests.
+
+`load_clip` is the one loading path for every source: a built-in open_clip name with a pretrained
+tag or weights file (`ViT-L-14-336-quickgelu` + `openai`), a hub id (`hf-hub:org/name`), or a local
+directory in open_clip's own layout (`open_clip_config.json` + weights). `build_tiny_clip` writes
+such a directory, so tests run the real loader without network access (DESIGN.md section 6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any
+
+import torch
+
+LOCAL_DIR_PREFIX = "local-dir:"
+HF_HUB_PREFIX = "hf-hub:"
+CONFIG_NAME = "open_clip_config.json"
+WEIGHTS_NAME = "open_clip_model.safetensors"
+
+# OpenAI's normalisation: the default of open_clip's preprocess, kept explicit in the saved config.
+_OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# A real CLIP ViT in miniature. The text tower keeps CLIP's vocabulary (49408) and context (77) so
+# open_clip's stock SimpleTokenizer, whose BPE vocabulary ships inside the package, drives it.
+TINY_CLIP_CONFIG: dict[str, Any] = {
+    "embed_dim": 32,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipBundle:
+    """A loaded CLIP model with what is needed to feed it."""
+
+    model: torch.nn.Module  # eval mode, on its device
+    preprocess: Any  # open_clip's inference transform (PIL image -> normalised tensor)
+    tokenizer: Any  # open_clip tokenizer: list[str] -> LongTensor (N, context_length), truncating
+    name: str  # readable model name for outputs; never a local filesystem path
+    embed_dim: int  # joint image-text embedding size D
+    image_size: tuple[int, int]  # (height, width) the image tower takes
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def preprocess_cfg(self) -> dict[str, Any]:
+        """open_clip's final preprocessing settings: size, mean, std, interpolation, resize_mode."""
+        return dict(self.model.visual.preprocess_cfg)
+
+
+def build_tiny_clip(out_dir: str | os.PathLike, seed: int = 0) -> str:
+    """Write a tiny random open_clip CLIP to `out_dir` in open_clip's local-dir layout.
+
+    The same seed gives the same weights, bit for bit. Returns the directory path, which
+    `load_clip` (and `open_clip.create_model_and_transforms('local-dir:<path>')`) loads.
+    """
+    import open_clip
+    from safetensors.torch import save_file
+
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # Seed a forked RNG so building a model never disturbs the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = open_clip.CLIP(**TINY_CLIP_CONFIG)
+        # CLIP leaves some weights at constant init; randomise every tensor so that a load that
+        # skipped any of them would show in the embeddings.
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name != "logit_scale":
+                    param.normal_(0.0, 0.2 if param.ndim > 1 else 0.05).add_(1.0 if name.endswith("ln_post.weight") or ".ln_" in name and name.endswith("weight") else 0.0)
+    config = {
+        "model_cfg": TINY_CLIP_CONFIG,
+        "preprocess_cfg": {
+            "size": TINY_CLIP_CONFIG["vision_cfg"]["image_size"],
+            "mean": list(_OPENAI_MEAN),
+            "std": list(_OPENAI_STD),
+            "interpolation": "bicubic",
+            "resize_mode": "shortest",
+        },
+    }
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS_NAME))
+    return str(out)
+
+
+def load_clip(model: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> ClipBundle:
+    """Load a CLIP model, its inference preprocess and tokenizer with open_clip.
+
+    `model` is an open_clip built-in name (with `pretrained` a tag such as 'openai' or a weights
+    file), 'hf-hub:org/name', or a local directory (plain path or 'local-dir:' prefix) holding
+    open_clip_config.json and weights; `pretrained` is ignored for the last two. OpenAI weights
+    were trained with QuickGELU: when the tag says so, QuickGELU is forced, so 'ViT-L-14-336' +
+    'openai' loads correctly as well as 'ViT-L-14-336-quickgelu' + 'openai'.
+    """
+    import open_clip
+
+    source, name = _resolve_source(model, pretrained)
+    kwargs: dict[str, Any] = {}
+    if not source.startswith((LOCAL_DIR_PREFIX, HF_HUB_PREFIX)):
+        kwargs["pretrained"] = pretrained
+        kwargs["force_quick_gelu"] = needs_quick_gelu(source, pretrained)
+    clip_model, _, preprocess = open_clip.create_model_and_transforms(source, device=device, **kwargs)
+    clip_model.eval()
+    tokenizer = open_clip.get_tokenizer(source)
+    size = clip_model.visual.preprocess_cfg["size"]
+    image_size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return ClipBundle(
+        model=clip_model,
+        preprocess=preprocess,
+        tokenizer=tokenizer,
+        name=name,
+        embed_dim=_embed_dim(clip_model, tokenizer),
+        image_size=image_size,
+    )
+
+
+def needs_quick_gelu(model: str, pretrained: str | None) -> bool:
+    """True when `pretrained` is an open_clip tag whose weights were trained with QuickGELU."""
+    if not pretrained or os.path.isfile(pretrained):
+        return False
+    from open_clip.pretrained import get_pretrained_cfg
+
+    return bool(get_pretrained_cfg(model, pretrained).get("quick_gelu", False))
+
+
+def _resolve_source(model: str, pretrained: str | None) -> tuple[str, str]:
+    """(open_clip model identifier, readable name for outputs)."""
+    if model.startswith(HF_HUB_PREFIX):
+        return model, model
+    path = model[len(LOCAL_DIR_PREFIX):] if model.startswith(LOCAL_DIR_PREFIX) else model
+    path = os.path.expanduser(path)
+    if model.startswith(LOCAL_DIR_PREFIX) or os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+            raise FileNotFoundError(f"CLIP model directory has no {CONFIG_NAME}: {path}")
+        # Outputs name the model by its directory, never by the full local path.
+        return LOCAL_DIR_PREFIX + path, pathlib.Path(path).resolve().name
+    if pretrained and os.path.isfile(pretrained):
+        return model, f"{model}/{pathlib.Path(pretrained).stem}"
+    return model, f"{model}/{pretrained}" if pretrained else model
+
+
+def _embed_dim(model: torch.nn.Module, tokenizer: Any) -> int:
+    output_dim = getattr(model.visual, "output_dim", None)
+    if isinstance(output_dim, int):
+        return output_dim
+    # Towers that do not say (timm / HF wrappers): measure it on one empty prompt.
+    with torch.inference_mode():
+        tokens = tokenizer([""]).to(next(model.parameters()).device)
+        return int(model.encode_text(tokens).shape[-1])

@@ -1,0 +1,186 @@
+"""Ray wiring: the stages assembled into one streaming Ray Data pipeline.
+
+list videos + questions -> resume filter -> decode (CPU tasks) -> guidance (CLIP actors)
+-> frames sink (tasks) -> answer (VLM actors) -> answers sink (tasks) -> run summary.
+
+Stages are plain classes (pipeline/decode.py, guidance.py, answer.py, sink.py); this module only
+decides where and with what resources they run.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import time
+
+from pipeline.config import JobConfig
+from pipeline.schema import STATUS_OK, Col
+from pipeline.sink import RUNS_DIR, AnswersWriter, FramesWriter, OutputStore
+from pipeline.sources import list_videos, load_questions, questions_for
+
+log = logging.getLogger("moref_index")
+
+
+@dataclasses.dataclass
+class RunSummary:
+    run_id: str
+    output: str
+    videos: int = 0
+    inputs: int = 0  # (video, question) pairs in the job
+    skipped_done: int = 0  # pairs already in the answers table (resume)
+    processed: int = 0
+    ok: int = 0
+    errors: int = 0
+    errors_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def render(self) -> str:
+        lines = [
+            f"run {self.run_id}: {self.videos} videos, {self.inputs} (video, question) pairs",
+            f"  answered ok: {self.ok}   errors: {self.errors}   skipped (already done): {self.skipped_done}",
+        ]
+        for reason, count in sorted(self.errors_by_reason.items(), key=lambda kv: -kv[1]):
+            lines.append(f"    {reason}: {count}")
+        lines.append(f"  output: {self.output}/answers and {self.output}/frames  ({self.elapsed_s:.1f} s)")
+        return "\n".join(lines)
+
+
+def reason_of(error: str | None) -> str:
+    """The machine-friendly prefix of an error message ('no_video_stream: ...' -> 'no_video_stream')."""
+    return (error or "unknown").split(":", 1)[0].strip() or "unknown"
+
+
+def plan_work(cfg: JobConfig, store: OutputStore) -> tuple[list[dict], RunSummary]:
+    """One row per video with the questions still to answer, and the summary so far."""
+    run_id = cfg.resolved_run_id()
+    summary = RunSummary(run_id=run_id, output=cfg.output.path)
+    videos = list_videos(cfg.input)
+    per_video, prompts = load_questions(cfg.questions, cfg.input.storage)
+    done = store.done_pairs() if cfg.output.resume else set()
+    rows = []
+    for video in videos:
+        questions = questions_for(video.video_id, per_video, prompts)
+        summary.inputs += len(questions)
+        todo = [q for q in questions if (video.video_id, q.question_id) not in done]
+        summary.skipped_done += len(questions) - len(todo)
+        if questions:
+            summary.videos += 1
+        if todo:
+            rows.append(
+                {
+                    Col.VIDEO_ID: video.video_id,
+                    Col.VIDEO_URI: video.video_uri,
+                    Col.SIZE_BYTES: video.size_bytes if video.size_bytes is not None else -1,
+                    Col.QUESTION_IDS: [q.question_id for q in todo],
+                    Col.QUESTIONS: [q.question for q in todo],
+                }
+            )
+    return rows, summary
+
+
+def _init_ray(cfg: JobConfig) -> bool:
+    """Join the configured cluster, or start a local Ray. Returns True when Ray was local."""
+    import ray
+
+    if ray.is_initialized():
+        return cfg.ray.address is None
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, log_to_driver=True)
+        return False
+    ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def _gpus(requested: float, device: str, local_without_gpu: bool) -> float:
+    # A local Ray on a machine without GPUs can never satisfy a GPU request: run on the CPU instead
+    # of waiting forever. On a real cluster GPU nodes may still be scaling up, so keep the request.
+    if local_without_gpu and device != "cuda":
+        return 0.0
+    return requested
+
+
+def _decode_row(row: dict, cfg, storage_options: dict) -> dict:
+    from pipeline.decode import DecodeStage
+
+    return DecodeStage(cfg, storage_options)(row)
+
+
+def _write_frames(row: dict, output) -> dict:
+    return FramesWriter(output)(row)
+
+
+def _write_answers(batch, output, run_id: str):
+    return AnswersWriter(output, run_id)(batch)
+
+
+def build_dataset(rows: list[dict], cfg: JobConfig, run_id: str, local_without_gpu: bool):
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from pipeline.answer import AnswerStage
+    from pipeline.guidance import GuidanceStage
+
+    first_uri = rows[0][Col.VIDEO_URI]
+    protocol = first_uri.split("://", 1)[0] if "://" in first_uri else "file"
+    storage_options = cfg.input.storage.fsspec_options(protocol)
+
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))  # one video per block
+    ds = ds.map(
+        _decode_row,
+        fn_kwargs={"cfg": cfg.decode, "storage_options": storage_options},
+        num_cpus=cfg.decode.num_cpus,
+        max_retries=2,
+    )
+    ds = ds.map(
+        GuidanceStage,
+        fn_constructor_kwargs={"cfg": cfg.guidance},
+        compute=ActorPoolStrategy(size=cfg.guidance.concurrency),
+        num_cpus=cfg.guidance.num_cpus,
+        num_gpus=_gpus(cfg.guidance.num_gpus, cfg.guidance.device, local_without_gpu),
+    )
+    ds = ds.map(_write_frames, fn_kwargs={"output": cfg.output}, num_cpus=0.1)
+    ds = ds.map_batches(
+        AnswerStage,
+        fn_constructor_kwargs={"cfg": cfg.answer, "run_id": run_id},
+        batch_size=1,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=cfg.answer.concurrency),
+        num_cpus=cfg.answer.num_cpus,
+        num_gpus=_gpus(cfg.answer.num_gpus, cfg.answer.device, local_without_gpu),
+    )
+    ds = ds.map_batches(
+        _write_answers,
+        fn_kwargs={"output": cfg.output, "run_id": run_id},
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=0.1,
+    )
+    return ds
+
+
+def run_job(cfg: JobConfig) -> RunSummary:
+    start = time.perf_counter()
+    store = OutputStore(cfg.output)
+    rows, summary = plan_work(cfg, store)
+    log.info("planned %d videos with %d pending pairs", len(rows), summary.inputs - summary.skipped_done)
+    if rows:
+        import ray
+
+        local = _init_ray(cfg)
+        local_without_gpu = local and not ray.cluster_resources().get("GPU")
+        reasons: collections.Counter = collections.Counter()
+        for out in build_dataset(rows, cfg, summary.run_id, local_without_gpu).iter_rows():
+            summary.processed += 1
+            if out["status"] == STATUS_OK:
+                summary.ok += 1
+            else:
+                summary.errors += 1
+                reasons[reason_of(out["error"])] += 1
+        summary.errors_by_reason = dict(reasons)
+    summary.elapsed_s = round(time.perf_counter() - start, 3)
+    store.write_json(summary.to_dict(), RUNS_DIR, f"{summary.run_id}.json")
+    return summary
