@@ -71,12 +71,11 @@ def build_tiny_clip(out_dir: str | os.PathLike, seed: int = 0) -> str:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = open_clip.CLIP(**TINY_CLIP_CONFIG)
-        # CLIP leaves some weights at constant init; randomise every tensor so that a load that
-        # skipped any of them would show in the embeddings.
+        # CLIP initialises norms and biases to constants; perturb every tensor so that a loader
+        # that skipped any weight would show in the embeddings.
         with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name != "logit_scale":
-                    param.normal_(0.0, 0.2 if param.ndim > 1 else 0.05).add_(1.0 if name.endswith("ln_post.weight") or ".ln_" in name and name.endswith("weight") else 0.0)
+            for param in model.parameters():
+                param.add_(0.02 * torch.randn_like(param))
     config = {
         "model_cfg": TINY_CLIP_CONFIG,
         "preprocess_cfg": {

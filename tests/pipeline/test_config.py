@@ -1,0 +1,76 @@
+import pathlib
+
+import pytest
+
+from pipeline.config import ConfigError, load_job_config, parse_job_config
+
+MINIMAL = {
+    "input": {"videos": "videos/*.mp4"},
+    "questions": {"prompts": ["Describe the video."]},
+    "output": {"path": "out"},
+}
+
+
+def _with(**changes):
+    data = {k: dict(v) for k, v in MINIMAL.items()}
+    for dotted, value in changes.items():
+        node = data
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return data
+
+
+def test_minimal_config_gets_defaults():
+    cfg = parse_job_config(MINIMAL)
+    assert cfg.input.videos == ["videos/*.mp4"]
+    assert cfg.questions.prompts[0].question_id == "prompt-0"
+    assert cfg.answer.moref.granularity == "chunk"
+    assert cfg.answer.trust_remote_code is False
+
+
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({"input__bogus": 1}, "input.bogus: unknown key"),
+        ({"decode__num_frames": 0}, "decode.num_frames"),
+        ({"decode__backend": "ffmpeg"}, "decode.backend"),
+        ({"answer__moref__granularity": "layer"}, "answer.moref.granularity"),
+        ({"answer__moref__keep_ratio": 1.5}, "answer.moref.keep_ratio"),
+        ({"output__path": None}, "output.path"),
+        ({"nonsense": {}}, "nonsense: unknown key"),
+    ],
+)
+def test_bad_values_fail_naming_the_key(changes, key):
+    with pytest.raises(ConfigError) as err:
+        parse_job_config(_with(**changes))
+    assert key in str(err.value)
+
+
+def test_exactly_one_video_source():
+    with pytest.raises(ConfigError, match="exactly one of 'videos'"):
+        parse_job_config(_with(input__manifest="m.csv"))
+
+
+def test_yaml_file_relative_paths_and_overrides(tmp_path: pathlib.Path):
+    (tmp_path / "job.yaml").write_text(
+        "input: {videos: clips/*.mp4}\nquestions: {file: q.jsonl}\noutput: {path: out}\n"
+    )
+    cfg = load_job_config(tmp_path / "job.yaml", {"decode.num_frames": 8, "answer.moref.enabled": False})
+    assert cfg.input.videos == [str(tmp_path / "clips/*.mp4")]
+    assert cfg.questions.file == str(tmp_path / "q.jsonl")
+    assert cfg.output.path == str(tmp_path / "out")
+    assert cfg.decode.num_frames == 8 and cfg.answer.moref.enabled is False
+
+
+def test_yaml_is_loaded_safely(tmp_path: pathlib.Path):
+    (tmp_path / "evil.yaml").write_text("input: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_job_config(tmp_path / "evil.yaml")
+
+
+def test_credentials_are_not_in_repr():
+    cfg = parse_job_config(_with(input__storage={"key": "AKIASECRET", "secret": "s3cr3t"}))
+    assert "s3cr3t" not in repr(cfg) and "AKIASECRET" not in repr(cfg)
+    assert cfg.input.storage.fsspec_options("s3")["secret"] == "s3cr3t"
