@@ -138,7 +138,7 @@ def _resolve_source(model: str, pretrained: str | None) -> tuple[str, str]:
         return model, model
     path = model[len(LOCAL_DIR_PREFIX):] if model.startswith(LOCAL_DIR_PREFIX) else model
     path = os.path.expanduser(path)
-    if model.startswith(LOCAL_DIR_PREFIX) or os.path.isdir(path):
+    if model.startswith((LOCAL_DIR_PREFIX, ".", "/", "~")) or os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
             raise FileNotFoundError(f"CLIP model directory has no {CONFIG_NAME}: {path}")
         # Outputs name the model by its directory, never by the full local path.

@@ -1,0 +1,299 @@
+"""Tiny real checkpoints for tests and the demo: no network, seconds to build.
+
+`build_tiny_tokenizer` trains a byte-level BPE tokenizer of the Qwen2 kind on an embedded corpus;
+`build_tiny_llava_onevision` writes a random LlavaOnevision (SigLIP + Qwen2) checkpoint with its
+processor; `write_tiny_llava_next_checkpoint` writes the same weights under LLaVA-NeXT key names,
+the format LLaVA-Video-7B-Qwen2 is published in, to exercise `freemoref.convert`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+VIDEO_LAYOUT_KEY = "moref_video_layout"
+LAYOUTS = ("onevision", "llava_vid")
+QWEN2_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"
+
+# Qwen2-style ChatML. A message's content is a string or a list of parts ({"type": "text" | "image" |
+# "video"}); media placeholders come first, each on its own line, as LLaVA-Video's prompts do.
+CHAT_TEMPLATE = (
+    "{%- if not messages or messages[0]['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}"
+    "{%- for part in message['content'] if part['type'] == 'image' -%}{{ '<image>\\n' }}{%- endfor -%}"
+    "{%- for part in message['content'] if part['type'] == 'video' -%}{{ '<video>\\n' }}{%- endfor -%}"
+    "{%- for part in message['content'] if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+    "{%- endif -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+_SUBJECTS = (
+    "the cat", "a dog", "the man", "a woman", "the child", "a bird", "the robot", "a horse", "the chef",
+    "a player", "the driver", "a teacher", "the crowd", "a girl", "the boy", "a farmer", "the pilot",
+)
+_VERBS = (
+    "runs", "jumps", "sits", "walks", "drives", "flies", "eats", "reads", "opens", "throws", "catches",
+    "cooks", "paints", "climbs", "swims", "dances", "watches", "carries", "pushes", "builds", "cuts",
+)
+_OBJECTS = (
+    "a red ball", "the blue door", "a green box", "the yellow car", "a white cup", "the black bag",
+    "a small boat", "the large table", "an orange kite", "the wooden chair", "a paper map",
+    "the silver bike", "a heavy stone", "the old camera", "a bright lamp", "the round clock",
+)
+_PLACES = (
+    "in the park", "on the road", "near the house", "across the street", "under a tree", "in the kitchen",
+    "on the beach", "inside the room", "at the station", "by the river", "on the stage", "in the garden",
+)
+_TIMES = ("at night", "in the morning", "after lunch", "before sunset", "during the game", "at the end")
+_QUESTIONS = (
+    "What is {s} doing {p}?", "Where does {s} go {t}?", "How many people appear in the video?",
+    "What color is {o}?", "Why does {s} stop {t}?", "Which object does {s} hold?",
+    "Describe what happens {t}.", "When does {s} leave {p}?", "Who {v} {o}?",
+)
+
+
+def _corpus(seed: int = 0, sentences: int = 600) -> list[str]:
+    rng = random.Random(seed)
+    lines = []
+    for i in range(sentences):
+        s, v, o = rng.choice(_SUBJECTS), rng.choice(_VERBS), rng.choice(_OBJECTS)
+        p, t = rng.choice(_PLACES), rng.choice(_TIMES)
+        if i % 3 == 0:
+            lines.append(rng.choice(_QUESTIONS).format(s=s, v=v, o=o, p=p, t=t))
+        else:
+            lines.append(f"{s.capitalize()} {v} {o} {p} {t}. It took {rng.randint(1, 120)} seconds.")
+    return lines
+
+
+def build_tiny_tokenizer(out_dir: str | Path | None = None, *, vocab_size: int = 1024,
+                         multimodal_tokens: bool = True):
+    """Train a byte-level BPE tokenizer offline and wrap it as a transformers `Qwen2Tokenizer`.
+
+    The id layout mirrors Qwen2: the BPE vocabulary, then `<|endoftext|>`, `<|im_start|>`,
+    `<|im_end|>`, then (with `multimodal_tokens`) `<image>` and `<video>` as LLaVA adds them.
+    Returns the tokenizer; saves it to `out_dir` when given.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
+
+    bpe = Tokenizer(BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(_corpus(), trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+
+    # Qwen2Tokenizer appends its unk/eos/pad token (<|endoftext|>) after the BPE vocabulary.
+    tokenizer = Qwen2Tokenizer(vocab=model["vocab"], merges=merges)
+    extra = list(QWEN2_SPECIAL_TOKENS[1:]) + ([IMAGE_TOKEN, VIDEO_TOKEN] if multimodal_tokens else [])
+    tokenizer.add_special_tokens({"additional_special_tokens": extra})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    if out_dir is not None:
+        tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+@dataclass
+class TinyModelShape:
+    """Shapes of the tiny model. The 7x7 SigLIP grid is odd like the real 27x27, so the two layouts
+    differ the way they do on the real model (onevision 4x4 by ceil, llava_vid 3x3 by floor)."""
+
+    image_size: int = 28
+    patch_size: int = 4
+    vision_hidden: int = 32
+    vision_intermediate: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 2
+    text_hidden: int = 64
+    text_intermediate: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+
+
+def tiny_llava_onevision_config(tokenizer, shape: TinyModelShape, layout: str):
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    image_token_id, video_token_id = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, VIDEO_TOKEN])
+    endoftext_id, im_end_id = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    vision = SiglipVisionConfig(
+        hidden_size=shape.vision_hidden, intermediate_size=shape.vision_intermediate,
+        num_hidden_layers=shape.vision_layers, num_attention_heads=shape.vision_heads,
+        image_size=shape.image_size, patch_size=shape.patch_size, vision_use_head=False,
+    )
+    text = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=shape.text_hidden, intermediate_size=shape.text_intermediate,
+        num_hidden_layers=shape.text_layers, num_attention_heads=shape.text_heads,
+        num_key_value_heads=shape.text_kv_heads, max_position_embeddings=4096, tie_word_embeddings=False,
+        eos_token_id=im_end_id, pad_token_id=endoftext_id,
+    )
+    s = shape.image_size
+    config = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_index=image_token_id,
+        video_token_index=video_token_id, vision_feature_select_strategy="full", vision_feature_layer=-1,
+        image_grid_pinpoints=[[s * i, s * j] for i in (1, 2) for j in (1, 2)], tie_word_embeddings=False,
+    )
+    setattr(config, VIDEO_LAYOUT_KEY, layout)
+    return config
+
+
+def tiny_processor(tokenizer, shape: TinyModelShape):
+    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+    size = {"height": shape.image_size, "width": shape.image_size}
+    s = shape.image_size
+    image_processor = LlavaOnevisionImageProcessor(
+        size=size, image_grid_pinpoints=[[s * i, s * j] for i in (1, 2) for j in (1, 2)])
+    video_processor = LlavaOnevisionVideoProcessor(size=size)
+    return LlavaOnevisionProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+        num_image_tokens=(shape.image_size // shape.patch_size) ** 2, vision_feature_select_strategy="full",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+@torch.no_grad()
+def _randomize(model, seed: int) -> None:
+    """Redraw every parameter from a generator seeded by `seed`: deterministic, independent of the
+    global RNG, and with non-zero biases and non-unit norms so that a key mapped wrongly shows."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in sorted(model.named_parameters()):
+        noise = torch.randn(param.shape, generator=gen)
+        if name.endswith("bias"):
+            param.copy_(0.1 * noise)
+        elif "norm" in name:  # LayerNorm / RMSNorm scales
+            param.copy_(1.0 + 0.1 * noise)
+        elif param.dim() == 1:  # image_newline
+            param.copy_(noise)
+        elif "embed" in name:  # token and position embeddings
+            param.copy_(0.5 * noise)
+        else:  # Linear (out, in) and Conv2d (out, in, k, k): unit-variance outputs
+            param.copy_(noise / param[0].numel() ** 0.5)
+
+
+def build_tiny_llava_onevision(out_dir: str | Path, *, layout: str = "onevision", seed: int = 0,
+                               shape: TinyModelShape | None = None) -> str:
+    """Write a tiny random LlavaOnevision checkpoint plus its processor to `out_dir`.
+
+    Loads back with `AutoProcessor.from_pretrained` and
+    `LlavaOnevisionForConditionalGeneration.from_pretrained`. The video token layout is recorded
+    in the config under `moref_video_layout`. Same seed, same weights. Returns the directory.
+    """
+    from transformers import GenerationConfig, LlavaOnevisionForConditionalGeneration
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    shape = shape or TinyModelShape()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = build_tiny_tokenizer()
+    config = tiny_llava_onevision_config(tokenizer, shape, layout)
+    model = LlavaOnevisionForConditionalGeneration(config)
+    _randomize(model, seed)
+    endoftext_id, im_start_id, im_end_id = tokenizer.convert_tokens_to_ids(list(QWEN2_SPECIAL_TOKENS))
+    model.generation_config = GenerationConfig(
+        eos_token_id=[im_end_id, endoftext_id], pad_token_id=endoftext_id, do_sample=False)
+    model.save_pretrained(str(out_dir))
+    tiny_processor(tokenizer, shape).save_pretrained(str(out_dir))
+    return str(out_dir)
+
+
+# HF LlavaOnevision key prefix -> LLaVA-NeXT key prefix (the inverse of freemoref.convert's map).
+_HF_TO_LLAVA_NEXT = (
+    ("model.language_model.", "model."),
+    ("model.vision_tower.", "model.vision_tower.vision_tower."),
+    ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
+    ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
+    ("model.image_newline", "model.image_newline"),
+    ("lm_head.", "lm_head."),
+)
+
+
+def write_tiny_llava_next_checkpoint(out_dir: str | Path, *, seed: int = 0, shards: int = 2,
+                                     shape: TinyModelShape | None = None) -> str:
+    """Write a tiny checkpoint in LLaVA-NeXT's own format (as lmms-lab publishes LLaVA-Video).
+
+    Weights are those of `build_tiny_llava_onevision(seed=seed)` renamed to LLaVA-NeXT keys and
+    split over `shards` safetensors files with an index; config.json carries LLaVA-NeXT fields;
+    the tokenizer lacks `<image>`/`<video>` (LLaVA-NeXT uses a sentinel id instead). A SigLIP
+    vision config is written to `out_dir/vision_tower` and named by `mm_vision_tower`.
+    Returns the directory.
+    """
+    from safetensors.torch import save_file
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    shape = shape or TinyModelShape()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_tokenizer()
+    config = tiny_llava_onevision_config(tokenizer, shape, "llava_vid")
+    model = LlavaOnevisionForConditionalGeneration(config)
+    _randomize(model, seed)
+
+    renamed = {}
+    for key, tensor in model.state_dict().items():
+        for hf_prefix, next_prefix in _HF_TO_LLAVA_NEXT:
+            if key.startswith(hf_prefix):
+                renamed[next_prefix + key[len(hf_prefix):]] = tensor.contiguous()
+                break
+        else:
+            raise KeyError(f"no LLaVA-NeXT name for {key}")
+    keys = sorted(renamed)
+    weight_map = {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: renamed[k] for k in keys[i::shards]}
+        save_file(part, str(out_dir / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    total = sum(t.numel() * t.element_size() for t in renamed.values())
+    (out_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+    # LLaVA-NeXT drops SigLIP's last layer when it loads the tower, so the tower's own config
+    # (what mm_vision_tower names) has one layer more than the checkpoint holds.
+    tower_config = config.vision_config.__class__(**{**config.vision_config.to_dict(),
+                                                     "num_hidden_layers": shape.vision_layers + 1})
+    tower_config.save_pretrained(str(out_dir / "vision_tower"))
+    text = config.text_config
+    endoftext_id, im_end_id = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    next_config = {
+        "architectures": ["LlavaQwenForCausalLM"], "model_type": "llava",
+        "hidden_size": text.hidden_size, "intermediate_size": text.intermediate_size,
+        "num_hidden_layers": text.num_hidden_layers, "num_attention_heads": text.num_attention_heads,
+        "num_key_value_heads": text.num_key_value_heads, "hidden_act": "silu",
+        "max_position_embeddings": text.max_position_embeddings, "rms_norm_eps": text.rms_norm_eps,
+        "rope_theta": 10000.0, "vocab_size": text.vocab_size, "tie_word_embeddings": False,
+        "use_sliding_window": False, "sliding_window": 4096, "max_window_layers": text.num_hidden_layers,
+        "attention_dropout": 0.0, "bos_token_id": endoftext_id, "eos_token_id": im_end_id,
+        "torch_dtype": "float32", "image_aspect_ratio": "anyres_max_9",
+        "image_grid_pinpoints": "(1x1),...,(2x2)", "image_crop_resolution": None,
+        "image_split_resolution": None, "mm_hidden_size": shape.vision_hidden,
+        "mm_patch_merge_type": "spatial_unpad", "mm_projector_type": "mlp2x_gelu",
+        "mm_resampler_type": None, "mm_spatial_pool_mode": "average", "mm_spatial_pool_stride": 2,
+        "mm_newline_position": "grid", "mm_use_im_patch_token": False, "mm_use_im_start_end": False,
+        "mm_vision_select_feature": "patch", "mm_vision_select_layer": -2,
+        "mm_vision_tower": str(out_dir / "vision_tower"),
+    }
+    (out_dir / "config.json").write_text(json.dumps(next_config, indent=2))
+    build_tiny_tokenizer(out_dir, multimodal_tokens=False)
+    return str(out_dir)
