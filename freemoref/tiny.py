@@ -15,66 +15,62 @@ from pathlib import Path
 
 import torch
 
-VIDEO_LAYOUT_KEY = "moref_video_layout"
-LAYOUTS = ("onevision", "llava_vid")
+from freemoref.layouts import LAYOUTS, VIDEO_LAYOUT_KEY
+from freemoref.video_llm import CHAT_TEMPLATE
+
 QWEN2_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 IMAGE_TOKEN = "<image>"
 VIDEO_TOKEN = "<video>"
 
-# Qwen2-style ChatML. A message's content is a string or a list of parts ({"type": "text" | "image" |
-# "video"}); media placeholders come first, each on its own line, as LLaVA-Video's prompts do.
-CHAT_TEMPLATE = (
-    "{%- if not messages or messages[0]['role'] != 'system' -%}"
-    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
-    "{%- endif -%}"
-    "{%- for message in messages -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}"
-    "{%- for part in message['content'] if part['type'] == 'image' -%}{{ '<image>\\n' }}{%- endfor -%}"
-    "{%- for part in message['content'] if part['type'] == 'video' -%}{{ '<video>\\n' }}{%- endfor -%}"
-    "{%- for part in message['content'] if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
-    "{%- endif -%}"
-    "{{ '<|im_end|>\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
-)
-
 _SUBJECTS = (
     "the cat", "a dog", "the man", "a woman", "the child", "a bird", "the robot", "a horse", "the chef",
     "a player", "the driver", "a teacher", "the crowd", "a girl", "the boy", "a farmer", "the pilot",
+    "a student", "the doctor", "a musician", "the soldier", "a monkey", "the family", "a stranger",
 )
 _VERBS = (
     "runs", "jumps", "sits", "walks", "drives", "flies", "eats", "reads", "opens", "throws", "catches",
     "cooks", "paints", "climbs", "swims", "dances", "watches", "carries", "pushes", "builds", "cuts",
+    "drops", "lifts", "cleans", "follows", "repairs", "touches", "kicks", "pulls", "washes", "finds",
+    "hides", "points at", "waves at", "picks up", "puts down", "looks at", "talks about", "laughs at",
 )
-_OBJECTS = (
-    "a red ball", "the blue door", "a green box", "the yellow car", "a white cup", "the black bag",
-    "a small boat", "the large table", "an orange kite", "the wooden chair", "a paper map",
-    "the silver bike", "a heavy stone", "the old camera", "a bright lamp", "the round clock",
+_ADJECTIVES = (
+    "red", "blue", "green", "yellow", "white", "black", "orange", "purple", "brown", "grey", "small",
+    "large", "tiny", "huge", "wooden", "metal", "plastic", "glass", "old", "new", "broken", "shiny",
+    "heavy", "light", "round", "square", "bright", "dark", "wet", "dry", "soft", "hard", "empty", "full",
+)
+_NOUNS = (
+    "ball", "door", "box", "car", "cup", "bag", "boat", "table", "kite", "chair", "map", "bike", "stone",
+    "camera", "lamp", "clock", "phone", "window", "bottle", "hat", "shoe", "book", "guitar", "umbrella",
+    "basket", "ladder", "bucket", "blanket", "candle", "flower", "apple", "banana", "sandwich", "pizza",
+    "computer", "keyboard", "mirror", "picture", "bridge", "tower", "train", "truck", "helmet", "jacket",
 )
 _PLACES = (
     "in the park", "on the road", "near the house", "across the street", "under a tree", "in the kitchen",
     "on the beach", "inside the room", "at the station", "by the river", "on the stage", "in the garden",
+    "at the market", "in the office", "on the mountain", "behind the fence", "in the classroom",
 )
-_TIMES = ("at night", "in the morning", "after lunch", "before sunset", "during the game", "at the end")
+_TIMES = ("at night", "in the morning", "after lunch", "before sunset", "during the game", "at the end",
+          "suddenly", "slowly", "quickly", "twice", "again", "finally")
 _QUESTIONS = (
     "What is {s} doing {p}?", "Where does {s} go {t}?", "How many people appear in the video?",
-    "What color is {o}?", "Why does {s} stop {t}?", "Which object does {s} hold?",
-    "Describe what happens {t}.", "When does {s} leave {p}?", "Who {v} {o}?",
+    "What color is the {n}?", "Why does {s} stop {t}?", "Which object does {s} hold?",
+    "Describe what happens {t}.", "When does {s} leave {p}?", "Who {v} the {a} {n}?",
+    "Is there a {a} {n} {p}?", "What happens after {s} {v} the {n}?",
 )
 
 
-def _corpus(seed: int = 0, sentences: int = 600) -> list[str]:
+def _corpus(seed: int = 0, sentences: int = 800) -> list[str]:
     rng = random.Random(seed)
     lines = []
     for i in range(sentences):
-        s, v, o = rng.choice(_SUBJECTS), rng.choice(_VERBS), rng.choice(_OBJECTS)
-        p, t = rng.choice(_PLACES), rng.choice(_TIMES)
+        s, v, p, t = rng.choice(_SUBJECTS), rng.choice(_VERBS), rng.choice(_PLACES), rng.choice(_TIMES)
+        a, n = rng.choice(_ADJECTIVES), rng.choice(_NOUNS)
         if i % 3 == 0:
-            lines.append(rng.choice(_QUESTIONS).format(s=s, v=v, o=o, p=p, t=t))
+            lines.append(rng.choice(_QUESTIONS).format(s=s, v=v, a=a, n=n, p=p, t=t))
+        elif i % 3 == 1:
+            lines.append(f"{a.capitalize()} {n}s and {rng.choice(_NOUNS)}es were {t} {p}; {v}!")
         else:
-            lines.append(f"{s.capitalize()} {v} {o} {p} {t}. It took {rng.randint(1, 120)} seconds.")
+            lines.append(f"{s.capitalize()} {v} the {a} {n} {p} {t}. It took {rng.randint(1, 120)} seconds.")
     return lines
 
 
@@ -130,6 +126,10 @@ class TinyModelShape:
     text_kv_heads: int = 2
 
 
+def _grid_pinpoints(image_size: int) -> list[list[int]]:
+    return [[image_size * i, image_size * j] for i in (1, 2) for j in (1, 2)]
+
+
 def tiny_llava_onevision_config(tokenizer, shape: TinyModelShape, layout: str):
     from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
@@ -146,29 +146,20 @@ def tiny_llava_onevision_config(tokenizer, shape: TinyModelShape, layout: str):
         num_key_value_heads=shape.text_kv_heads, max_position_embeddings=4096, tie_word_embeddings=False,
         eos_token_id=im_end_id, pad_token_id=endoftext_id,
     )
-    s = shape.image_size
     config = LlavaOnevisionConfig(
         vision_config=vision, text_config=text, image_token_index=image_token_id,
         video_token_index=video_token_id, vision_feature_select_strategy="full", vision_feature_layer=-1,
-        image_grid_pinpoints=[[s * i, s * j] for i in (1, 2) for j in (1, 2)], tie_word_embeddings=False,
+        image_grid_pinpoints=_grid_pinpoints(shape.image_size), tie_word_embeddings=False,
     )
     setattr(config, VIDEO_LAYOUT_KEY, layout)
     return config
 
 
 def tiny_processor(tokenizer, shape: TinyModelShape):
-    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+    from freemoref.convert import make_processor
 
-    size = {"height": shape.image_size, "width": shape.image_size}
-    s = shape.image_size
-    image_processor = LlavaOnevisionImageProcessor(
-        size=size, image_grid_pinpoints=[[s * i, s * j] for i in (1, 2) for j in (1, 2)])
-    video_processor = LlavaOnevisionVideoProcessor(size=size)
-    return LlavaOnevisionProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
-        num_image_tokens=(shape.image_size // shape.patch_size) ** 2, vision_feature_select_strategy="full",
-        chat_template=CHAT_TEMPLATE,
-    )
+    return make_processor(tokenizer, image_size=shape.image_size, patch_size=shape.patch_size,
+                          grid_pinpoints=_grid_pinpoints(shape.image_size), vision_aspect_ratio="anyres_max_9")
 
 
 @torch.no_grad()
@@ -218,15 +209,18 @@ def build_tiny_llava_onevision(out_dir: str | Path, *, layout: str = "onevision"
     return str(out_dir)
 
 
-# HF LlavaOnevision key prefix -> LLaVA-NeXT key prefix (the inverse of freemoref.convert's map).
-_HF_TO_LLAVA_NEXT = (
-    ("model.language_model.", "model."),
-    ("model.vision_tower.", "model.vision_tower.vision_tower."),
-    ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
-    ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
-    ("model.image_newline", "model.image_newline"),
-    ("lm_head.", "lm_head."),
-)
+def _llava_next_key(key: str) -> str:
+    """In-memory HF LlavaOnevision key -> LLaVA-NeXT key (the inverse of freemoref.convert)."""
+    if key.startswith("model.vision_tower."):
+        rest = key[len("model.vision_tower."):].removeprefix("vision_model.")
+        return "model.vision_tower.vision_tower.vision_model." + rest
+    for hf_prefix, next_prefix in (("model.language_model.", "model."),
+                                   ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
+                                   ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
+                                   ("model.image_newline", "model.image_newline"), ("lm_head.", "lm_head.")):
+        if key.startswith(hf_prefix):
+            return next_prefix + key[len(hf_prefix):]
+    raise KeyError(f"no LLaVA-NeXT name for {key}")
 
 
 def write_tiny_llava_next_checkpoint(out_dir: str | Path, *, seed: int = 0, shards: int = 2,
@@ -250,14 +244,7 @@ def write_tiny_llava_next_checkpoint(out_dir: str | Path, *, seed: int = 0, shar
     model = LlavaOnevisionForConditionalGeneration(config)
     _randomize(model, seed)
 
-    renamed = {}
-    for key, tensor in model.state_dict().items():
-        for hf_prefix, next_prefix in _HF_TO_LLAVA_NEXT:
-            if key.startswith(hf_prefix):
-                renamed[next_prefix + key[len(hf_prefix):]] = tensor.contiguous()
-                break
-        else:
-            raise KeyError(f"no LLaVA-NeXT name for {key}")
+    renamed = {_llava_next_key(key): tensor.contiguous() for key, tensor in model.state_dict().items()}
     keys = sorted(renamed)
     weight_map = {}
     for i in range(shards):

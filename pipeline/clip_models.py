@@ -8,6 +8,7 @@ such a directory, so tests run the real loader without network access (DESIGN.md
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -56,26 +57,34 @@ class ClipBundle:
         return dict(self.model.visual.preprocess_cfg)
 
 
-def build_tiny_clip(out_dir: str | os.PathLike, seed: int = 0) -> str:
-    """Write a tiny random open_clip CLIP to `out_dir` in open_clip's local-dir layout.
-
-    The same seed gives the same weights, bit for bit. Returns the directory path, which
-    `load_clip` (and `open_clip.create_model_and_transforms('local-dir:<path>')`) loads.
-    """
+def tiny_clip_model(seed: int = 0) -> torch.nn.Module:
+    """The tiny random CLIP of `TINY_CLIP_CONFIG`; the same seed gives the same weights."""
     import open_clip
-    from safetensors.torch import save_file
 
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # Seed a forked RNG so building a model never disturbs the caller's random stream.
+    # A forked RNG: building a model never disturbs the caller's random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = open_clip.CLIP(**TINY_CLIP_CONFIG)
+        model = open_clip.CLIP(**copy.deepcopy(TINY_CLIP_CONFIG))
         # CLIP initialises norms and biases to constants; perturb every tensor so that a loader
         # that skipped any weight would show in the embeddings.
         with torch.no_grad():
             for param in model.parameters():
                 param.add_(0.02 * torch.randn_like(param))
+    return model.eval()
+
+
+def build_tiny_clip(out_dir: str | os.PathLike, seed: int = 0) -> str:
+    """Write `tiny_clip_model(seed)` to `out_dir` in open_clip's local-dir layout
+    (open_clip_config.json + open_clip_model.safetensors).
+
+    Returns the directory path, which `load_clip` (and
+    `open_clip.create_model_and_transforms('local-dir:<path>')`) loads.
+    """
+    from safetensors.torch import save_file
+
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = tiny_clip_model(seed)
     config = {
         "model_cfg": TINY_CLIP_CONFIG,
         "preprocess_cfg": {

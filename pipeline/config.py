@@ -121,8 +121,10 @@ class GuidanceConfig(_Strict):
 
     model: str = "ViT-L-14-336-quickgelu"  # open_clip model name, 'hf-hub:org/name' or a local dir
     pretrained: str | None = "openai"  # open_clip pretrained tag or a weights file; None for a local dir
-    selection: Literal["uniform"] = "uniform"
+    selection: Literal["uniform", "prompt", "mix"] = "uniform"  # per question, from the candidates
     frames_per_question: int = Field(default=32, ge=1, le=4096)
+    prompt_fraction: float = Field(default=0.5, ge=0, le=1)  # mix: share of frames picked by the prompt
+    roi_ratio: float | None = Field(default=None, gt=0, le=1)  # RoI box area / frame; None: no RoI (paper: 0.8)
     batch_size: int = Field(default=32, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_gpus: float = Field(default=0.25, ge=0)

@@ -1,0 +1,101 @@
+"""Free-MoRef options (DESIGN.md section 3) and how their defaults resolve for one question.
+
+`MoRefConfig` holds what a user sets (None = the paper's default); `resolve` turns it into concrete
+numbers for a given frame count and model depth (`ResolvedMoRef`), which the engine consumes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+GRANULARITIES = ("chunk", "head", "token")
+
+# Paper's fusion layers (Free-MoRef, ablation on Qwen2-7B): N references -> layer L.
+_PAPER_FUSION_LAYER = {2: 3, 4: 6, 8: 12}
+
+
+def default_fusion_layer(references: int, num_layers: int) -> int:
+    """Layer L at which the N references are fused into one sequence.
+
+    N = 2, 4, 8 use the paper's L = 3, 6, 12. Every other N follows the same line, L = 1.5 * N
+    rounded half up (the paper's three points lie exactly on it): more references mean shorter,
+    less informed rows, so they are kept apart for more layers before fusing. Clamped to
+    [1, num_layers - 1] so that at least one layer runs on the fused sequence. N = 1 means no
+    MoRef: there is one sequence from layer 0, so L = 0.
+    """
+    if references < 1 or num_layers < 1:
+        raise ValueError(f"references and num_layers must be >= 1, got {references}, {num_layers}")
+    if references == 1:
+        return 0
+    layer = _PAPER_FUSION_LAYER.get(references, math.floor(1.5 * references + 0.5))
+    return max(1, min(layer, num_layers - 1))
+
+
+@dataclass(frozen=True)
+class ResolvedMoRef:
+    """Concrete MoRef settings for one prompt.
+
+    references: N rows (1 = plain attention, no gating, no fusion).
+    temporal_units: M, used by `partition_frames`.
+    fusion_layer: L; layers < L gate the N rows, layers >= L run on the fused sequence
+        (0 when N = 1; L = num_layers gates every layer and never fuses).
+    keep_ratio: share of each row's visual tokens kept at fusion (1.0 when N = 1).
+    granularity: gate granularity, "chunk" | "head" | "token".
+    """
+
+    references: int
+    temporal_units: int
+    fusion_layer: int
+    keep_ratio: float
+    granularity: str = "chunk"
+
+
+@dataclass
+class MoRefConfig:
+    """User-facing Free-MoRef options; None picks the paper's default at `resolve` time.
+
+    temporal_units: M consecutive units the frames are split into (paper: 64).
+    references: N; default ceil(F / M), at most one per frame.
+    fusion_layer: L; default `default_fusion_layer(N, num_layers)`.
+    keep_ratio: share of each reference's visual tokens kept at fusion; default 1 / N.
+    granularity: "chunk" (one gate per reference and layer), "head" (per head), or "token"
+        (per head and question token).
+    """
+
+    enabled: bool = True
+    temporal_units: int = 64
+    references: int | None = None
+    fusion_layer: int | None = None
+    keep_ratio: float | None = None
+    granularity: str = "chunk"
+
+    def __post_init__(self):
+        if not isinstance(self.temporal_units, int) or self.temporal_units < 1:
+            raise ValueError(f"temporal_units must be an integer >= 1, got {self.temporal_units!r}")
+        if self.references is not None and (not isinstance(self.references, int) or self.references < 1):
+            raise ValueError(f"references must be None or an integer >= 1, got {self.references!r}")
+        if self.fusion_layer is not None and (not isinstance(self.fusion_layer, int) or self.fusion_layer < 1):
+            raise ValueError(f"fusion_layer must be None or an integer >= 1, got {self.fusion_layer!r}")
+        if self.keep_ratio is not None and not 0.0 < self.keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be None or in (0, 1], got {self.keep_ratio!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+
+    def resolve(self, num_frames: int, num_layers: int) -> ResolvedMoRef:
+        """Concrete settings for `num_frames` frames on a decoder of `num_layers` layers."""
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if not self.enabled:
+            return ResolvedMoRef(1, self.temporal_units, 0, 1.0, self.granularity)
+        n = self.references if self.references is not None else math.ceil(num_frames / self.temporal_units)
+        n = min(n, num_frames)  # a reference needs at least one frame
+        if n == 1:
+            return ResolvedMoRef(1, self.temporal_units, 0, 1.0, self.granularity)
+        if self.fusion_layer is not None and self.fusion_layer > num_layers:
+            raise ValueError(f"fusion_layer {self.fusion_layer} exceeds the model's {num_layers} layers")
+        layer = self.fusion_layer if self.fusion_layer is not None else default_fusion_layer(n, num_layers)
+        keep = self.keep_ratio if self.keep_ratio is not None else 1.0 / n
+        return ResolvedMoRef(n, self.temporal_units, layer, keep, self.granularity)

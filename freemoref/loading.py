@@ -1,0 +1,82 @@
+"""Load a LlavaOnevision checkpoint (local directory or hub id) as a `VideoLLM`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from freemoref.layouts import VIDEO_LAYOUT_KEY, check_layout
+from freemoref.video_llm import VideoLLM
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """"auto": bfloat16 on CUDA, float32 elsewhere; otherwise a torch dtype or its name."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return resolved
+
+
+def _is_local(model: str) -> bool:
+    """A path rather than a hub id ("org/name"): it exists, or it is spelled like a path."""
+    return Path(model).expanduser().exists() or model.startswith(("/", ".", "~")) or model.count("/") > 1
+
+
+def _check_local_checkpoint(path: Path) -> None:
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory not found: {path}")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{path} is not a LlavaOnevision checkpoint: no config.json")
+    config = json.loads(config_file.read_text())
+    model_type = config.get("model_type")
+    if model_type != "llava_onevision":
+        hint = ""
+        if "mm_projector_type" in config:
+            hint = " It looks like a LLaVA-NeXT checkpoint: convert it with freemoref.convert.convert_llava_next_checkpoint."
+        raise ValueError(f"{path} is not a LlavaOnevision checkpoint (model_type={model_type!r}).{hint}")
+
+
+def load_video_llm(model: str | os.PathLike, *, dtype: str | torch.dtype = "auto",
+                   device: str | torch.device = "auto", attn_implementation: str = "sdpa",
+                   trust_remote_code: bool = False, layout: str = "auto") -> VideoLLM:
+    """Load model and processor from a local directory or a hub id.
+
+    dtype "auto" is bfloat16 on CUDA and float32 on CPU. layout "auto" takes the layout the
+    checkpoint records under `moref_video_layout` (freemoref.tiny and freemoref.convert write it),
+    else "onevision", the HF default. `trust_remote_code` is passed through to transformers.
+    """
+    from transformers import AutoConfig, AutoProcessor, LlavaOnevisionForConditionalGeneration
+
+    source = str(model)
+    if _is_local(source):
+        path = Path(source).expanduser()
+        _check_local_checkpoint(path)
+        source = str(path)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if config.model_type != "llava_onevision":
+        raise ValueError(f"{source} is not a LlavaOnevision checkpoint (model_type={config.model_type!r})")
+    llm = LlavaOnevisionForConditionalGeneration.from_pretrained(
+        source, config=config, dtype=torch_dtype, attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code)
+    llm.to(torch_device).eval()
+    processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if layout == "auto":
+        layout = getattr(config, VIDEO_LAYOUT_KEY, None) or "onevision"
+    return VideoLLM(llm, processor, check_layout(layout))

@@ -1,0 +1,277 @@
+"""`VideoLLM`: a loaded LlavaOnevision model with the steps the answer stage needs.
+
+Frames are encoded once per video (`encode_frames`); each question then builds
+[system + user-turn start | visual tokens | question + assistant-turn start] as input embeddings
+and generates with the HF model's own `generate`. Free-MoRef generation (freemoref.engine) plugs in
+as a second branch of `answer` that shares the prompt building and the statistics.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from freemoref import flops
+from freemoref.layouts import (assemble_visual_tokens, check_layout, crop_frame_tokens, frame_tokens,
+                               image_newline)
+
+if TYPE_CHECKING:
+    from freemoref.config import MoRefConfig
+
+BASELINE_FRAMES = 64  # attn_flops_ratio is relative to full attention over 64 frames (the paper's)
+
+# Qwen2-style ChatML. A message's content is a string or a list of parts ({"type": "text" | "image" |
+# "video"}); media placeholders come first, each on its own line, as LLaVA-Video's prompts do.
+CHAT_TEMPLATE = (
+    "{%- if not messages or messages[0]['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}"
+    "{%- for part in message['content'] if part['type'] == 'image' -%}{{ '<image>\\n' }}{%- endfor -%}"
+    "{%- for part in message['content'] if part['type'] == 'video' -%}{{ '<video>\\n' }}{%- endfor -%}"
+    "{%- for part in message['content'] if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+    "{%- endif -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = 0  # used when sampling
+    stop_strings: tuple[str, ...] = ()
+
+
+@dataclass
+class AnswerResult:
+    """One answer and its statistics.
+
+    visual_tokens_native: what the frames take in one sequence at full frame (no RoI crop, no
+    MoRef); visual_tokens_used: what the LLM's last layers actually hold (after crop and fusion).
+    total_flops_native counts the same native setting. prefill_s is the time to the first output
+    token; generate_s the decoding after it. output_tokens counts every generated token, the
+    stopping one included; text leaves out special tokens and ends before any stop string.
+    """
+
+    text: str
+    prompt_tokens: int
+    output_tokens: int
+    visual_tokens_native: int
+    visual_tokens_used: int
+    references: int
+    temporal_units: int | None
+    fusion_layer: int | None
+    attn_flops_ratio: float
+    total_flops: int
+    total_flops_native: int
+    prefill_s: float
+    generate_s: float
+    token_ids: list[int] = field(default_factory=list)  # the generated ids, for inspection and tests
+
+
+@dataclass
+class PromptParts:
+    """A question's prompt around the video, ready for either generation path."""
+
+    prefix_ids: torch.Tensor  # (p,) system + user-turn start
+    suffix_ids: torch.Tensor  # (q,) question + assistant-turn start
+    prefix_embeds: torch.Tensor  # (p, D)
+    suffix_embeds: torch.Tensor  # (q, D)
+    frame_tokens: torch.Tensor  # (F, t, D) after the RoI crop, on the model's device and dtype
+    frames: int
+    native_tokens_per_frame: int  # t before the crop
+
+
+class _FirstTokenTimer:
+    """A `generate` streamer that notes when the first output token arrives. `generate` first
+    puts the prompt ids, then each new token."""
+
+    def __init__(self):
+        self.puts = 0
+        self.first_token_at: float | None = None
+
+    def put(self, value):
+        self.puts += 1
+        if self.puts == 2:
+            self.first_token_at = time.perf_counter()
+
+    def end(self):
+        pass
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class VideoLLM:
+    """A LlavaOnevision model, its processor and its video token layout."""
+
+    def __init__(self, model, processor, layout: str):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.layout = check_layout(layout)
+        self.device = next(model.parameters()).device
+        self.dtype = model.dtype
+        self.video_token = getattr(processor, "video_token", "<video>")
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def encode_frames(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 frames (T, H, W, 3) -> per-frame visual tokens (T, t, D), via the HF video
+        processor and `layouts.frame_tokens`. Run once per video; questions reuse the result."""
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
+        pixels = self.processor.video_processor(videos=[frames], return_tensors="pt")["pixel_values_videos"]
+        return frame_tokens(self.model, pixels, self.layout)
+
+    def assemble(self, frame_tokens: torch.Tensor) -> torch.Tensor:
+        """Frames (F, t, D) -> one visual sequence (l, D) in this model's layout."""
+        return assemble_visual_tokens(frame_tokens, self.layout, image_newline(self.model))
+
+    def chat_prompt(self, question: str, system_prompt: str | None) -> str:
+        """The chat-template text with one video placeholder, ending with the assistant-turn start.
+        `system_prompt` None leaves the template's default system turn."""
+        messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+        messages.append({"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]})
+        templater = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
+        return templater.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def build_prompt(self, question: str, system_prompt: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prefix_ids, suffix_ids): the tokenized chat text before the video placeholder (system +
+        user-turn start) and after it (question + assistant-turn start)."""
+        text = self.chat_prompt(question, system_prompt)
+        parts = text.split(self.video_token)
+        if len(parts) != 2:
+            raise ValueError(f"chat template must yield exactly one {self.video_token}, got {len(parts) - 1}")
+
+        def ids(part: str) -> torch.Tensor:
+            return self.tokenizer(part, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+
+        return ids(parts[0]), ids(parts[1])
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (n,) -> input embeddings (n, D) in the model's dtype."""
+        return self.model.get_input_embeddings()(ids.to(self.device)).to(self.dtype)
+
+    def prepare(self, frame_tokens: torch.Tensor, question: str, *, system_prompt: str | None,
+                roi_box=None) -> PromptParts:
+        """Tokenize and embed the prompt around the video, and crop the frames to `roi_box`."""
+        frames, native_per_frame = frame_tokens.shape[0], frame_tokens.shape[1]
+        if roi_box is not None:
+            frame_tokens = crop_frame_tokens(frame_tokens, roi_box, self.layout)
+        prefix_ids, suffix_ids = self.build_prompt(question, system_prompt)
+        return PromptParts(prefix_ids=prefix_ids, suffix_ids=suffix_ids, prefix_embeds=self.embed(prefix_ids),
+                           suffix_embeds=self.embed(suffix_ids),
+                           frame_tokens=frame_tokens.to(self.device, self.dtype), frames=frames,
+                           native_tokens_per_frame=native_per_frame)
+
+    def prompt_embeds(self, frame_tokens: torch.Tensor, question: str, *, system_prompt: str | None,
+                      roi_box=None) -> torch.Tensor:
+        """The native prompt as input embeddings (1, L, D): [prefix | visual | suffix]."""
+        parts = self.prepare(frame_tokens, question, system_prompt=system_prompt, roi_box=roi_box)
+        visual = self.assemble(parts.frame_tokens)
+        return torch.cat([parts.prefix_embeds, visual, parts.suffix_embeds], dim=0)[None]
+
+    @torch.no_grad()
+    def answer(self, frame_tokens: torch.Tensor, question: str, *, system_prompt: str | None,
+               generation: GenerationOptions, moref: "MoRefConfig | None" = None, roi_box=None) -> AnswerResult:
+        """Answer one question about a video whose frames `encode_frames` encoded."""
+        parts = self.prepare(frame_tokens, question, system_prompt=system_prompt, roi_box=roi_box)
+        if moref is not None and moref.enabled:
+            raise NotImplementedError("MoRef generation is provided by freemoref.engine")
+        visual = self.assemble(parts.frame_tokens)
+        output_ids, prefill_s, generate_s = self._native_generate(
+            parts.prefix_embeds, visual, parts.suffix_embeds, generation)
+        return self._result(output_ids, generation, parts, visual_tokens_used=visual.shape[0],
+                            prefill_s=prefill_s, generate_s=generate_s)
+
+    def generation_config(self, generation: GenerationOptions):
+        """The model's generation config with `generation`'s options; `<|im_end|>` always stops."""
+        config = copy.deepcopy(self.model.generation_config)
+        config.max_new_tokens = generation.max_new_tokens
+        config.do_sample = generation.do_sample
+        config.temperature = generation.temperature if generation.do_sample else None
+        config.top_p = generation.top_p if generation.do_sample else None
+        config.top_k = None
+        eos = config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id and im_end not in eos:
+            eos.append(im_end)
+        config.eos_token_id = eos
+        if config.pad_token_id is None:
+            config.pad_token_id = eos[0] if eos else None
+        config.stop_strings = list(generation.stop_strings) or None
+        return config
+
+    def _native_generate(self, prefix_embeds: torch.Tensor, visual_embeds: torch.Tensor,
+                         suffix_embeds: torch.Tensor, generation: GenerationOptions):
+        """One sequence through HF `generate`. Returns (new token ids (n,), prefill_s, generate_s)."""
+        embeds = torch.cat([prefix_embeds, visual_embeds, suffix_embeds], dim=0).to(self.dtype)[None]
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
+        timer = _FirstTokenTimer()
+        seed = generation.seed if generation.do_sample else None
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            _sync(self.device)
+            start = time.perf_counter()
+            output = self.model.generate(
+                inputs_embeds=embeds, attention_mask=mask, generation_config=self.generation_config(generation),
+                streamer=timer, tokenizer=self.tokenizer if generation.stop_strings else None)
+            _sync(self.device)
+            end = time.perf_counter()
+        # Without input_ids, generate returns only the new tokens.
+        first = timer.first_token_at if timer.first_token_at is not None else end
+        return output[0].cpu(), first - start, end - first
+
+    def decode(self, output_ids: torch.Tensor, stop_strings=()) -> str:
+        """Output ids -> text, without special tokens, cut before the first stop string."""
+        text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
+        cuts = [text.find(s) for s in stop_strings if s and s in text]
+        return text[:min(cuts)] if cuts else text
+
+    def _result(self, output_ids: torch.Tensor, generation: GenerationOptions, parts: PromptParts, *,
+                visual_tokens_used: int, prefill_s: float, generate_s: float, references: int = 1,
+                temporal_units: int | None = None, fusion_layer: int | None = None,
+                keep_ratio: float | None = None) -> AnswerResult:
+        """Fill the statistics. The native path leaves the MoRef arguments at their defaults; the
+        MoRef path passes its N, M, L, keep ratio and the fused visual length."""
+        output_tokens = int(output_ids.numel())  # one sequence: generate pads nothing
+        newline = 1 if self.layout == "onevision" else 0
+        prefix_tokens, text_tokens = len(parts.prefix_ids), len(parts.prefix_ids) + len(parts.suffix_ids)
+        total, total_native = flops.answer_flops(
+            self.config, frames=parts.frames, visual_tokens_per_frame=parts.frame_tokens.shape[1],
+            text_tokens=text_tokens, output_tokens=output_tokens, references=references,
+            fusion_layer=fusion_layer or 0, keep_ratio=keep_ratio, prefix_tokens=prefix_tokens,
+            extra_visual_tokens=newline, native_visual_tokens_per_frame=parts.native_tokens_per_frame)
+        ratio = flops.attn_flops_ratio(parts.frames, references, fusion_layer or 0, keep_ratio,
+                                       num_layers=self.config.text_config.num_hidden_layers,
+                                       baseline_frames=BASELINE_FRAMES)
+        return AnswerResult(
+            text=self.decode(output_ids, generation.stop_strings),
+            prompt_tokens=text_tokens + parts.frames * parts.frame_tokens.shape[1] + newline,
+            output_tokens=output_tokens,
+            visual_tokens_native=parts.frames * parts.native_tokens_per_frame + newline,
+            visual_tokens_used=visual_tokens_used, references=references, temporal_units=temporal_units,
+            fusion_layer=fusion_layer, attn_flops_ratio=ratio, total_flops=total,
+            total_flops_native=total_native, prefill_s=prefill_s, generate_s=generate_s,
+            token_ids=output_ids.tolist())

@@ -1,0 +1,36 @@
+"""Tiny real checkpoints, built once per test session (a few seconds) and shared."""
+
+import numpy as np
+import pytest
+
+from freemoref.tiny import build_tiny_llava_onevision
+
+
+@pytest.fixture(scope="session")
+def tiny_onevision_dir(tmp_path_factory):
+    return build_tiny_llava_onevision(tmp_path_factory.mktemp("tiny_onevision"), layout="onevision", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_vid_dir(tmp_path_factory):
+    return build_tiny_llava_onevision(tmp_path_factory.mktemp("tiny_llava_vid"), layout="llava_vid", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_video_llm(tiny_onevision_dir):
+    from freemoref.loading import load_video_llm
+
+    return load_video_llm(tiny_onevision_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_video_llm_llava_vid(tiny_llava_vid_dir):
+    from freemoref.loading import load_video_llm
+
+    return load_video_llm(tiny_llava_vid_dir)
+
+
+@pytest.fixture
+def random_frames():
+    """Six uint8 RGB frames of a non-square size, so the processor must resize them."""
+    return np.random.default_rng(0).integers(0, 256, size=(6, 40, 52, 3), dtype=np.uint8)
