@@ -27,14 +27,16 @@ SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]
 # checkpoints (language_model.model.*, language_model.lm_head, vision_tower.vision_model.*,
 # multi_modal_projector.*, image_newline). transformers maps these to its in-memory names
 # (model.language_model.*, model.vision_tower.*, ...) on load, in 4.x and 5.x alike; its own
-# save_pretrained writes this form too. Longest prefixes first: everything lives under "model.".
+# save_pretrained writes this form too. Anything else (a resampler, say) is an error, not dropped.
 KEY_PREFIXES = (
     ("model.vision_tower.vision_tower.", "vision_tower."),
     ("model.mm_projector.0.", "multi_modal_projector.linear_1."),
     ("model.mm_projector.2.", "multi_modal_projector.linear_2."),
     ("model.image_newline", "image_newline"),
     ("lm_head.", "language_model.lm_head."),
-    ("model.", "language_model.model."),
+    ("model.embed_tokens.", "language_model.model.embed_tokens."),
+    ("model.layers.", "language_model.model.layers."),
+    ("model.norm.", "language_model.model.norm."),
 )
 # LLaVA-NeXT replaces SigLIP's pooling head with Identity; a checkpoint may still carry its weights.
 DROPPED_PREFIXES = ("model.vision_tower.vision_tower.vision_model.head.",)

@@ -81,8 +81,8 @@ class MoRefSession:
     def _cos_sin(self, like, length):
         return self.decoder.rotary_emb(like, torch.arange(length, device=like.device)[None])
 
-    def _logits(self, h_last):
-        return self.lm_head(self.decoder.norm(h_last)).float()[0, -1]
+    def _logits(self, h):
+        return self.lm_head(self.decoder.norm(h[:, -1:])).float()[0, -1]  # last token only: vocab is large
 
     @torch.no_grad()
     def prefill(self, prefix, references, positions, suffix, extra=None, max_new_tokens: int = 0):
@@ -124,7 +124,9 @@ class MoRefSession:
         self.cos_r, self.sin_r = self._cos_sin(prefix, t + max_new_tokens)
         self.key_real = torch.ones(n, t + max_new_tokens, dtype=torch.bool, device=prefix.device)
         self.key_real[:, p : p + lv] = vis_mask
-        self.ctx = MoRefContext(p, vis_mask, p + lv, self.L, self.cfg.granularity, s, self.backend, self.fixed_weights)
+        self.ctx = MoRefContext(vis_start=p, vis_mask=vis_mask, ques_start=p + lv, fusion_layer=self.L,
+                                granularity=self.cfg.granularity, gate_block=s, backend=self.backend,
+                                fixed_weights=self.fixed_weights)
         self.kv_rows = []
         mask = (torch.ones(lv + nq, t, dtype=torch.bool, device=prefix.device).tril(p)[None, None]
                 & self.key_real[:, None, None, :t])

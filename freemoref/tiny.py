@@ -15,12 +15,11 @@ from pathlib import Path
 
 import torch
 
+from freemoref.convert import IMAGE_TOKEN, VIDEO_TOKEN, make_processor
 from freemoref.layouts import LAYOUTS, VIDEO_LAYOUT_KEY
 from freemoref.video_llm import CHAT_TEMPLATE
 
 QWEN2_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-IMAGE_TOKEN = "<image>"
-VIDEO_TOKEN = "<video>"
 
 _SUBJECTS = (
     "the cat", "a dog", "the man", "a woman", "the child", "a bird", "the robot", "a horse", "the chef",
@@ -156,8 +155,6 @@ def tiny_llava_onevision_config(tokenizer, shape: TinyModelShape, layout: str):
 
 
 def tiny_processor(tokenizer, shape: TinyModelShape):
-    from freemoref.convert import make_processor
-
     return make_processor(tokenizer, image_size=shape.image_size, patch_size=shape.patch_size,
                           grid_pinpoints=_grid_pinpoints(shape.image_size), vision_aspect_ratio="anyres_max_9")
 
@@ -201,7 +198,7 @@ def build_tiny_llava_onevision(out_dir: str | Path, *, layout: str = "onevision"
     config = tiny_llava_onevision_config(tokenizer, shape, layout)
     model = LlavaOnevisionForConditionalGeneration(config)
     _randomize(model, seed)
-    endoftext_id, im_start_id, im_end_id = tokenizer.convert_tokens_to_ids(list(QWEN2_SPECIAL_TOKENS))
+    endoftext_id, im_end_id = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
     model.generation_config = GenerationConfig(
         eos_token_id=[im_end_id, endoftext_id], pad_token_id=endoftext_id, do_sample=False)
     model.save_pretrained(str(out_dir))

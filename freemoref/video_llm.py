@@ -16,9 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from freemoref import flops
-from freemoref.layouts import (assemble_visual_tokens, check_layout, crop_frame_tokens, frame_tokens,
-                               image_newline)
+from freemoref import flops, layouts
 
 if TYPE_CHECKING:
     from freemoref.config import MoRefConfig
@@ -124,7 +122,7 @@ class VideoLLM:
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        self.layout = check_layout(layout)
+        self.layout = layouts.check_layout(layout)
         self.device = next(model.parameters()).device
         self.dtype = model.dtype
         self.video_token = getattr(processor, "video_token", "<video>")
@@ -139,11 +137,11 @@ class VideoLLM:
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
         pixels = self.processor.video_processor(videos=[frames], return_tensors="pt")["pixel_values_videos"]
-        return frame_tokens(self.model, pixels, self.layout)
+        return layouts.frame_tokens(self.model, pixels, self.layout)
 
     def assemble(self, frame_tokens: torch.Tensor) -> torch.Tensor:
         """Frames (F, t, D) -> one visual sequence (l, D) in this model's layout."""
-        return assemble_visual_tokens(frame_tokens, self.layout, image_newline(self.model))
+        return layouts.assemble_visual_tokens(frame_tokens, self.layout, layouts.image_newline(self.model))
 
     def chat_prompt(self, question: str, system_prompt: str | None) -> str:
         """The chat-template text with one video placeholder, ending with the assistant-turn start.
@@ -166,6 +164,7 @@ class VideoLLM:
 
         return ids(parts[0]), ids(parts[1])
 
+    @torch.no_grad()
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids (n,) -> input embeddings (n, D) in the model's dtype."""
         return self.model.get_input_embeddings()(ids.to(self.device)).to(self.dtype)
@@ -175,13 +174,14 @@ class VideoLLM:
         """Tokenize and embed the prompt around the video, and crop the frames to `roi_box`."""
         frames, native_per_frame = frame_tokens.shape[0], frame_tokens.shape[1]
         if roi_box is not None:
-            frame_tokens = crop_frame_tokens(frame_tokens, roi_box, self.layout)
+            frame_tokens = layouts.crop_frame_tokens(frame_tokens, roi_box, self.layout)
         prefix_ids, suffix_ids = self.build_prompt(question, system_prompt)
         return PromptParts(prefix_ids=prefix_ids, suffix_ids=suffix_ids, prefix_embeds=self.embed(prefix_ids),
                            suffix_embeds=self.embed(suffix_ids),
                            frame_tokens=frame_tokens.to(self.device, self.dtype), frames=frames,
                            native_tokens_per_frame=native_per_frame)
 
+    @torch.no_grad()
     def prompt_embeds(self, frame_tokens: torch.Tensor, question: str, *, system_prompt: str | None,
                       roi_box=None) -> torch.Tensor:
         """The native prompt as input embeddings (1, L, D): [prefix | visual | suffix]."""

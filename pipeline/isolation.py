@@ -9,13 +9,15 @@ a lock held by another thread. The forkserver is started once per parent process
 modules (numpy, av, decord) already imported, so each call pays for a fork of that small server
 (milliseconds), not for a fresh interpreter and its imports.
 
-Results come back through a pipe as pickle protocol 5 with out-of-band buffers: numpy arrays are
+The child runs with the caller's current environment variables (the forkserver's own are those of
+the moment it started). Results come back through a pipe as pickle protocol 5 with out-of-band buffers: numpy arrays are
 written straight from their memory by the child and read into one writable buffer by the parent.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import pickle
 import signal
 import threading
@@ -85,9 +87,13 @@ def _recv(conn):
     return pickle.loads(header, buffers=buffers)
 
 
-def _child_main(conn, fn, args, kwargs) -> None:
+def _child_main(conn, env, fn, args, kwargs) -> None:
     # The parent decides when to give up; a Ctrl-C in the terminal goes to the parent only.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The forkserver's environment is the parent's at the time the server started; run with the
+    # caller's current one (credentials, endpoints set later).
+    os.environ.clear()
+    os.environ.update(env)
     try:
         result = ("ok", fn(*args, **kwargs))
     except BaseException as exc:  # noqa: BLE001 - every failure is reported to the parent
@@ -123,7 +129,7 @@ def run_isolated(fn: Callable[..., Any], *args, timeout_s: float, **kwargs) -> A
     """
     ctx = _context()
     recv_conn, send_conn = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child_main, args=(send_conn, fn, args, kwargs), daemon=True)
+    proc = ctx.Process(target=_child_main, args=(send_conn, dict(os.environ), fn, args, kwargs), daemon=True)
     deadline = time.monotonic() + timeout_s
     try:
         proc.start()

@@ -107,10 +107,8 @@ def test_gate_fixed_on_one_reference_is_that_reference_alone(pick):
 @torch.no_grad()
 def test_sampling_seeded_and_top_p():
     model = tiny_qwen()
-    prefix, refs, pos, suffix, _ = video_prompt(model)
     cfg = MoRefConfig(temporal_units=4).resolve(8, 6)
     assert (cfg.references, cfg.fusion_layer) == (2, 3)
-    refs, pos = [torch.cat(refs[:2])], None  # re-split below for the resolved N = 2
     prefix, refs, pos, suffix, _ = video_prompt(model, references=2)
     run = lambda **kw: moref_generate(model, prefix, refs, pos, suffix, cfg, Decoding(max_new_tokens=8, **kw)).tokens  # noqa: E731
     greedy = run()

@@ -97,5 +97,5 @@ def test_crop_llava_vid_keeps_each_kept_row_newline():
 
 def test_crop_of_real_tokens_selects_the_same_vectors(tiny_video_llm_llava_vid, random_frames):
     tokens = tiny_video_llm_llava_vid.encode_frames(random_frames)
-    cropped = crop_frame_tokens(tokens, (0.0, 0.0, 0.34, 0.34), "llava_vid")  # 3x3 grid -> cell (0,0) + newline
+    cropped = crop_frame_tokens(tokens, (0.0, 0.0, 0.33, 0.33), "llava_vid")  # 3x3 grid: cell (0,0) + newline
     torch.testing.assert_close(cropped, tokens[:, [0, 3]])

@@ -1,0 +1,44 @@
+"""Shared fixtures: a real local S3 server (moto) for code that reads and writes through fsspec."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on a free local port for the whole session; yields its endpoint URL.
+
+    Dummy credentials go into the environment (botocore refuses to sign without any). Callers pass
+    the endpoint in storage options as {"client_kwargs": {"endpoint_url": ...}}, never region_name
+    (bucket creation fails against moto with it)."""
+    moto_server = pytest.importorskip("moto.server")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+    mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    mp.delenv("AWS_PROFILE", raising=False)
+    mp.delenv("AWS_SESSION_TOKEN", raising=False)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+        mp.undo()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh empty bucket; yields (fs, bucket_name, storage_options) with an s3fs filesystem that
+    bypasses the fsspec instance cache."""
+    import s3fs
+
+    storage_options = {"client_kwargs": {"endpoint_url": s3_server}}
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **storage_options)
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(bucket)
+    yield fs, bucket, storage_options
+    fs.rm(bucket, recursive=True)

@@ -1,0 +1,577 @@
+"""Decode: real test videos against their manifest, synthetic clips whose frames carry their own
+index, hostile inputs, S3 through fsspec, and the isolated stage policy."""
+
+from __future__ import annotations
+
+import fractions
+import json
+import os
+import pathlib
+
+import av
+import numpy as np
+import pytest
+
+from pipeline.config import DecodeConfig
+from pipeline.decode import (
+    CRASHED,
+    DECODE_FAILED,
+    EMPTY_FILE,
+    NO_VIDEO_STREAM,
+    NOT_A_VIDEO,
+    NOT_FOUND,
+    PERMISSION_DENIED,
+    TIMEOUT,
+    TOO_LARGE,
+    TOO_LONG,
+    TRUNCATED,
+    UNREADABLE_CONTAINER,
+    UNSUPPORTED,
+    DecodedVideo,
+    DecodeError,
+    DecodeStage,
+    DecordBackend,
+    PyAVBackend,
+    decode_video,
+    sample_times,
+)
+from pipeline.schema import STATUS_ERROR, STATUS_OK, Col
+
+VIDEOS = pathlib.Path(__file__).resolve().parents[3] / "shared" / "testdata" / "videos"
+if not VIDEOS.is_dir():
+    VIDEOS = pathlib.Path("/work/shared/testdata/videos")
+pytestmark = pytest.mark.skipif(not VIDEOS.is_dir(), reason="shared test videos not present")
+
+MANIFEST = (
+    {m["file"]: m for m in json.loads((VIDEOS / "manifest.json").read_text())["files"]}
+    if VIDEOS.is_dir()
+    else {}
+)
+S = 48  # small frames keep the tests fast; resizing is the same code at any size
+
+# The manifest describes each file's *first* video stream; nasa_multistream.mp4 has two and we
+# read the one FFmpeg's av_find_best_stream picks (also decord's): 480x270, 29.97 fps, 390 frames.
+STREAM_OVERRIDES = {"nasa_multistream.mp4": {"display": (480, 270), "fps": 29.97, "duration": 13.013, "frames": 390}}
+# decord 0.6.0 cannot open a webm without a container duration.
+DECORD_CANNOT = {"webm_noduration_vp9_opus.webm"}
+
+
+def cfg(**overrides) -> DecodeConfig:
+    base = {"frame_size": S, "num_frames": 8, "num_cpus": 1}
+    base.update(overrides)
+    return DecodeConfig(**base)
+
+
+def expected(name: str) -> dict:
+    m = MANIFEST[name]
+    w, h = (int(v) for v in m["display_resolution"].split("x"))
+    exp = {
+        "display": (w, h),
+        "fps": m["fps_avg"],
+        "duration": m["duration_s"],
+        "frames": m["frames"],
+        "rotation": (-int(m["rotation_deg"] or 0)) % 360,
+        "max_interval_s": m["frame_interval"]["max_ms"] / 1000,
+    }
+    exp.update(STREAM_OVERRIDES.get(name, {}))
+    return exp
+
+
+def assert_error(exc_info, reason: str) -> None:
+    err = exc_info.value
+    assert err.reason == reason, str(err)
+    assert str(err).startswith(reason + ": ")
+
+
+# ------------------------------------------------------------------------------ synthetic videos
+
+
+def level(i: int, n: int) -> int:
+    """The grey level that encodes frame i of n (at least 5 levels apart for n <= 40)."""
+    return 16 + round(i * 208 / max(1, n - 1))
+
+
+def read_level(frame: np.ndarray, n: int) -> int:
+    """Back from a decoded frame's mean grey to the frame index it encodes."""
+    levels = np.array([level(i, n) for i in range(n)])
+    return int(np.argmin(np.abs(levels - frame.mean())))
+
+
+def make_video(
+    path: pathlib.Path,
+    pts_ms: list[int],
+    *,
+    size=(64, 48),
+    codec="libx264",
+    gop: int | None = None,
+    rotation: int | None = None,
+    marker: bool = False,
+    fmt: str | None = None,
+) -> pathlib.Path:
+    """Encode flat grey frames whose brightness encodes their index, at the given times (ms).
+    With `marker`, the stored top-left quadrant is red (to check orientation)."""
+    n = len(pts_ms)
+    with av.open(str(path), "w", format=fmt) as out:
+        stream = out.add_stream(codec, rate=25)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        stream.time_base = fractions.Fraction(1, 1000)
+        stream.codec_context.time_base = fractions.Fraction(1, 1000)
+        if codec == "libx264":
+            stream.options = {"crf": "8", "bf": "2"}  # B-frames: decode order != presentation order
+        if gop:
+            stream.codec_context.gop_size = gop
+            if codec == "libx264":
+                stream.options = {**stream.options, "keyint_min": str(gop), "sc_threshold": "0"}
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for i, pts in enumerate(pts_ms):
+            img = np.full((size[1], size[0], 3), level(i, n), np.uint8)
+            if marker:
+                img[: size[1] // 3, : size[0] // 3] = (255, 0, 0)
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts, frame.time_base = pts, fractions.Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return path
+
+
+def make_audio_only(path: pathlib.Path) -> pathlib.Path:
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("aac", rate=16000)
+        for i in range(20):
+            frame = av.AudioFrame.from_ndarray(
+                (np.sin(np.arange(1024) / 10.0) * 0.1).astype(np.float32)[None, :], format="fltp", layout="mono"
+            )
+            frame.sample_rate, frame.pts = 16000, i * 1024
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return path
+
+
+def expected_positions(pts_s: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """The frame whose interval [pts_i, pts_i+1) holds each target; first frame before it; once each."""
+    return np.unique(np.clip(np.searchsorted(pts_s, targets, side="right") - 1, 0, len(pts_s) - 1))
+
+
+# ------------------------------------------------------------------------------------- sampling
+
+
+def test_uniform_sampling_takes_segment_centres():
+    times = sample_times(10.0, cfg(num_frames=4))
+    np.testing.assert_allclose(times, [1.25, 3.75, 6.25, 8.75])
+
+
+def test_fps_sampling_steps_from_zero_and_thins_evenly():
+    np.testing.assert_allclose(sample_times(3.5, cfg(sampling="fps", fps=2.0)), np.arange(7) / 2)
+    thinned = sample_times(100.0, cfg(sampling="fps", fps=1.0, max_frames=5))
+    np.testing.assert_allclose(thinned, [0, 25, 50, 74, 99])
+    assert len(sample_times(0.2, cfg(sampling="fps", fps=1.0))) == 1
+
+
+# --------------------------------------------------------------------------------- real videos
+
+REAL = sorted(MANIFEST)
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_real_video_pyav_frames_and_metadata(name):
+    exp = expected(name)
+    c = cfg(num_frames=8)
+    video = decode_video(str(VIDEOS / name), c, backend="pyav")
+    _check_real(video, exp, c)
+
+
+# decord on a subset that covers its containers and codecs, at a few hundred ms each
+DECORD_SUBSET = [
+    "kinetics_armwrestling.mp4",
+    "pancake_h264_opus.mkv",
+    "hevc_foreman_cif.mp4",
+    "vp9_bbb_180p.webm",
+    "mpeg4_mp3.avi",
+    "mjpeg_mouse_12f.avi",
+    "nasa_multistream.mp4",
+    "long_room_139s.mp4",
+    "vfr_screenrec.mp4",
+]
+
+
+@pytest.mark.parametrize("name", DECORD_SUBSET)
+def test_real_video_decord_matches_pyav(name):
+    exp = expected(name)
+    c = cfg(num_frames=8)
+    dec = decode_video(str(VIDEOS / name), c, backend="decord")
+    _check_real(dec, exp, c)
+    ref = decode_video(str(VIDEOS / name), c, backend="pyav")
+    np.testing.assert_allclose(dec.times_s, ref.times_s, atol=1.01 / exp["fps"])
+    assert np.abs(dec.indices - ref.indices).max() <= 1
+    assert np.abs(dec.frames.astype(int) - ref.frames.astype(int)).mean() < 4.0
+
+
+def _check_real(video: DecodedVideo, exp: dict, c: DecodeConfig) -> None:
+    n = len(video.times_s)
+    assert video.frames.shape == (n, S, S, 3) and video.frames.dtype == np.uint8
+    assert video.times_s.dtype == np.float64 and video.indices.dtype == np.int64
+    assert len(video.indices) == n
+    # metadata vs the manifest
+    assert (video.width, video.height) == exp["display"]
+    assert video.rotation == exp["rotation"]
+    assert video.fps == pytest.approx(exp["fps"], rel=0.01)
+    assert video.duration_s == pytest.approx(exp["duration"], abs=max(0.2, 0.02 * exp["duration"]))
+    # frames: as many as targets when the video has enough frames spread in time
+    if exp["frames"] <= c.num_frames:
+        assert n == exp["frames"]
+    elif exp["max_interval_s"] <= video.duration_s / c.num_frames:
+        assert n == c.num_frames
+    else:  # VFR with long-held frames: several targets share a frame
+        assert 1 <= n <= c.num_frames
+    # times: strictly increasing, inside the video, each within one frame interval of a target
+    assert (np.diff(video.times_s) > 0).all()
+    assert video.times_s[0] >= 0 and video.times_s[-1] <= video.duration_s
+    targets = sample_times(video.duration_s, c)
+    gap = np.abs(video.times_s[:, None] - targets[None, :]).min(axis=1)
+    assert (gap <= exp["max_interval_s"] + 1e-3).all(), gap
+    # indices: strictly increasing ordinals, consistent with the times at the average rate
+    assert (np.diff(video.indices) > 0).all()
+    assert 0 <= video.indices[0] and video.indices[-1] < exp["frames"]
+    if exp["max_interval_s"] < 1.5 / exp["fps"]:  # CFR: index ~ time * fps
+        assert np.abs(video.indices - video.times_s * exp["fps"]).max() <= 1.5
+    assert video.frames.std() > 0  # not blank
+
+
+def test_vfr_file_times_follow_presentation_times():
+    """vfr_screenrec.mp4 holds its first frame 1.115 s: uniform time sampling must not take one
+    frame per index step (which uniform index sampling would)."""
+    c = cfg(num_frames=32)
+    video = decode_video(str(VIDEOS / "vfr_screenrec.mp4"), c, backend="pyav")
+    with av.open(str(VIDEOS / "vfr_screenrec.mp4")) as container:
+        pts = np.array([f.time for f in container.decode(video=0)])
+    pos = expected_positions(pts, sample_times(video.duration_s, c))
+    np.testing.assert_allclose(video.times_s, pts[pos], atol=1e-6)
+    np.testing.assert_array_equal(video.indices, pos)
+    assert video.times_s[1] == pytest.approx(1.1152, abs=1e-3)  # the second frame, not 0.033 s
+
+
+def test_vfr_phone_clip_times(name="fire_vfr_rot180.mp4"):
+    c = cfg(num_frames=25)
+    video = decode_video(str(VIDEOS / name), c, backend="pyav")
+    with av.open(str(VIDEOS / name)) as container:
+        pts = np.array([f.time for f in container.decode(video=0)])
+    pos = expected_positions(pts, sample_times(video.duration_s, c))
+    np.testing.assert_allclose(video.times_s, pts[pos], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["iphone4s_rot90.mov", "fire_vfr_rot180.mp4"])
+def test_rotation_backends_agree_and_report_display_size(name):
+    c = cfg(num_frames=4, frame_size=96)
+    a = decode_video(str(VIDEOS / name), c, backend="pyav")
+    b = decode_video(str(VIDEOS / name), c, backend="decord")
+    exp = expected(name)
+    for v in (a, b):
+        assert (v.width, v.height) == exp["display"] and v.rotation == exp["rotation"]
+    np.testing.assert_allclose(a.times_s, b.times_s, atol=1e-3)
+    same = np.abs(a.frames.astype(int) - b.frames.astype(int)).mean()
+    # an unrotated or wrongly rotated frame differs by tens of grey levels on these clips
+    wrong = np.abs(a.frames.astype(int) - np.rot90(b.frames, 2, axes=(1, 2)).astype(int)).mean()
+    assert same < 3.0 and wrong > 4 * same, (same, wrong)
+
+
+def test_probe_has_no_container_duration_fallback():
+    info = PyAVBackend(S).probe(str(VIDEOS / "webm_noduration_vp9_opus.webm"))
+    assert info.duration_source == "packets"
+    assert info.duration_s == pytest.approx(4.939, abs=0.01)
+
+
+def test_decord_refuses_webm_without_duration():
+    c = cfg()
+    with pytest.raises(DecodeError) as exc_info:
+        decode_video(str(VIDEOS / "webm_noduration_vp9_opus.webm"), c, backend="decord")
+    assert_error(exc_info, UNSUPPORTED)
+
+
+def test_sparse_sampling_seeks_instead_of_decoding_everything():
+    path = str(VIDEOS / "long_room_139s.mp4")  # 1394 frames, a keyframe every second
+    backend = PyAVBackend(S)
+    info = backend.probe(path)
+    c = cfg(num_frames=8)
+    result = backend.read(path, sample_times(info.duration_s, c), info)
+    assert len(result.times_s) == 8
+    assert result.frames_decoded < 8 * 15  # ~ one GOP per target, not 1394
+    # ordinals after a seek are estimated from the time at the average rate: exact on CFR
+    np.testing.assert_array_equal(result.indices, np.round(result.times_s * 10).astype(int))
+
+
+def test_fps_sampling_on_a_real_video():
+    c = cfg(sampling="fps", fps=0.5, max_frames=100)
+    video = decode_video(str(VIDEOS / "pancake_h264_opus.mkv"), c, backend="pyav")
+    assert len(video.times_s) == 6  # 0, 2, 4, 6, 8, 10 s of 10.38 s
+    np.testing.assert_allclose(video.times_s, [0, 2, 4, 6, 8, 10], atol=1 / 30)
+
+
+# ---------------------------------------------------------------------------- synthetic videos
+
+
+@pytest.mark.parametrize("backend", ["pyav", "decord"])
+@pytest.mark.parametrize("sampling", [{"num_frames": 7}, {"sampling": "fps", "fps": 3.0}])
+def test_synthetic_cfr_returns_the_right_frame(tmp_path, backend, sampling):
+    n = 30
+    pts = [i * 40 for i in range(n)]
+    path = make_video(tmp_path / "cfr.mp4", pts, gop=5)
+    c = cfg(**sampling)
+    video = decode_video(str(path), c, backend=backend)
+    pos = expected_positions(np.array(pts) / 1000, sample_times(video.duration_s, c))
+    assert [read_level(f, n) for f in video.frames] == pos.tolist()
+    np.testing.assert_array_equal(video.indices, pos)
+    np.testing.assert_allclose(video.times_s, np.array(pts)[pos] / 1000, atol=1e-6)
+    assert (video.width, video.height, video.fps, video.codec) == (64, 48, 25.0, "h264")
+
+
+@pytest.mark.parametrize("backend", ["pyav", "decord"])
+def test_synthetic_vfr_returns_the_frame_shown_at_each_time(tmp_path, backend):
+    pts = [0, 40, 60, 300, 310, 320, 900, 1000, 1500, 1510, 2000]
+    path = make_video(tmp_path / "vfr.mp4", pts)
+    c = cfg(num_frames=10)
+    video = decode_video(str(path), c, backend=backend)
+    pos = expected_positions(np.array(pts) / 1000, sample_times(video.duration_s, c))
+    assert [read_level(f, len(pts)) for f in video.frames] == pos.tolist()
+    np.testing.assert_allclose(video.times_s, np.array(pts)[pos] / 1000, atol=1e-6)
+    np.testing.assert_array_equal(video.indices, pos)
+
+
+def test_synthetic_long_gop_seek_lands_on_the_right_frame(tmp_path):
+    n = 40
+    pts = [i * 250 for i in range(n)]  # 4 fps, 10 s, a keyframe every 8 frames
+    path = make_video(tmp_path / "gop.mp4", pts, size=(32, 32), gop=8)
+    c = cfg(num_frames=3)
+    backend = PyAVBackend(S)
+    info = backend.probe(str(path))
+    targets = sample_times(info.duration_s, c)
+    result = backend.read(str(path), targets, info)
+    pos = expected_positions(np.array(pts) / 1000, targets)
+    assert [read_level(f, n) for f in result.frames] == pos.tolist()
+    np.testing.assert_array_equal(result.indices, pos)
+    assert result.frames_decoded < n
+
+
+@pytest.mark.parametrize("backend", ["pyav", "decord"])
+@pytest.mark.parametrize(("rotation", "corner"), [(-90, (0, -1)), (180, (-1, -1)), (90, (-1, 0))])
+def test_synthetic_rotation_is_upright_in_both_backends(tmp_path, backend, rotation, corner):
+    path = make_video(tmp_path / "rot.mp4", [i * 40 for i in range(6)], rotation=rotation, marker=True)
+    video = decode_video(str(path), cfg(num_frames=2), backend=backend)
+    assert video.rotation == (-rotation) % 360
+    assert (video.width, video.height) == ((48, 64) if rotation % 180 else (64, 48))
+    # the stored top-left marker ends where turning the picture clockwise by `rotation` puts it
+    frame = video.frames[0].astype(int)
+    r, c = (S // 8 if corner[0] == 0 else S - 1 - S // 8), (S // 8 if corner[1] == 0 else S - 1 - S // 8)
+    assert frame[r, c, 0] > 200 and frame[r, c, 1] < 80, (frame[r, c], video.rotation)
+    assert frame[S // 8, S // 8, 0] < 200 or corner == (0, 0)
+
+
+def test_mpegts_times_start_at_the_stream_start(tmp_path):
+    path = make_video(tmp_path / "clip.ts", [i * 40 for i in range(25)], fmt="mpegts")
+    video = decode_video(str(path), cfg(num_frames=5), backend="pyav")
+    assert video.times_s[0] == pytest.approx(0.08, abs=1e-6)  # mpegts starts at 1.4 s: reported from 0
+    assert video.duration_s == pytest.approx(1.0, abs=0.05)
+
+
+def test_single_frame_video(tmp_path):
+    path = make_video(tmp_path / "one.mp4", [0])
+    for backend in ("pyav", "decord"):
+        video = decode_video(str(path), cfg(num_frames=8), backend=backend)
+        assert video.frames.shape == (1, S, S, 3)
+        np.testing.assert_array_equal(video.indices, [0])
+        np.testing.assert_allclose(video.times_s, [0.0])
+
+
+def test_fewer_frames_than_targets_returns_each_frame_once():
+    video = decode_video(str(VIDEOS / "mjpeg_mouse_12f.avi"), cfg(num_frames=64), backend="pyav")
+    np.testing.assert_array_equal(video.indices, np.arange(12))
+    assert video.codec == "mjpeg" and (video.width, video.height) == (832, 747)
+
+
+# ---------------------------------------------------------------------------------- bad inputs
+
+
+@pytest.fixture
+def hostile(tmp_path):
+    real = (VIDEOS / "vllava_demo1.mp4").read_bytes()  # "moov" at the start (fast start)
+    tail_moov = (VIDEOS / "kinetics_armwrestling.mp4").read_bytes()  # "moov" at the end
+    no_moov = bytearray(tail_moov)
+    at = no_moov.find(b"moov")
+    no_moov[at : at + 4] = b"xxxx"
+    files = {
+        "empty.mp4": b"",
+        "random.mp4": np.random.default_rng(0).integers(0, 256, 100_000, dtype=np.uint8).tobytes(),
+        "text.mp4": b"This is a text file, not a video.\n" * 20,
+        "cut_faststart.mp4": real[: int(len(real) * 0.3)],
+        "cut_moov_at_end.mp4": tail_moov[: int(len(tail_moov) * 0.3)],
+        "no_moov.mp4": bytes(no_moov),
+        "cut_mkv.mkv": (VIDEOS / "pancake_h264_opus.mkv").read_bytes()[:120],
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    make_audio_only(tmp_path / "audio_only.m4a")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("empty.mp4", EMPTY_FILE),
+        ("random.mp4", NOT_A_VIDEO),
+        ("text.mp4", NOT_A_VIDEO),
+        ("cut_faststart.mp4", TRUNCATED),
+        ("cut_moov_at_end.mp4", TRUNCATED),
+        ("no_moov.mp4", UNREADABLE_CONTAINER),
+        ("cut_mkv.mkv", UNREADABLE_CONTAINER),
+        ("audio_only.m4a", NO_VIDEO_STREAM),
+        ("missing.mp4", NOT_FOUND),
+    ],
+)
+@pytest.mark.parametrize("backend", ["pyav", "decord"])
+def test_hostile_input_reason(hostile, name, reason, backend):
+    with pytest.raises(DecodeError) as exc_info:
+        decode_video(str(hostile / name), cfg(), backend=backend)
+    assert_error(exc_info, reason)
+
+
+def test_directory_is_not_a_video(tmp_path):
+    with pytest.raises(DecodeError) as exc_info:
+        decode_video(str(tmp_path), cfg(), backend="pyav")
+    assert_error(exc_info, NOT_A_VIDEO)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_file_is_permission_denied(tmp_path):
+    path = tmp_path / "locked.mp4"
+    path.write_bytes((VIDEOS / "hevc_foreman_cif.mp4").read_bytes())
+    path.chmod(0)
+    with pytest.raises(DecodeError) as exc_info:
+        decode_video(str(path), cfg(), backend="pyav")
+    assert_error(exc_info, PERMISSION_DENIED)
+
+
+@pytest.mark.parametrize(
+    ("limits", "reason", "text"),
+    [
+        ({"max_duration_s": 5.0}, TOO_LONG, "limit is 5 s"),
+        ({"max_bytes": 1000}, TOO_LARGE, "bytes"),
+        ({"max_pixels": 320 * 240}, TOO_LARGE, "pixels"),
+    ],
+)
+def test_limits_refuse_before_decoding(limits, reason, text):
+    with pytest.raises(DecodeError) as exc_info:
+        decode_video(str(VIDEOS / "vllava_demo1.mp4"), cfg(**limits), backend="pyav")
+    assert_error(exc_info, reason)
+    assert text in str(exc_info.value)
+
+
+def test_too_long_without_container_duration_stops_the_packet_scan():
+    with pytest.raises(DecodeError) as exc_info:
+        decode_video(str(VIDEOS / "webm_noduration_vp9_opus.webm"), cfg(max_duration_s=2.0), backend="pyav")
+    assert_error(exc_info, TOO_LONG)
+
+
+# ------------------------------------------------------------------------------------------- S3
+
+
+def test_decode_from_s3_streams_with_pyav_and_downloads_for_decord(s3_bucket):
+    fs, bucket, options = s3_bucket
+    fs.put_file(str(VIDEOS / "kinetics_armwrestling.mp4"), f"{bucket}/v/clip.mp4")
+    uri = f"s3://{bucket}/v/clip.mp4"
+    local = decode_video(str(VIDEOS / "kinetics_armwrestling.mp4"), cfg(), backend="pyav")
+    for backend in ("pyav", "decord"):
+        remote = decode_video(uri, cfg(), options, backend=backend)
+        np.testing.assert_allclose(remote.times_s, local.times_s)
+        assert np.abs(remote.frames.astype(int) - local.frames.astype(int)).mean() < 4.0
+    with pytest.raises(DecodeError) as exc_info:
+        decode_video(f"s3://{bucket}/v/missing.mp4", cfg(), options, backend="pyav")
+    assert_error(exc_info, NOT_FOUND)
+    with pytest.raises(DecodeError) as exc_info:
+        decode_video(uri, cfg(max_bytes=1000), options, backend="decord")
+    assert_error(exc_info, TOO_LARGE)
+
+
+def test_stage_reads_s3_in_the_isolated_child(s3_bucket):
+    fs, bucket, options = s3_bucket
+    fs.put_file(str(VIDEOS / "hevc_foreman_cif.mp4"), f"{bucket}/foreman.mp4")
+    stage = DecodeStage(cfg(), options)
+    ok = stage({Col.VIDEO_URI: f"s3://{bucket}/foreman.mp4"})
+    assert ok[Col.STATUS] == STATUS_OK, ok[Col.ERROR]
+    assert ok[Col.FRAMES].shape == (8, S, S, 3) and ok[Col.CODEC] == "hevc"
+    missing = stage({Col.VIDEO_URI: f"s3://{bucket}/nope.mp4"})
+    assert missing[Col.STATUS] == STATUS_ERROR and missing[Col.ERROR].startswith(NOT_FOUND + ": ")
+
+
+# ------------------------------------------------------------------------------------ the stage
+
+
+def test_stage_declares_columns_and_resources():
+    stage = DecodeStage(cfg(num_cpus=0.5), None)
+    assert Col.VIDEO_URI in stage.reads
+    assert {Col.FRAMES, Col.STATUS, Col.ERROR, Col.DECODE_S}.issubset(stage.writes)
+    assert stage.resources == {"num_cpus": 0.5}
+
+
+def test_stage_ok_row():
+    stage = DecodeStage(cfg(), None)
+    row = stage({Col.VIDEO_ID: "v1", Col.VIDEO_URI: str(VIDEOS / "iphone4s_rot90.mov")})
+    assert row[Col.STATUS] == STATUS_OK and row[Col.ERROR] is None
+    assert row[Col.VIDEO_ID] == "v1"
+    assert row[Col.FRAMES].shape == (8, S, S, 3) and row[Col.FRAMES].dtype == np.uint8
+    assert row[Col.FRAME_TIMES_S].dtype == np.float64 and row[Col.FRAME_INDICES].dtype == np.int64
+    assert (row[Col.WIDTH], row[Col.HEIGHT], row[Col.ROTATION]) == (320, 568, 90)
+    assert row[Col.DECODE_BACKEND] == "pyav" and row[Col.CODEC] == "h264"
+    assert row[Col.DECODE_S] > 0
+    assert set(DecodeStage.writes).issubset(row)
+
+
+def test_stage_error_row_keeps_the_schema(hostile):
+    stage = DecodeStage(cfg(), None)
+    row = stage({Col.VIDEO_URI: str(hostile / "text.mp4")})
+    assert row[Col.STATUS] == STATUS_ERROR and row[Col.ERROR].startswith(NOT_A_VIDEO + ": ")
+    assert row[Col.FRAMES].shape == (0, S, S, 3) and row[Col.FRAMES].dtype == np.uint8
+    assert row[Col.FRAME_TIMES_S].shape == (0,) and row[Col.FRAME_INDICES].dtype == np.int64
+    assert set(DecodeStage.writes).issubset(row)
+
+
+def test_stage_error_row_reports_what_the_probe_learned():
+    stage = DecodeStage(cfg(max_duration_s=5.0), None)
+    row = stage({Col.VIDEO_URI: str(VIDEOS / "vllava_demo1.mp4")})
+    assert row[Col.ERROR].startswith(TOO_LONG + ": ")
+    assert row[Col.DURATION_S] == pytest.approx(9.72) and row[Col.WIDTH] == 640
+
+
+def test_stage_passes_error_rows_through():
+    stage = DecodeStage(cfg(), None)
+    row = {Col.VIDEO_URI: str(VIDEOS / "vllava_demo1.mp4"), Col.STATUS: STATUS_ERROR, Col.ERROR: "listing: x"}
+    out = stage(row)
+    assert out[Col.STATUS] == STATUS_ERROR and out[Col.ERROR] == "listing: x"
+    assert out[Col.FRAMES].shape == (0, S, S, 3)
+
+
+def test_stage_falls_back_to_the_other_backend():
+    stage = DecodeStage(cfg(backend="decord"), None)
+    row = stage({Col.VIDEO_URI: str(VIDEOS / "webm_noduration_vp9_opus.webm")})
+    assert row[Col.STATUS] == STATUS_OK, row[Col.ERROR]
+    assert row[Col.DECODE_BACKEND] == "pyav"
+
+
+def test_stage_timeout_becomes_an_error_row_after_retries_and_fallback():
+    stage = DecodeStage(cfg(timeout_s=0.001, retries=1), None)
+    row = stage({Col.VIDEO_URI: str(VIDEOS / "long_room_139s.mp4")})
+    assert row[Col.STATUS] == STATUS_ERROR
+    assert row[Col.ERROR].startswith(TIMEOUT + ": ")
+    assert "pyav" in row[Col.ERROR] and "decord" in row[Col.ERROR] and "(x2)" in row[Col.ERROR]
+
+
+def test_error_reasons_are_distinct_prefixes():
+    from pipeline.decode import REASONS
+
+    assert len(set(REASONS)) == len(REASONS)
+    assert {CRASHED, DECODE_FAILED, TIMEOUT}.issubset(REASONS)
+    assert all(r.replace("_", "").isalpha() and r.islower() for r in REASONS)
