@@ -517,12 +517,11 @@ class PyAVBackend:
                 duration, source = container.duration / av.time_base, "container"
             else:
                 duration, source = None, "packets"
-            if duration is not None and duration > limits.max_duration_s:
-                raise DecodeError(TOO_LONG, f"duration {duration:.1f} s, limit is {limits.max_duration_s:g} s")
             _check_index_within_file(stream, _file_size(file))
 
-            # The display matrix is only exposed on decoded frames: decode the first one. Packets are
-            # tracked on the way so a file without any duration can be measured by reading on.
+            # The display matrix is only exposed on decoded frames: decode the first one (the frame
+            # size is checked above, the duration below). Packets are tracked on the way so a file
+            # without any duration can be measured by reading on.
             scan = _PacketScan(tb, start, limits.max_duration_s)
             stream.codec_context.thread_count = 1
             first_frame, errors, last_error = None, 0, None
@@ -553,7 +552,7 @@ class PyAVBackend:
             if not fps and num_frames and duration:
                 fps = num_frames / duration
             swap = rotation in (90, 270)
-            return VideoInfo(
+            info = VideoInfo(
                 stream_index=stream.index,
                 codec=cc.name,
                 container=container.format.name,
@@ -569,6 +568,11 @@ class PyAVBackend:
                 first_frame_s=max(0.0, first_s),
                 num_frames=num_frames,
             )
+            if info.duration_s > limits.max_duration_s:
+                raise DecodeError(
+                    TOO_LONG, f"duration {info.duration_s:.1f} s, limit is {limits.max_duration_s:g} s", info
+                )
+            return info
 
     def read(self, file: str | BinaryIO, times_s: np.ndarray, info: VideoInfo) -> _ReadResult:
         s = self.frame_size
@@ -737,7 +741,10 @@ class DecordBackend:
         # decord fails on some VP9/VP8 files unless single-threaded
         threads = 1 if info.codec in ("vp9", "vp8", "libvpx-vp9") else self.threads
         try:
-            vr = decord.VideoReader(file, ctx=decord.cpu(0), width=s, height=s, num_threads=threads)
+            # decord 0.6.0 returns mis-sized buffers for some output widths (8, 12, 16, 24, 48, 72, ...
+            # seen); multiples of 32 are safe: scale to one, then to the frame size if it differs.
+            side = -(-s // 32) * 32
+            vr = decord.VideoReader(file, ctx=decord.cpu(0), width=side, height=side, num_threads=threads)
             n = len(vr)
             fps = float(vr.get_avg_fps())
             if info.fps and abs(fps - info.fps) > 0.01 * info.fps + 0.01:
@@ -750,8 +757,18 @@ class DecordBackend:
         except (decord.DECORDError, RuntimeError, AssertionError, IndexError) as exc:
             msg = " ".join(str(exc).split())[:300]
             raise DecodeError(DECODE_FAILED, f"decord: {type(exc).__name__}: {msg}") from None
-        if frames.shape[1:] != (s, s, 3):
+        if frames.shape[1:] != (side, side, 3):
             raise DecodeError(DECODE_FAILED, f"decord returned frames of shape {frames.shape}")
+        if side != s:
+            scaler = VideoReformatter()
+            frames = np.stack(
+                [
+                    scaler.reformat(
+                        av.VideoFrame.from_ndarray(f, format="rgb24"), width=s, height=s, interpolation="BILINEAR", threads=1
+                    ).to_ndarray()
+                    for f in frames
+                ]
+            )
         return _ReadResult(
             frames=np.ascontiguousarray(frames, dtype=np.uint8),
             times_s=starts[pos].astype(np.float64),
