@@ -2,8 +2,8 @@
 
 Frames are encoded once per video (`encode_frames`); each question then builds
 [system + user-turn start | visual tokens | question + assistant-turn start] as input embeddings
-and generates with the HF model's own `generate`. Free-MoRef generation (freemoref.engine) plugs in
-as a second branch of `answer` that shares the prompt building and the statistics.
+and generates natively with the HF model's own `generate`, or with Free-MoRef (freemoref.engine) over
+N references of the frames; both share the prompt building and the statistics.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ import numpy as np
 import torch
 
 from freemoref import flops, layouts
+from freemoref.engine import moref_generate
+from freemoref.partition import partition_frames
 
 if TYPE_CHECKING:
-    from freemoref.config import MoRefConfig
+    from freemoref.config import MoRefConfig, ResolvedMoRef
 
 BASELINE_FRAMES = 64  # attn_flops_ratio is relative to full attention over 64 frames (the paper's)
 
@@ -195,12 +197,53 @@ class VideoLLM:
         """Answer one question about a video whose frames `encode_frames` encoded."""
         parts = self.prepare(frame_tokens, question, system_prompt=system_prompt, roi_box=roi_box)
         if moref is not None and moref.enabled:
-            raise NotImplementedError("MoRef generation is provided by freemoref.engine")
+            resolved = moref.resolve(parts.frames, self.config.text_config.num_hidden_layers)
+            if resolved.references > 1:
+                return self._moref_answer(parts, generation, resolved)
+        # Native: MoRef off, or too few frames for more than one reference.
         visual = self.assemble(parts.frame_tokens)
         output_ids, prefill_s, generate_s = self._native_generate(
             parts.prefix_embeds, visual, parts.suffix_embeds, generation)
         return self._result(output_ids, generation, parts, visual_tokens_used=visual.shape[0],
                             prefill_s=prefill_s, generate_s=generate_s)
+
+    def moref_references(self, frame_tokens: torch.Tensor, resolved: "ResolvedMoRef"):
+        """Split frames (F, t, D) into the N references of `partition_frames`: each reference's
+        visual tokens (l_i, D) and their positions in the un-partitioned visual sequence. The
+        onevision layout's one end-of-video newline goes with the reference holding the last frame."""
+        frames, per_frame, dim = frame_tokens.shape
+        offsets = torch.arange(per_frame, device=frame_tokens.device)
+        references, positions = [], []
+        for ids in partition_frames(frames, resolved.temporal_units, resolved.references):
+            index = torch.tensor(ids, device=frame_tokens.device)
+            tokens = frame_tokens[index].reshape(-1, dim)
+            pos = (index[:, None] * per_frame + offsets[None]).reshape(-1)
+            if self.layout == "onevision" and ids[-1] == frames - 1:
+                newline = layouts.image_newline(self.model).to(tokens.device, tokens.dtype)
+                tokens = torch.cat([tokens, newline.reshape(1, dim)])
+                pos = torch.cat([pos, pos.new_tensor([frames * per_frame])])
+            references.append(tokens)
+            positions.append(pos)
+        return references, positions
+
+    def _moref_answer(self, parts: PromptParts, generation: GenerationOptions,
+                      resolved: "ResolvedMoRef") -> AnswerResult:
+        references, positions = self.moref_references(parts.frame_tokens, resolved)
+        stops = [s for s in generation.stop_strings if s]
+
+        def hit_stop(tokens: list[int]) -> bool:
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            return any(s in text for s in stops)
+
+        out = moref_generate(
+            self.model, parts.prefix_embeds, references, positions, parts.suffix_embeds, resolved,
+            gen=generation, eos_token_ids=self.generation_config(generation).eos_token_id,
+            stop_checker=hit_stop if stops else None)
+        return self._result(torch.tensor(out.tokens, dtype=torch.long), generation, parts,
+                            visual_tokens_used=out.visual_tokens_used, prefill_s=out.prefill_s,
+                            generate_s=out.generate_s, references=resolved.references,
+                            temporal_units=resolved.temporal_units, fusion_layer=resolved.fusion_layer,
+                            keep_ratio=resolved.keep_ratio)
 
     def generation_config(self, generation: GenerationOptions):
         """The model's generation config with `generation`'s options; `<|im_end|>` always stops."""

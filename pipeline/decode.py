@@ -16,8 +16,9 @@ Rules, and why:
   keyframe lies between the current position and the next target, or, when the file has no full
   index, when the target is more than `_SEEK_GAP_S` ahead; otherwise it decodes forward. Only the
   chosen frames are converted to RGB.
-- Frame index = ordinal of the frame in the stream. Exact while the reader has decoded sequentially
-  from the start (PyAV without a seek; decord always, it indexes every frame); after a seek it is
+- Frame index = ordinal of the frame in the stream. Exact when PyAV decodes from the start, or
+  lands after a seek on a keyframe of a fully indexed file (MP4/MOV, AVI: the keyframe's position
+  in the index, exact for closed GOPs); decord indexes every frame. Otherwise (a seek in MKV/WebM)
   estimated as round((t - t_first) * fps), kept strictly increasing (approximate for VFR files).
 - One probe, done with PyAV, gives the metadata for both backends (decord 0.6.0 exposes neither the
   codec, nor the rotation, nor which stream it reads). Video stream: the one FFmpeg's
@@ -106,6 +107,9 @@ BACKENDS = ("pyav", "decord")
 AUTO_ORDER = ("pyav", "decord")
 
 _SEEK_GAP_S = 5.0  # without a full index: seek only when the next target is this far ahead
+# A frame starting this close after a target still counts as shown at it: targets on a frame
+# boundary then pick the same frame in both backends (decord's timestamps are float32).
+_TIME_EPS = 1e-4
 _MAX_BOX_WALK = 10_000  # ISO-BMFF boxes inspected when diagnosing an unreadable MP4
 
 
@@ -197,7 +201,7 @@ def sample_times(duration_s: float, cfg: DecodeConfig) -> np.ndarray:
 
 def _pick_frames(starts: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Positions of the frames (sorted start times) whose interval contains each target, once each."""
-    pos = np.searchsorted(starts, targets, side="right") - 1
+    pos = np.searchsorted(starts, targets + _TIME_EPS, side="right") - 1
     return np.unique(np.clip(pos, 0, len(starts) - 1))
 
 
@@ -424,11 +428,24 @@ class _Frame:
         self.t, self.duration, self.frame, self.ordinal = t, duration, frame, ordinal
 
 
-class _PyAVCursor:
-    """Decoded frames of one stream in presentation order, with repaired times; can seek."""
+@dataclass(frozen=True)
+class _KeyframeIndex:
+    """Keyframes of a fully indexed stream (MP4/MOV, AVI): presentation times (approximate, see
+    `_keyframe_index`) and positions in decode order, which are their frame ordinals when GOPs are
+    closed (nothing decoded after a keyframe is shown before it)."""
 
-    def __init__(self, container, stream, info: VideoInfo):
-        self.container, self.stream, self.info = container, stream, info
+    times: np.ndarray
+    ordinals: np.ndarray
+
+    def last_at_or_before(self, t: float) -> int:
+        return int(np.searchsorted(self.times, t + _TIME_EPS, side="right")) - 1
+
+
+class _PyAVCursor:
+    """Decoded frames of one stream in presentation order, with repaired times and ordinals."""
+
+    def __init__(self, container, stream, info: VideoInfo, keyframes: _KeyframeIndex | None):
+        self.container, self.stream, self.info, self.keyframes = container, stream, info, keyframes
         self.tb = stream.time_base
         self.use_dts = container.format.name == "avi"  # see the module docstring
         self.step = 1.0 / info.fps if info.fps > 0 else 1.0 / 30
@@ -436,7 +453,8 @@ class _PyAVCursor:
         self.last_error: str | None = None
         self.eof = False
         self.decoded = 0
-        self.sequential = True  # no seek yet: ordinals are exact
+        self.exact = True  # ordinals are exact: decoding from the start, or from a known keyframe
+        self._anchor = False  # just seeked: place the next frame in the keyframe index
         self._ordinal = -1
         self._prev_t: float | None = None
         self._it = self._decoded()
@@ -471,19 +489,33 @@ class _PyAVCursor:
         if self._prev_t is not None and (t is None or t <= self._prev_t):
             t = self._prev_t + self.step
         elif t is None:
-            t = self.info.first_frame_s if self.sequential else 0.0
+            t = self.info.first_frame_s if self.exact else 0.0
+        if self._anchor:
+            self._anchor = False
+            self._place(frame, t)
         self._prev_t = t
         self._ordinal += 1
         self.decoded += 1
         duration = float(frame.duration * self.tb) if frame.duration else self.step
-        return _Frame(t, duration, frame, self._ordinal if self.sequential else None)
+        return _Frame(t, duration, frame, self._ordinal if self.exact else None)
+
+    def _place(self, frame: av.VideoFrame, t: float) -> None:
+        """After a seek: if we landed on an indexed keyframe, ordinals are exact again."""
+        self.exact = False
+        if self.keyframes is None or not frame.key_frame:
+            return
+        k = int(np.argmin(np.abs(self.keyframes.times - t)))
+        if abs(self.keyframes.times[k] - t) < 0.5 * self.step:
+            self._ordinal = int(self.keyframes.ordinals[k]) - 1
+            self.exact = True
 
     def seek(self, t: float) -> None:
         offset = int(math.floor((t + self.info.start_s) / self.tb))
         self.container.seek(offset, stream=self.stream, backward=True, any_frame=False)
         self._it = self._decoded()
         self._prev_t = None
-        self.sequential = False
+        self._anchor = True
+        self.exact = False
         self.eof = False
 
 
@@ -580,9 +612,9 @@ class PyAVBackend:
             stream = container.streams[info.stream_index]
             stream.thread_type = "AUTO"
             stream.codec_context.thread_count = self.threads
-            cur = _PyAVCursor(container, stream, info)
+            keyframes = _keyframe_index(stream, info)
+            cur = _PyAVCursor(container, stream, info, keyframes)
             scaler = VideoReformatter()  # keeps its swscale context across frames (4x faster)
-            keyframes = _keyframe_times(stream, info)
             images: list[np.ndarray] = []
             times: list[float] = []
             ordinals: list[int] = []
@@ -597,7 +629,7 @@ class PyAVBackend:
                     if above is None:
                         if cur.eof or (above := cur.next()) is None:
                             break
-                    if above.t > target:
+                    if above.t > target + _TIME_EPS:
                         break
                     below, above = above, None
                 chosen = below if below is not None else above
@@ -637,8 +669,8 @@ class PyAVBackend:
             return False
         if keyframes is not None:
             # worth it only if a keyframe lies between here and the target
-            i = np.searchsorted(keyframes, target + 1e-6, side="right") - 1
-            return i >= 0 and keyframes[i] > pos
+            i = keyframes.last_at_or_before(target)
+            return i >= 0 and keyframes.times[i] > pos
         return target - pos > _SEEK_GAP_S
 
     @staticmethod
@@ -651,7 +683,7 @@ class PyAVBackend:
             at = max(target - back, info.first_frame_s)
             cur.seek(at)
             frame = cur.next()
-            if frame is not None and (frame.t <= target + 1e-6 or at <= info.first_frame_s):
+            if frame is not None and (frame.t <= target + _TIME_EPS or at <= info.first_frame_s):
                 return frame
         return frame
 
@@ -700,17 +732,22 @@ def _check_index_within_file(stream, size: int | None) -> None:
         raise DecodeError(TRUNCATED, f"the index needs {end} bytes; the file has {size}")
 
 
-def _keyframe_times(stream, info: VideoInfo) -> np.ndarray | None:
-    """Keyframe presentation times when the container indexes every frame (MP4, AVI), else None.
-    Index times are decode timestamps; MP4 shifts them by a constant composition offset, which the
-    first entry against the first frame's time gives back."""
+def _keyframe_index(stream, info: VideoInfo) -> _KeyframeIndex | None:
+    """The keyframes when the container indexes every frame (MP4/MOV, AVI), else None. Index times
+    are decode timestamps; MP4 shifts them by a constant composition offset, which the first entry
+    against the first frame's time gives back."""
     entries = stream.index_entries
     if not entries or info.num_frames is None or len(entries) < info.num_frames:
         return None
     tb = float(stream.time_base)
-    times = np.array([e.timestamp for e in entries if e.is_keyframe], dtype=np.float64) * tb - info.start_s
-    offset = info.first_frame_s - (entries[0].timestamp * tb - info.start_s)
-    return np.sort(times + max(0.0, offset))
+    stamps = np.fromiter((e.timestamp for e in entries), dtype=np.float64, count=len(entries))
+    is_key = np.fromiter((e.is_keyframe for e in entries), dtype=bool, count=len(entries))
+    order = np.argsort(stamps, kind="stable")  # decode order
+    stamps, is_key = stamps[order], is_key[order]
+    times = stamps * tb - info.start_s
+    offset = max(0.0, info.first_frame_s - times[0])
+    ordinals = np.flatnonzero(is_key)
+    return _KeyframeIndex(times=times[ordinals] + offset, ordinals=ordinals)
 
 
 # ------------------------------------------------------------------------------------------ decord
