@@ -37,9 +37,8 @@ Rules, and why:
   before decoding any frame, the duration right after the probe.
 - Backends: `pyav` streams from fsspec file objects; `decord` needs a local path (remote files are
   downloaded to a temporary file, bounded by max_bytes), one thread for VP9/VP8, and a container
-  duration. `auto` is PyAV first, then decord: on the test videos PyAV was as fast or faster for
-  sparse sampling (it seeks and converts only chosen frames) and it opens every file; see
-  `AUTO_ORDER`.
+  duration. `auto` is PyAV first, then decord: as fast or faster on the test videos (faster for
+  sparse sampling of long files) and it opens every one of them; see `AUTO_ORDER`.
 
 Errors are `DecodeError(reason, detail)`, written as "reason: detail"; reasons are the constants
 below (`REASONS`).
@@ -52,7 +51,6 @@ import dataclasses
 import math
 import os
 import pathlib
-import shutil
 import struct
 import tempfile
 import time
@@ -61,8 +59,8 @@ from typing import Any, BinaryIO, Iterator
 
 import av
 import fsspec
-from av.video.reformatter import VideoReformatter
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from pipeline import isolation
 from pipeline.config import DecodeConfig
@@ -100,10 +98,12 @@ FINAL_REASONS = frozenset(
 )  # fmt: skip
 
 BACKENDS = ("pyav", "decord")
-# Measured on the test videos (32 uniform frames at 384 px, one thread): PyAV 0.03-0.9 s per video,
-# decord about the same on short CFR H.264 and up to several times slower on long ones (it decodes
-# every frame between sparse targets and converts at full size before scaling); PyAV also opens
-# every file in the set. So PyAV first, decord as the fallback.
+# Measured on the test videos (decode_video, 32 uniform frames at 384 px, one thread, 2-core box):
+# the two are within about 30% of each other (vllava 0.18 s vs 0.22 s, long_room_139s 0.29 vs 0.37,
+# h264_yuv444 77 s 2.0 vs 2.3, vfr_screenrec 3026 px 0.48 vs 0.61; decord ahead on a few clips
+# under load); with 8 frames on the 139 s video PyAV's seeking halves the time (0.08 vs 0.15 s).
+# PyAV also opens every test file, streams from object storage and cannot take the worker down
+# with a segfault as easily, so PyAV first, decord as the fallback.
 AUTO_ORDER = ("pyav", "decord")
 
 _SEEK_GAP_S = 5.0  # without a full index: seek only when the next target is this far ahead
@@ -179,7 +179,7 @@ class _ReadResult:
     ended_s: float | None  # end of the last frame when the stream ended before the targets did
     errors: int = 0
     last_error: str | None = None
-    frames_decoded: int | None = None  # frames the decoder produced (PyAV), to keep it honest
+    frames_decoded: int | None = None  # frames the PyAV decoder produced: the work sampling cost
 
 
 # ---------------------------------------------------------------------------------------- sampling
@@ -772,7 +772,7 @@ class DecordBackend:
 
         if not isinstance(file, str):
             raise DecodeError(UNSUPPORTED, "decord needs a local file path")
-        if info.duration_source not in ("stream", "container"):
+        if info.duration_source == "packets":
             raise DecodeError(UNSUPPORTED, "decord cannot open files without a container duration")
         s = self.frame_size
         # decord fails on some VP9/VP8 files unless single-threaded
@@ -785,7 +785,9 @@ class DecordBackend:
             n = len(vr)
             fps = float(vr.get_avg_fps())
             if info.fps and abs(fps - info.fps) > 0.01 * info.fps + 0.01:
-                raise DecodeError(UNSUPPORTED, f"decord reads a different video stream ({fps:.3f} fps, probe {info.fps:.3f})")
+                raise DecodeError(
+                    UNSUPPORTED, f"decord reads another video stream ({fps:.3f} fps; probe: {info.fps:.3f})"
+                )
             starts, ends = self._timestamps(vr, n, fps, info)
             pos = _pick_frames(starts, np.sort(np.asarray(times_s, np.float64)))
             frames = vr.get_batch(pos.tolist()).asnumpy()
@@ -801,7 +803,11 @@ class DecordBackend:
             frames = np.stack(
                 [
                     scaler.reformat(
-                        av.VideoFrame.from_ndarray(f, format="rgb24"), width=s, height=s, interpolation="BILINEAR", threads=1
+                        av.VideoFrame.from_ndarray(f, format="rgb24"),
+                        width=s,
+                        height=s,
+                        interpolation="BILINEAR",
+                        threads=1,
                     ).to_ndarray()
                     for f in frames
                 ]
@@ -845,9 +851,52 @@ def backend_order(backend: str) -> tuple[str, str]:
     return (backend, next(b for b in BACKENDS if b != backend))
 
 
+def _media_end_s(file: str | BinaryIO, video_end_s: float, info: VideoInfo) -> float:
+    """Where the last packet of any stream ends, reading only from the video's end on. Tells a
+    video legitimately shorter than the container (audio runs on) from data lost after it."""
+    end = video_end_s
+    with _open_container(file) as container:
+        with contextlib.suppress(av.FFmpegError):
+            container.seek(int(max(0.0, video_end_s - 1.0 + info.start_s) * av.time_base), backward=True)
+        try:
+            for packet in container.demux():
+                ts = packet.pts if packet.pts is not None else packet.dts
+                if ts is not None:
+                    stream_end = float((ts + (packet.duration or 0)) * packet.time_base) - info.start_s
+                    end = max(end, stream_end)
+        except av.FFmpegError:
+            pass
+    return end
+
+
 def _tail_tolerance(info: VideoInfo) -> float:
     frame = 1.0 / info.fps if info.fps > 0 else 0.1
     return max(0.5, 3 * frame, 0.02 * info.duration_s)
+
+
+def _ends_early(result: _ReadResult, targets: np.ndarray, info: VideoInfo) -> bool:
+    """The video stream stopped well before the last target (which is inside the duration)."""
+    return (
+        result.ended_s is not None
+        and len(result.times_s) > 0
+        and targets[-1] > result.ended_s + _tail_tolerance(info)
+    )
+
+
+def _raise_if_cut_short(src: str | BinaryIO, result: _ReadResult, info: VideoInfo) -> None:
+    if result.errors:
+        raise DecodeError(
+            DECODE_FAILED,
+            f"decoding stops at {result.ended_s:.2f} s of {info.duration_s:.2f} s after "
+            f"{result.errors} errors (last: {result.last_error})",
+            info,
+        )
+    # A stream's own duration is the video's; a container's may be another stream's: trust it only
+    # if some stream's packets really reach it.
+    if info.duration_source != "container" or _media_end_s(src, result.ended_s, info) + _tail_tolerance(
+        info
+    ) < info.duration_s:
+        raise DecodeError(TRUNCATED, f"video ends at {result.ended_s:.2f} s of {info.duration_s:.2f} s", info)
 
 
 def decode_video(
@@ -864,20 +913,10 @@ def decode_video(
             info = impl.probe(src, Limits.from_config(cfg))
             targets = sample_times(info.duration_s, cfg)
             result = impl.read(src, targets, info)
-            if result.ended_s is not None and len(result.times_s) and targets[-1] > result.ended_s + _tail_tolerance(info):
-                if result.errors:
-                    raise DecodeError(
-                        DECODE_FAILED,
-                        f"decoding stops at {result.ended_s:.2f} s of {info.duration_s:.2f} s after "
-                        f"{result.errors} errors (last: {result.last_error})",
-                        info,
-                    )
-                if info.duration_source != "container":
-                    raise DecodeError(
-                        TRUNCATED, f"video ends at {result.ended_s:.2f} s of {info.duration_s:.2f} s", info
-                    )
-                # The container's duration covers a longer audio or subtitle stream: sample the
-                # video's own span instead (a second pass, only for such files).
+            if _ends_early(result, targets, info):
+                # Either data is missing, or the container's duration covers a longer audio or
+                # subtitle stream: then sample the video's own span (a second pass, rare).
+                _raise_if_cut_short(src, result, info)
                 info = dataclasses.replace(info, duration_s=result.ended_s, duration_source="decoded")
                 result = impl.read(src, sample_times(info.duration_s, cfg), info)
     except DecodeError:
@@ -892,7 +931,9 @@ def decode_video(
         raise DecodeError(READ_FAILED, f"{type(exc).__name__}: {exc}") from None
     if not len(result.frames):
         if result.errors:
-            raise DecodeError(DECODE_FAILED, f"no frame decodes ({result.errors} errors, last: {result.last_error})", info)
+            raise DecodeError(
+                DECODE_FAILED, f"no frame decodes ({result.errors} errors, last: {result.last_error})", info
+            )
         raise DecodeError(NO_FRAMES, "no frame at any sampled time", info)
     return DecodedVideo(
         frames=result.frames,

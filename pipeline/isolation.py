@@ -9,9 +9,10 @@ a lock held by another thread. The forkserver is started once per parent process
 modules (numpy, av, decord) already imported, so each call pays for a fork of that small server
 (milliseconds), not for a fresh interpreter and its imports.
 
-The child runs with the caller's current environment variables (the forkserver's own are those of
-the moment it started). Results come back through a pipe as pickle protocol 5 with out-of-band buffers: numpy arrays are
-written straight from their memory by the child and read into one writable buffer by the parent.
+The child runs with the caller's current environment variables (the forkserver's own are those
+of the moment it started). Results come back through a pipe as pickle protocol 5 with out-of-band
+buffers: numpy arrays are written straight from their memory by the child and read into one
+writable buffer by the parent.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 import traceback
+import types
 from typing import Any, Callable
 
 DEFAULT_PRELOAD = ("numpy", "av", "decord")
@@ -52,7 +55,30 @@ def add_preload(*modules: str) -> None:
             if name not in _preload:
                 _preload.append(name)
         if _ctx is not None:
-            _ctx.set_forkserver_preload(list(_preload))
+            _ctx.set_forkserver_preload(_preload_list())
+
+
+def _main_script_imports() -> list[str]:
+    """Modules the parent's main script imported. Every forkserver child re-runs that script as
+    `__mp_main__` (CPython 3.11 never preloads it into the server, whatever the preload list says),
+    so the server imports them once and the re-run finds them cached: under Ray the main script is
+    the worker script, which imports ray (about 0.5 s per child otherwise)."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        return []
+    names = set()
+    for value in list(vars(main).values()):
+        try:
+            name = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
+        except Exception:  # noqa: BLE001 - odd objects in a user's main script: skip them
+            continue
+        if isinstance(name, str) and name in sys.modules and name not in ("__main__", "__mp_main__"):
+            names.add(name)
+    return sorted(names)
+
+
+def _preload_list() -> list[str]:
+    return list(_preload) + [m for m in _main_script_imports() if m not in _preload]
 
 
 def _context():
@@ -60,7 +86,7 @@ def _context():
     with _lock:
         if _ctx is None:
             ctx = mp.get_context("forkserver")
-            ctx.set_forkserver_preload(list(_preload))
+            ctx.set_forkserver_preload(_preload_list())
             _ctx = ctx
         return _ctx
 
@@ -129,7 +155,8 @@ def run_isolated(fn: Callable[..., Any], *args, timeout_s: float, **kwargs) -> A
     """
     ctx = _context()
     recv_conn, send_conn = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child_main, args=(send_conn, dict(os.environ), fn, args, kwargs), daemon=True)
+    env = dict(os.environ)
+    proc = ctx.Process(target=_child_main, args=(send_conn, env, fn, args, kwargs), daemon=True)
     deadline = time.monotonic() + timeout_s
     try:
         proc.start()

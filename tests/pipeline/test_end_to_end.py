@@ -116,7 +116,7 @@ def test_local_run_then_rerun_resumes(archive, tmp_path, ray_local):
     assert (again.skipped_done, again.processed) == (len(pairs), 0)
     assert sorted(p.name for p in (out / "answers").iterdir()) == files
     check_tables(store, pairs, n_error_pairs=2)
-    n = duckdb.sql(f"SELECT count(*) FROM '{out}/answers/*.parquet' WHERE status = 'ok'").fetchone()[0]
+    n = duckdb.sql(f"SELECT count(*) FROM '{out}/answers/*.parquet' WHERE status = 'ok'").fetchall()[0][0]
     assert n == len(pairs) - 2
 
 
@@ -124,7 +124,10 @@ def test_s3_run_writes_back_to_the_bucket(archive, s3_bucket, ray_local):
     fs, bucket, storage_options = s3_bucket
     for name in GOOD + ["broken.mp4", "questions.jsonl"]:
         fs.put(str(archive / name), f"{bucket}/in/{name}")
-    storage = {"endpoint_url": storage_options["client_kwargs"]["endpoint_url"]}
+    # Explicit credentials (Ray workers started earlier do not see the fixture's environment);
+    # they must never reach the outputs.
+    storage = {"endpoint_url": storage_options["client_kwargs"]["endpoint_url"],
+               "key": "testing", "secret": "moto-secret-never-in-outputs"}
     cfg = job(f"s3://{bucket}/in/*.m*", f"s3://{bucket}/in/questions.jsonl", f"s3://{bucket}/out", storage=storage)
     summary = run_job(cfg)
     pairs = expected(GOOD + ["broken.mp4"])
@@ -134,3 +137,5 @@ def test_s3_run_writes_back_to_the_bucket(archive, s3_bucket, ray_local):
     with fs.open(fs.ls(f"{bucket}/out/answers")[0], "rb") as f:
         assert pq.read_table(f).schema.equals(ANSWERS_SCHEMA)
     assert run_job(cfg).skipped_done == len(pairs)
+    for path in fs.find(f"{bucket}/out"):
+        assert b"moto-secret-never-in-outputs" not in fs.cat(path)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 
 import numpy as np
@@ -116,3 +119,30 @@ def test_child_sees_the_callers_current_environment(monkeypatch):
     run_isolated(_env, "HOME", timeout_s=60)  # the forkserver exists before the variable does
     monkeypatch.setenv("MOREF_ISOLATION_PROBE", "set-late")
     assert run_isolated(_env, "MOREF_ISOLATION_PROBE", timeout_s=60) == "set-late"
+
+
+def test_main_script_imports_are_paid_once_not_per_call(tmp_path):
+    """Children re-run the parent's main script; what it imports must come preloaded (under Ray
+    the main script is the worker's, which imports ray)."""
+    (tmp_path / "slow_import.py").write_text("import time\ntime.sleep(1.0)\n")
+    (tmp_path / "main.py").write_text(
+        textwrap.dedent(
+            """
+            import os, time
+            import slow_import
+            from pipeline.isolation import run_isolated
+
+            if __name__ == "__main__":
+                run_isolated(os.getpid, timeout_s=60)
+                started = time.perf_counter()
+                for _ in range(3):
+                    run_isolated(os.getpid, timeout_s=60)
+                print((time.perf_counter() - started) / 3)
+            """
+        )
+    )
+    out = subprocess.run(
+        [sys.executable, str(tmp_path / "main.py")], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.strip().splitlines()[-1]) < 0.5  # not >= 1 s: slow_import is not re-imported
