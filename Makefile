@@ -20,7 +20,7 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/moref-index tiny-models .cache/models
-	$(VENV)/bin/moref-index run jobs/configs/demo.yaml
+	$(VENV)/bin/moref-index run jobs/configs/demo.yaml --show 6
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests --ignore=tests/gpu

@@ -344,8 +344,8 @@ def markdown(report: dict) -> str:
             f"| {r['case']} | {r['frames']} | {r['references']} | {r['fusion_layer']} | {r['prompt_tokens']} "
             f"| {_fmt(r.get('visual_tokens_used'), 'd')} | {_fmt(r.get('prefill_s'), '.3f')} | {speedup} "
             f"| {_fmt(r.get('decode_ms_per_token'), '.1f')} | {_fmt(r.get('peak_gib'), '.1f')} "
-            f"| {_fmt(r.get('prefill_tflops_per_s'), '.0f')} | {100 * r['attn_flops_ratio']:.1f}% "
-            f"| {r['total_flops'] / 1e12:.1f} | {r['total_flops_native'] / 1e12:.1f} | {r.get('status', '-')} |")
+            f"| {_fmt(r.get('prefill_tflops_per_s'), '.3g')} | {100 * r['attn_flops_ratio']:.1f}% "
+            f"| {r['total_flops'] / 1e12:.4g} | {r['total_flops_native'] / 1e12:.4g} | {r.get('status', '-')} |")
     vision = report.get("vision")
     lines.append("")
     if vision and "ms_per_frame" in vision:
@@ -368,16 +368,20 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--out", default=None, help="directory for bench_moref.json and bench_moref.md")
-    parser.add_argument("--native-frames", default="64,128,256,512")
+    parser.add_argument("--native-frames", default=None, help="default 64,128,256,512 (--tiny: 64,128)")
     parser.add_argument("--moref-frames", default="128,256,512")
     parser.add_argument("--engine-native-frames", default="128", help="native through the engine (N=1)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--vision-batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs after 1 warm-up; default 3 (--tiny: 1)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="default 32 (--tiny: 8)")
+    parser.add_argument("--vision-batch", type=int, default=None, help="default 32 (--tiny: 4)")
     parser.add_argument("--no-vision", action="store_true")
     parser.add_argument("--max-gib", type=float, default=70.0, help="skip native cases estimated above this")
     parser.add_argument("--budget-s", type=float, default=300.0, help="start no new case after this many seconds")
     args = parser.parse_args(argv)
+    for name, real, tiny in (("native_frames", "64,128,256,512", "64,128"), ("repeats", 3, 1),
+                             ("new_tokens", 32, 8), ("vision_batch", 32, 4)):
+        if getattr(args, name) is None:
+            setattr(args, name, tiny if args.tiny else real)
 
     start = time.perf_counter()
     device = torch.device(args.device)

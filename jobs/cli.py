@@ -37,9 +37,24 @@ def cmd_run(args) -> int:
         return 2
     summary = run_job(cfg)
     print(summary.render())
+    if args.show:
+        _show_answers(cfg, args.show)
     if args.summary_json:
         pathlib.Path(args.summary_json).write_text(json.dumps(summary.to_dict(), indent=2))
     return 0
+
+
+def _show_answers(cfg, n: int) -> None:
+    from pipeline.sink import OutputStore
+
+    rows = OutputStore(cfg.output).read_answers(
+        columns=["video_id", "question_id", "status", "answer", "error", "references", "visual_tokens_used"]
+    ).slice(0, n).to_pylist()
+    print(f"first {len(rows)} answers rows:")
+    for r in rows:
+        text = r["answer"] if r["status"] == "ok" else f"<{r['error']}>"
+        print(f"  {r['video_id']} / {r['question_id']} [{r['status']}, N={r['references']}, "
+              f"visual tokens {r['visual_tokens_used']}]: {text!r}"[:160])
 
 
 def cmd_convert(args) -> int:
@@ -77,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("config")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     run.add_argument("--summary-json", help="also write the run summary to this file")
+    run.add_argument("--show", type=int, default=0, metavar="N", help="print N rows of the answers table")
     run.set_defaults(func=cmd_run)
 
     convert = sub.add_parser("convert", help="convert a LLaVA-NeXT LLaVA-Video checkpoint to HF LlavaOnevision")

@@ -1006,9 +1006,11 @@ class DecodeStage:
                 out.setdefault(key, value)
             return out
         started = time.perf_counter()
-        uri = out[Col.VIDEO_URI]
-        options = None if _is_local(uri) else self.storage_options
-        result = self.decode(uri, options)
+        uri = out.get(Col.VIDEO_URI)
+        if isinstance(uri, str) and uri:
+            result = self.decode(uri, None if _is_local(uri) else self.storage_options)
+        else:
+            result = DecodeError(NOT_FOUND, f"row has no {Col.VIDEO_URI}")
         out.update(_empty_decode_columns(self.cfg.frame_size))
         if isinstance(result, DecodedVideo):
             out.update(

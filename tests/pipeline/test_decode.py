@@ -591,6 +591,11 @@ def test_stage_passes_error_rows_through():
     assert out[Col.FRAMES].shape == (0, S, S, 3)
 
 
+def test_stage_row_without_uri_is_an_error_row():
+    row = DecodeStage(cfg(), None)({Col.VIDEO_ID: "v"})
+    assert row[Col.STATUS] == STATUS_ERROR and row[Col.ERROR].startswith(NOT_FOUND + ": ")
+
+
 def test_stage_falls_back_to_the_other_backend():
     stage = DecodeStage(cfg(backend="decord"), None)
     row = stage({Col.VIDEO_URI: str(VIDEOS / "webm_noduration_vp9_opus.webm")})
