@@ -110,6 +110,7 @@ class DecodeConfig(_Strict):
     frame_size: int = Field(default=384, ge=8, le=2048)  # square side the frames are resized to
     timeout_s: float = Field(default=300.0, gt=0)  # per attempt, in an isolated process
     retries: int = Field(default=1, ge=0, le=5)  # retries per backend after a crash or timeout
+    read_retries: int = Field(default=4, ge=0, le=20)  # retries after a storage failure, with backoff
     max_duration_s: float = Field(default=4 * 3600.0, gt=0)  # refuse longer videos before decoding
     max_pixels: int = Field(default=8192 * 8192, ge=1)  # refuse larger frames before decoding
     max_bytes: int = Field(default=20 * 1024**3, ge=1)  # refuse larger files before reading

@@ -106,6 +106,10 @@ BACKENDS = ("pyav", "decord")
 # with a segfault as easily, so PyAV first, decord as the fallback.
 AUTO_ORDER = ("pyav", "decord")
 
+# read_failed (the storage failed, not the file) is retried after 1, 2, 4, ... s (at most this long)
+READ_RETRY_FIRST_WAIT_S = 1.0
+READ_RETRY_MAX_WAIT_S = 30.0
+
 _SEEK_GAP_S = 5.0  # without a full index: seek only when the next target is this far ahead
 # A frame starting this close after a target still counts as shown at it: targets on a frame
 # boundary then pick the same frame in both backends (decord's timestamps are float32).
@@ -220,13 +224,59 @@ def _is_local(uri: str) -> bool:
     return protocol in (None, "file", "local")
 
 
+class StorageFile:
+    """A remote file object that remembers the first error its storage raised on a read or seek.
+
+    PyAV re-raises an exception from its I/O callbacks only sometimes; otherwise FFmpeg sees an error
+    or an early end of file, and a storage outage would pass for a damaged or truncated video.
+    `decode_video` checks `error` after every attempt and reports `read_failed` instead."""
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+        self.error: BaseException | None = None
+
+    def _io(self, fn, *args):
+        try:
+            return fn(*args)
+        except Exception as exc:
+            if self.error is None:
+                self.error = exc
+            raise
+
+    def read(self, n: int = -1) -> bytes:
+        return self._io(self._f.read, n)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._io(self._f.seek, offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+
+def _storage_error(uri: str, exc: BaseException) -> DecodeError:
+    """A storage failure as an error: missing, refused, or (anything else: connection refused or
+    reset, timeouts, 5xx, which botocore raises as non-OSError types) read_failed, retried later."""
+    if isinstance(exc, DecodeError):
+        return exc
+    if isinstance(exc, FileNotFoundError):
+        return DecodeError(NOT_FOUND, f"no such object: {uri}")
+    if isinstance(exc, PermissionError):
+        return DecodeError(PERMISSION_DENIED, f"{uri}: {exc}")
+    msg = " ".join(str(exc).split())[:300]
+    return DecodeError(READ_FAILED, f"{uri}: {type(exc).__name__}: {msg}")
+
+
 @contextlib.contextmanager
 def open_source(
     uri: str, storage_options: dict | None, max_bytes: int, local_path: bool
 ) -> Iterator[str | BinaryIO]:
     """Yield something a backend can open: an absolute local path, or (remote, `local_path` False)
-    a seekable fsspec file object; with `local_path` True a remote file is copied to a temporary file
-    first. The size limit and emptiness are checked before anything is read."""
+    a seekable fsspec file object wrapped in `StorageFile`; with `local_path` True a remote file is
+    copied to a temporary file first. The size limit and emptiness are checked before anything is
+    read. Storage failures become DecodeErrors (`_storage_error`)."""
     if _is_local(uri):
         path = os.path.abspath(fsspec.core.strip_protocol(uri) if "://" in uri else uri)
         try:
@@ -245,34 +295,32 @@ def open_source(
         yield path  # absolute, so FFmpeg never reads a "name:" prefix as a protocol
         return
 
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
     try:
-        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
         size = fs.size(path)
-    except FileNotFoundError:
-        raise DecodeError(NOT_FOUND, f"no such object: {uri}") from None
-    except PermissionError as exc:
-        raise DecodeError(PERMISSION_DENIED, f"{uri}: {exc}") from None
-    except OSError as exc:
-        raise DecodeError(READ_FAILED, f"{uri}: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - every storage failure becomes a precise reason
+        raise _storage_error(uri, exc) from None
     if size is None:
         raise DecodeError(READ_FAILED, f"{uri}: storage reports no size")
     _check_size(size, max_bytes)
-    try:
-        if local_path:
-            suffix = pathlib.PurePosixPath(path).suffix
-            with tempfile.TemporaryDirectory(prefix="moref-decode-") as tmp:
-                local = os.path.join(tmp, "video" + suffix)
+    if local_path:
+        suffix = pathlib.PurePosixPath(path).suffix
+        with tempfile.TemporaryDirectory(prefix="moref-decode-") as tmp:
+            local = os.path.join(tmp, "video" + suffix)
+            try:
                 with fs.open(path, "rb") as src, open(local, "wb") as dst:
                     # bounded: never write more than the size limit, whatever the stream delivers
                     _copy_bounded(src, dst, max_bytes)
-                yield local
-        else:
-            with fs.open(path, "rb", cache_type="readahead", block_size=1 << 20) as f:
-                yield f
-    except PermissionError as exc:
-        raise DecodeError(PERMISSION_DENIED, f"{uri}: {exc}") from None
-    except FileNotFoundError:
-        raise DecodeError(NOT_FOUND, f"no such object: {uri}") from None
+            except Exception as exc:  # noqa: BLE001
+                raise _storage_error(uri, exc) from None
+            yield local
+    else:
+        try:
+            f = fs.open(path, "rb", cache_type="readahead", block_size=1 << 20)
+        except Exception as exc:  # noqa: BLE001
+            raise _storage_error(uri, exc) from None
+        with f:
+            yield StorageFile(f)
 
 
 def _check_size(size: int, max_bytes: int) -> None:
@@ -908,6 +956,8 @@ def decode_video(
     if name == "auto":
         name = AUTO_ORDER[0]
     impl = make_backend(name, cfg)
+    src = None
+    failure: BaseException | None = None
     try:
         with open_source(uri, storage_options, cfg.max_bytes, local_path=impl.needs_local_path) as src:
             info = impl.probe(src, Limits.from_config(cfg))
@@ -919,16 +969,21 @@ def decode_video(
                 _raise_if_cut_short(src, result, info)
                 info = dataclasses.replace(info, duration_s=result.ended_s, duration_source="decoded")
                 result = impl.read(src, sample_times(info.duration_s, cfg), info)
-    except DecodeError:
-        raise
-    except av.FFmpegError as exc:
-        raise DecodeError(DECODE_FAILED, f"{type(exc).__name__}: {exc}") from None
-    except PermissionError as exc:
-        raise DecodeError(PERMISSION_DENIED, str(exc)) from None
-    except FileNotFoundError as exc:
-        raise DecodeError(NOT_FOUND, str(exc)) from None
-    except OSError as exc:
-        raise DecodeError(READ_FAILED, f"{type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - classified below
+        failure = exc
+    io_error = getattr(src, "error", None)
+    if io_error is not None:
+        # the storage failed under the decoder: whatever FFmpeg concluded (EOF, bad data), the file
+        # was not read, so this is a storage error (retried), never a verdict on the file
+        raise _storage_error(uri, io_error) from None
+    if failure is not None:
+        if isinstance(failure, DecodeError):
+            raise failure
+        if isinstance(failure, av.FFmpegError):
+            raise DecodeError(DECODE_FAILED, f"{type(failure).__name__}: {failure}") from None
+        if isinstance(failure, (OSError, PermissionError, FileNotFoundError)):
+            raise _storage_error(uri, failure) from None
+        raise failure
     if not len(result.frames):
         if result.errors:
             raise DecodeError(
@@ -1049,16 +1104,24 @@ class DecodeStage:
 
     def decode(self, uri: str, storage_options: dict | None) -> DecodedVideo | DecodeError:
         """The policy: each backend in order, isolated; crashes and timeouts are retried
-        `cfg.retries` times; input problems (FINAL_REASONS) stop at once."""
+        `cfg.retries` times; storage failures (read_failed) `cfg.read_retries` times with
+        exponential backoff (the other backend reads from the same storage, so it is not tried);
+        input problems (FINAL_REASONS) stop at once."""
         failures: list[tuple[str, DecodeError]] = []
+        read_failures = 0
         for backend in backend_order(self.cfg.backend):
-            for _attempt in range(1 + self.cfg.retries):
+            attempt = 0
+            while attempt <= self.cfg.retries:
                 try:
                     return isolation.run_isolated(
                         _decode_in_child, uri, self.cfg, storage_options, backend, timeout_s=self.cfg.timeout_s
                     )
                 except DecodeError as exc:
                     failures.append((backend, exc))
+                    if exc.reason == READ_FAILED and read_failures < self.cfg.read_retries:
+                        time.sleep(min(READ_RETRY_MAX_WAIT_S, READ_RETRY_FIRST_WAIT_S * 2**read_failures))
+                        read_failures += 1
+                        continue  # the storage may be back: same backend, not counted as a crash retry
                     break  # deterministic: the same backend would fail again
                 except isolation.IsolatedTimeout as exc:
                     failures.append((backend, DecodeError(TIMEOUT, str(exc))))
@@ -1067,7 +1130,8 @@ class DecodeStage:
                 except Exception as exc:  # noqa: BLE001 - e.g. the child could not be started
                     failures.append((backend, DecodeError(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")))
                     break
-            if failures[-1][1].reason in FINAL_REASONS:
+                attempt += 1
+            if failures[-1][1].reason in FINAL_REASONS or failures[-1][1].reason == READ_FAILED:
                 break
         return _summarise(failures)
 

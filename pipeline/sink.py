@@ -8,14 +8,27 @@ Layout under the output path:
 Every file appears whole or not at all: local files are written beside their final name and
 renamed, object-store uploads become visible only when complete. A killed run therefore leaves
 complete files (whose pairs are skipped on rerun) or none, so each (video_id, question_id) pair
-lands exactly once. Temporary names start with '_' so DuckDB/Spark/pyarrow globs skip them.
+lands exactly once. Temporary names start with '_' so DuckDB/Spark/pyarrow globs skip them; a run
+deletes the ones a killed run left behind (`clean_temporaries`), so one job runs at a time per
+output path.
+
+Writes that fail (storage down, throttled, a full disk) are retried with exponential backoff
+(`output.write_retries`); when they still fail the error ends the run (nothing can be recorded),
+and a rerun resumes.
+
+Superseding rows: when a run answers pairs that may already have rows (`output.retry_errors`, or
+`output.resume: false`), the new file is written under a '_pending-' name, the old rows of those
+pairs are removed from their files (a file left empty is deleted), and only then is the new file
+renamed into place. A crash in between leaves the pairs absent, never twice: the next run does them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
+import time
 import uuid
 
 import pyarrow as pa
@@ -30,6 +43,13 @@ from pipeline.sources import filesystem
 ANSWERS_DIR = "answers"
 FRAMES_DIR = "frames"
 RUNS_DIR = "runs"
+TEMP_PREFIXES = ("_tmp-", "_pending-")
+
+# failed writes are retried after 1, 2, 4, ... s, at most this long apart
+WRITE_RETRY_FIRST_WAIT_S = 1.0
+WRITE_RETRY_MAX_WAIT_S = 30.0
+
+log = logging.getLogger("moref_index")
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -41,6 +61,17 @@ def video_key(video_id: str) -> str:
     return f"{readable}-{digest}"
 
 
+class OutputWriteError(RuntimeError):
+    """Output storage refused a write even after the retries; the run stops (a rerun resumes)."""
+
+
+def _safe_part(part: str) -> str:
+    """One path component under the output root: never empty, '.', '..' or containing a separator."""
+    if not part or part in (".", "..") or "/" in part or "\\" in part or "\x00" in part:
+        raise ValueError(f"unsafe output path component {part!r}")
+    return part
+
+
 class OutputStore:
     """The output prefix: all writes go under it and nowhere else."""
 
@@ -49,19 +80,49 @@ class OutputStore:
         self.fs, self.root = filesystem(cfg.path, cfg.storage)
         self.root = self.root.rstrip("/")
         self._local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,))
+        self.retries = cfg.write_retries
 
     def path(self, *parts: str) -> str:
-        return "/".join((self.root, *parts))
+        return "/".join((self.root, *(_safe_part(p) for p in parts)))
+
+    def _retrying(self, what: str, fn):
+        """Run a write, retrying any failure with exponential backoff; OutputWriteError at the end."""
+        for attempt in range(self.retries + 1):
+            try:
+                return fn()
+            except Exception as exc:  # noqa: BLE001 - storage clients raise many types (botocore ...)
+                if attempt == self.retries:
+                    raise OutputWriteError(
+                        f"cannot write {what} after {attempt + 1} attempts: {type(exc).__name__}: {exc}"
+                    ) from exc
+                wait = min(WRITE_RETRY_MAX_WAIT_S, WRITE_RETRY_FIRST_WAIT_S * 2**attempt)
+                log.warning("writing %s failed (%s: %s); retry %d of %d in %.0f s",
+                            what, type(exc).__name__, exc, attempt + 1, self.retries, wait)
+                self._invalidate()
+                time.sleep(wait)
+
+    def _invalidate(self) -> None:
+        try:
+            self.fs.invalidate_cache()
+        except Exception:  # noqa: BLE001 - a cache that cannot be dropped is no reason to fail
+            pass
 
     def write_table(self, table: pa.Table, *parts: str) -> str:
         final = self.path(*parts)
+        return self._retrying(final, lambda: self._write_table_once(table, final))
+
+    def _write_table_once(self, table: pa.Table, final: str) -> str:
         parent = final.rsplit("/", 1)[0]
         if self._local:
             self.fs.makedirs(parent, exist_ok=True)
             tmp = f"{parent}/_tmp-{uuid.uuid4().hex}.parquet"
-            with self.fs.open(tmp, "wb") as f:
-                pq.write_table(table, f)
-            self.fs.mv(tmp, final)
+            try:
+                with self.fs.open(tmp, "wb") as f:
+                    pq.write_table(table, f)
+                self.fs.mv(tmp, final)
+            finally:
+                if self.fs.exists(tmp):
+                    self.fs.rm(tmp)
         else:
             with self.fs.open(final, "wb") as f:
                 pq.write_table(table, f)
@@ -69,17 +130,57 @@ class OutputStore:
 
     def write_json(self, payload: dict, *parts: str) -> str:
         final = self.path(*parts)
-        if self._local:
-            self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-        with self.fs.open(final, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True)
-        return final
+        text = json.dumps(payload, indent=2, sort_keys=True)
+
+        def once():
+            if self._local:
+                self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+            with self.fs.open(final, "w") as f:
+                f.write(text)
+            return final
+
+        return self._retrying(final, once)
+
+    def move(self, src: str, dst: str) -> None:
+        self._retrying(dst, lambda: self.fs.mv(src, dst))
+
+    def remove(self, path: str) -> None:
+        def once():
+            if self.fs.exists(path):
+                self.fs.rm(path)
+
+        self._retrying(path, once)
+
+    def list_files(self, sub: str, prefix: str = "") -> list[str]:
+        """Parquet files under `sub` whose names start with `prefix` (temporaries excluded)."""
+        base = self.path(sub)
+        self._invalidate()
+        if not self.fs.exists(base):
+            return []
+        return sorted(
+            p for p in self.fs.find(base)
+            if p.endswith(".parquet") and p.rsplit("/", 1)[-1].startswith(prefix)
+            and not p.rsplit("/", 1)[-1].startswith(("_", "."))
+        )
+
+    def clean_temporaries(self) -> int:
+        """Delete the temporary files a killed run left ('_tmp-*', '_pending-*'); returns how many.
+        Readers skip them anyway; this only reclaims the space. Assumes no other run of this job
+        writes to the same output at the same time."""
+        removed = 0
+        for sub in (ANSWERS_DIR, FRAMES_DIR):
+            base = self.path(sub)
+            self._invalidate()
+            if not self.fs.exists(base):
+                continue
+            for p in self.fs.find(base):
+                if p.rsplit("/", 1)[-1].startswith(TEMP_PREFIXES):
+                    self.remove(p)
+                    removed += 1
+        return removed
 
     def _dataset(self, sub: str) -> pads.Dataset | None:
-        base = self.path(sub)
-        if not self.fs.exists(base):
-            return None
-        files = [p for p in self.fs.find(base) if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith(("_", "."))]
+        files = self.list_files(sub)
         if not files:
             return None
         return pads.dataset(files, filesystem=self.fs, format="parquet")
@@ -97,6 +198,34 @@ class OutputStore:
     def done_pairs(self) -> set[tuple[str, str]]:
         table = self.read_answers(columns=["video_id", "question_id"])
         return set(zip(table.column("video_id").to_pylist(), table.column("question_id").to_pylist()))
+
+    def answer_status(self) -> dict[tuple[str, str], tuple[str, str | None]]:
+        """(video_id, question_id) -> (status, error) of every row in the answers table."""
+        t = self.read_answers(columns=["video_id", "question_id", "status", "error"])
+        cols = [t.column(c).to_pylist() for c in ("video_id", "question_id", "status", "error")]
+        return {(v, q): (st, err) for v, q, st, err in zip(*cols)}
+
+    def _read_file(self, path: str) -> pa.Table:
+        return self._retrying(path, lambda: pq.read_table(path, filesystem=self.fs))
+
+    def supersede(self, video_id: str, question_ids: set[str], keep: str) -> None:
+        """Remove the rows of (video_id, q in question_ids) from every answers file of the video
+        except `keep`; rewrite each such file atomically, delete it when nothing is left."""
+        for path in self.list_files(ANSWERS_DIR, prefix=f"{video_key(video_id)}-"):
+            if path == keep:
+                continue
+            table = self._read_file(path)
+            stale = pc.and_(
+                pc.equal(table.column("video_id"), video_id),
+                pc.is_in(table.column("question_id"), pa.array(sorted(question_ids), pa.string())),
+            )
+            n_stale = pc.sum(pc.cast(stale, pa.int64())).as_py() or 0
+            if n_stale == 0:
+                continue
+            if n_stale == table.num_rows:
+                self.remove(path)
+            else:
+                self.write_table(table.filter(pc.invert(stale)), ANSWERS_DIR, path.rsplit("/", 1)[-1])
 
 
 class FramesWriter:
@@ -121,11 +250,13 @@ class FramesWriter:
 
 class AnswersWriter:
     """Writes answers rows, one file per video group in the batch, and returns a small summary
-    table (video_id, question_id, status, error) for the driver's run summary."""
+    table (video_id, question_id, status, error) for the driver's run summary. With `supersede`,
+    rows of the same pairs already in the table are replaced (see the module docstring)."""
 
-    def __init__(self, output: OutputConfig, run_id: str):
+    def __init__(self, output: OutputConfig, run_id: str, supersede: bool = False):
         self.store = OutputStore(output)
         self.run_id = run_id
+        self.supersede = supersede
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         table = batch.select(ANSWERS_SCHEMA.names).cast(ANSWERS_SCHEMA)
@@ -134,5 +265,12 @@ class AnswersWriter:
             rows = table.filter(pc.equal(table.column("video_id"), vid))
             qids = sorted(rows.column("question_id").to_pylist())
             digest = hashlib.sha256("\n".join([self.run_id, *qids]).encode()).hexdigest()[:12]
-            self.store.write_table(rows, ANSWERS_DIR, f"{video_key(vid)}-{digest}.parquet")
+            name = f"{video_key(vid)}-{digest}.parquet"
+            if not self.supersede:
+                self.store.write_table(rows, ANSWERS_DIR, name)
+                continue
+            pending = self.store.write_table(rows, ANSWERS_DIR, f"_pending-{name}")
+            final = self.store.path(ANSWERS_DIR, name)
+            self.store.supersede(vid, set(qids), keep=pending)
+            self.store.move(pending, final)
         return table.select(["video_id", "question_id", "status", "error"])
