@@ -166,12 +166,38 @@ class AnswerConfig(_Strict):
     concurrency: int = Field(default=1, ge=1)
 
 
+# Error reasons worth another try (`output.retry_errors: true`): the storage or the process failed,
+# not the input. Decode reasons are defined in pipeline/decode.py; *_failed come from the models.
+TRANSIENT_REASONS = (
+    "timeout", "crashed", "read_failed", "internal_error",
+    "guidance_failed", "vision_failed", "answer_failed",
+)  # fmt: skip
+
+
 class OutputConfig(_Strict):
     """Where answers/ and frames/ Parquet tables go (local dir or fsspec URL)."""
 
     path: str
     storage: StorageConfig = StorageConfig()
     resume: bool = True  # skip (video_id, question_id) pairs already written
+    # Rerun pairs whose row is an error with one of these reasons (the new row replaces the old):
+    # false / [] = errors are final; true = TRANSIENT_REASONS; or a list of reasons.
+    retry_errors: bool | list[str] = False
+    write_retries: int = Field(default=6, ge=0, le=20)  # retries of a failed write, with backoff
+
+    @field_validator("retry_errors")
+    @classmethod
+    def _reasons(cls, value):
+        if isinstance(value, list):
+            bad = [r for r in value if not r or not r.replace("_", "").isalnum() or r != r.lower()]
+            if bad:
+                raise ValueError(f"retry_errors: reasons are lowercase words like 'read_failed', got {bad}")
+        return value
+
+    def retry_reasons(self) -> frozenset[str]:
+        if self.retry_errors is True:
+            return frozenset(TRANSIENT_REASONS)
+        return frozenset(self.retry_errors or ())
 
 
 class RayConfig(_Strict):
@@ -180,7 +206,8 @@ class RayConfig(_Strict):
 
 
 class JobConfig(_Strict):
-    run_id: str | None = None
+    # names runs/<run_id>.json and goes into file names: a safe name, never a path
+    run_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     input: InputConfig
     questions: QuestionsConfig
     decode: DecodeConfig = DecodeConfig()

@@ -29,11 +29,14 @@ class RunSummary:
     videos: int = 0
     inputs: int = 0  # (video, question) pairs in the job
     skipped_done: int = 0  # pairs already in the answers table (resume)
+    retried_errors: int = 0  # pairs whose error row is redone (output.retry_errors); replaced, not added
     processed: int = 0
     ok: int = 0
     errors: int = 0
     errors_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
     elapsed_s: float = 0.0
+    status: str = "complete"  # or "failed": the run stopped early; `failure` says why; rerun to resume
+    failure: str | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -41,11 +44,14 @@ class RunSummary:
     def render(self) -> str:
         lines = [
             f"run {self.run_id}: {self.videos} videos, {self.inputs} (video, question) pairs",
-            f"  answered ok: {self.ok}   errors: {self.errors}   skipped (already done): {self.skipped_done}",
+            f"  answered ok: {self.ok}   errors: {self.errors}   skipped (already done): {self.skipped_done}"
+            + (f"   errors retried: {self.retried_errors}" if self.retried_errors else ""),
         ]
         for reason, count in sorted(self.errors_by_reason.items(), key=lambda kv: -kv[1]):
             lines.append(f"    {reason}: {count}")
         lines.append(f"  output: {self.output}/answers and {self.output}/frames  ({self.elapsed_s:.1f} s)")
+        if self.status != "complete":
+            lines.append(f"  RUN FAILED after {self.processed} pairs (rerun to resume): {self.failure}")
         return "\n".join(lines)
 
 
@@ -60,13 +66,22 @@ def plan_work(cfg: JobConfig, store: OutputStore) -> tuple[list[dict], RunSummar
     summary = RunSummary(run_id=run_id, output=cfg.output.path)
     videos = list_videos(cfg.input)
     per_video, prompts = load_questions(cfg.questions, cfg.input.storage)
-    done = store.done_pairs() if cfg.output.resume else set()
+    done: set[tuple[str, str]] = set()
+    retry: set[tuple[str, str]] = set()
+    if cfg.output.resume:
+        reasons = cfg.output.retry_reasons()
+        for pair, (status, error) in store.answer_status().items():
+            if status != STATUS_OK and reason_of(error) in reasons:
+                retry.add(pair)
+            else:
+                done.add(pair)
     rows = []
     for video in videos:
         questions = questions_for(video.video_id, per_video, prompts)
         summary.inputs += len(questions)
         todo = [q for q in questions if (video.video_id, q.question_id) not in done]
         summary.skipped_done += len(questions) - len(todo)
+        summary.retried_errors += sum((video.video_id, q.question_id) in retry for q in todo)
         if questions:
             summary.videos += 1
         if todo:
@@ -113,8 +128,8 @@ def _write_frames(row: dict, output) -> dict:
     return FramesWriter(output)(row)
 
 
-def _write_answers(batch, output, run_id: str):
-    return AnswersWriter(output, run_id)(batch)
+def _write_answers(batch, output, run_id: str, supersede: bool):
+    return AnswersWriter(output, run_id, supersede)(batch)
 
 
 def build_dataset(rows: list[dict], cfg: JobConfig, run_id: str, local_without_gpu: bool):
@@ -154,7 +169,9 @@ def build_dataset(rows: list[dict], cfg: JobConfig, run_id: str, local_without_g
     )
     ds = ds.map_batches(
         _write_answers,
-        fn_kwargs={"output": cfg.output, "run_id": run_id},
+        # rows of these pairs may exist already (retried errors, or resume off): replace them
+        fn_kwargs={"output": cfg.output, "run_id": run_id,
+                   "supersede": bool(cfg.output.retry_reasons()) or not cfg.output.resume},
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=0.1,
@@ -163,24 +180,41 @@ def build_dataset(rows: list[dict], cfg: JobConfig, run_id: str, local_without_g
 
 
 def run_job(cfg: JobConfig) -> RunSummary:
+    """Run the job; the summary is also written to runs/<run_id>.json. A run that fails (e.g. the
+    output storage stays down past the write retries) still writes its summary, with status
+    'failed', before raising: every pair it wrote is final, a rerun does the rest."""
     start = time.perf_counter()
     store = OutputStore(cfg.output)
+    removed = store.clean_temporaries()
+    if removed:
+        log.info("removed %d temporary files left by an interrupted run", removed)
     rows, summary = plan_work(cfg, store)
     log.info("planned %d videos with %d pending pairs", len(rows), summary.inputs - summary.skipped_done)
-    if rows:
-        import ray
+    reasons: collections.Counter = collections.Counter()
+    try:
+        if rows:
+            import ray
 
-        local = _init_ray(cfg)
-        local_without_gpu = local and not ray.cluster_resources().get("GPU")
-        reasons: collections.Counter = collections.Counter()
-        for out in build_dataset(rows, cfg, summary.run_id, local_without_gpu).iter_rows():
-            summary.processed += 1
-            if out["status"] == STATUS_OK:
-                summary.ok += 1
-            else:
-                summary.errors += 1
-                reasons[reason_of(out["error"])] += 1
+            local = _init_ray(cfg)
+            local_without_gpu = local and not ray.cluster_resources().get("GPU")
+            for out in build_dataset(rows, cfg, summary.run_id, local_without_gpu).iter_rows():
+                summary.processed += 1
+                if out["status"] == STATUS_OK:
+                    summary.ok += 1
+                else:
+                    summary.errors += 1
+                    reasons[reason_of(out["error"])] += 1
+    except BaseException as exc:
+        summary.status = "failed"
+        summary.failure = f"{type(exc).__name__}: {exc}"[:2000]
+        raise
+    finally:
         summary.errors_by_reason = dict(reasons)
-    summary.elapsed_s = round(time.perf_counter() - start, 3)
-    store.write_json(summary.to_dict(), RUNS_DIR, f"{summary.run_id}.json")
+        summary.elapsed_s = round(time.perf_counter() - start, 3)
+        try:
+            store.write_json(summary.to_dict(), RUNS_DIR, f"{summary.run_id}.json")
+        except Exception:  # noqa: BLE001 - never hide the run's own error behind this one
+            if summary.status == "complete":
+                raise
+            log.exception("could not write the run summary")
     return summary

@@ -142,7 +142,12 @@ class OutputStore:
         return self._retrying(final, once)
 
     def move(self, src: str, dst: str) -> None:
-        self._retrying(dst, lambda: self.fs.mv(src, dst))
+        def once():
+            if not self.fs.exists(src) and self.fs.exists(dst):
+                return  # an earlier attempt moved it and only its reply was lost
+            self.fs.mv(src, dst)
+
+        self._retrying(dst, once)
 
     def remove(self, path: str) -> None:
         def once():
