@@ -36,9 +36,8 @@ from pipeline.decode import (
 )
 from pipeline.schema import STATUS_ERROR, STATUS_OK, Col
 
-VIDEOS = pathlib.Path(__file__).resolve().parents[3] / "shared" / "testdata" / "videos"
-if not VIDEOS.is_dir():
-    VIDEOS = pathlib.Path("/work/shared/testdata/videos")
+from tests.paths import SHARED_VIDEOS as VIDEOS
+
 pytestmark = pytest.mark.skipif(not VIDEOS.is_dir(), reason="shared test videos not present")
 
 MANIFEST = (

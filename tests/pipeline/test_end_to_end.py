@@ -13,10 +13,10 @@ from pipeline.config import parse_job_config
 from pipeline.runner import run_job
 from pipeline.schema import ANSWERS_SCHEMA
 from pipeline.sink import OutputStore
+from tests.paths import DEMO_VIDEOS
 
 pytestmark = pytest.mark.slow
 
-DEMO_VIDEOS = pathlib.Path(__file__).resolve().parents[2] / "jobs" / "demo" / "videos"
 GOOD = ["kinetics_armwrestling.mp4", "pancake_h264_opus.mkv"]
 NUM_FRAMES = 8
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from pipeline.clip_models import build_tiny_clip, load_clip
 from pipeline.config import GuidanceConfig
+from tests.paths import DEMO_VIDEOS
 from pipeline.guidance import (
     FrameEncoder,
     GuidanceStage,
@@ -28,7 +29,7 @@ from pipeline.guidance import (
 )
 from pipeline.schema import STATUS_ERROR, STATUS_OK, Col, frames_schema
 
-VIDEO = "/work/shared/testdata/videos/kinetics_armwrestling.mp4"
+VIDEO = str(DEMO_VIDEOS / "kinetics_armwrestling.mp4")
 NUM_FRAMES = 8
 SIZE = 96  # decoded square side; the tiny CLIP takes 64, so the resize path is exercised
 D = 32
