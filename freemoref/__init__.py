@@ -8,7 +8,7 @@ from importlib import import_module
 
 _LAZY = {
     "VideoLLM": "freemoref.video_llm",
-    "GenerationOptions": "freemoref.video_llm",
+    "GenerationOptions": "freemoref.config",
     "AnswerResult": "freemoref.video_llm",
     "load_video_llm": "freemoref.loading",
     "frame_tokens": "freemoref.layouts",

@@ -99,3 +99,15 @@ class MoRefConfig:
         layer = self.fusion_layer if self.fusion_layer is not None else default_fusion_layer(n, num_layers)
         keep = self.keep_ratio if self.keep_ratio is not None else 1.0 / n
         return ResolvedMoRef(n, self.temporal_units, layer, keep, self.granularity)
+
+
+@dataclass
+class GenerationOptions:
+    """Decoding options shared by the native and the MoRef paths."""
+
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = 0  # used when sampling; None draws a fresh seed
+    stop_strings: tuple[str, ...] = ()

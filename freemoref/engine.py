@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from freemoref.attention import MoRefContext, attend, backend_for, moref_attention
-from freemoref.config import ResolvedMoRef
+from freemoref.config import GenerationOptions, ResolvedMoRef
 from freemoref.fusion import Fusion, keep_counts, merge, select_visual_tokens, visual_importance
 
 
@@ -207,17 +207,6 @@ class MoRefSession:
 
 
 @dataclass
-class Decoding:
-    """Decoding options; freemoref.video_llm.GenerationOptions (same attribute names) works too."""
-
-    max_new_tokens: int = 64
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-
-
-@dataclass
 class MoRefOutput:
     """Generated token ids (the EOS that ended it included, as HF generate), why it stopped
     ("eos" | "stop" | "length"), seconds, and token counts."""
@@ -260,7 +249,7 @@ def moref_generate(lm, prefix_embeds, references, reference_positions, suffix_em
                    gen=None, eos_token_ids=(), stop_checker=None, backend: str | None = None) -> MoRefOutput:
     """Free-MoRef prefill, then decode until EOS, `stop_checker(tokens) -> True` (e.g. stop strings
     on the decoded text) or gen.max_new_tokens. Inputs as in `MoRefSession.prefill`."""
-    gen = gen or Decoding()
+    gen = gen or GenerationOptions()
     device = prefix_embeds.device
     session = MoRefSession(lm, cfg, backend)
     _sync(device)

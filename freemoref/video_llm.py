@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from freemoref import flops, layouts
+from freemoref.config import GenerationOptions
 from freemoref.engine import moref_generate
 from freemoref.partition import partition_frames
 
@@ -43,16 +44,6 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
-
-
-@dataclass
-class GenerationOptions:
-    max_new_tokens: int = 128
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = 0  # used when sampling
-    stop_strings: tuple[str, ...] = ()
 
 
 @dataclass

@@ -3,7 +3,8 @@ import torch
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
 
 from freemoref.config import MoRefConfig, ResolvedMoRef
-from freemoref.engine import Decoding, MoRefSession, moref_generate, moref_prefill_logits, split_lm
+from freemoref.config import GenerationOptions
+from freemoref.engine import MoRefSession, moref_generate, moref_prefill_logits, split_lm
 from freemoref.partition import partition_frames
 
 TEXT = dict(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
@@ -38,7 +39,7 @@ def test_moref_off_equals_model_forward_and_generate():
         logits = moref_prefill_logits(model, prefix, refs, pos, suffix, cfg)
         assert (logits - expected).abs().max() < 1e-4
 
-        out = moref_generate(model, prefix, refs, pos, suffix, cfg, Decoding(max_new_tokens=8))
+        out = moref_generate(model, prefix, refs, pos, suffix, cfg, GenerationOptions(max_new_tokens=8))
         hf = model.generate(inputs_embeds=full, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
         assert out.tokens == hf[0, -8:].tolist()
         assert len(set(out.tokens)) > 2  # a model that repeats one token would prove little
@@ -80,7 +81,7 @@ def test_cached_decoding_equals_recompute_from_scratch(granularity, layer):
         extra = model.get_input_embeddings()(torch.tensor(tokens))
         recomputed = moref_prefill_logits(model, prefix, refs, pos, suffix, cfg, extra_embeds=extra)
         assert (logits - recomputed).abs().max() < 1e-4
-    assert moref_generate(model, prefix, refs, pos, suffix, cfg, Decoding(max_new_tokens=6)).tokens == tokens
+    assert moref_generate(model, prefix, refs, pos, suffix, cfg, GenerationOptions(max_new_tokens=6)).tokens == tokens
     with pytest.raises(RuntimeError, match="cache is full"):
         session.step(tokens[-1])
 
@@ -110,7 +111,7 @@ def test_sampling_seeded_and_top_p():
     cfg = MoRefConfig(temporal_units=4).resolve(8, 6)
     assert (cfg.references, cfg.fusion_layer) == (2, 3)
     prefix, refs, pos, suffix, _ = video_prompt(model, references=2)
-    run = lambda **kw: moref_generate(model, prefix, refs, pos, suffix, cfg, Decoding(max_new_tokens=8, **kw)).tokens  # noqa: E731
+    run = lambda **kw: moref_generate(model, prefix, refs, pos, suffix, cfg, GenerationOptions(max_new_tokens=8, **kw)).tokens  # noqa: E731
     greedy = run()
     sample = run(do_sample=True, temperature=1.5, seed=3)
     assert sample == run(do_sample=True, temperature=1.5, seed=3)
@@ -123,15 +124,15 @@ def test_stops_counts_and_timings():
     model = tiny_qwen()
     prefix, refs, pos, suffix, _ = video_prompt(model)
     cfg = ResolvedMoRef(3, 4, 2, 1 / 3)
-    full = moref_generate(model, prefix, refs, pos, suffix, cfg, Decoding(max_new_tokens=8))
+    full = moref_generate(model, prefix, refs, pos, suffix, cfg, GenerationOptions(max_new_tokens=8))
     assert full.finish_reason == "length" and len(full.tokens) == 8
     assert (full.visual_tokens_native, full.visual_tokens_used, full.prompt_tokens) == (24, 3 + 3 + 2, 33)
     assert full.kept_per_reference == [3, 3, 2] and full.prefill_s > 0 and full.generate_s > 0
 
     eos = full.tokens[3]
-    out = moref_generate(model, prefix, refs, pos, suffix, cfg, Decoding(max_new_tokens=8), eos_token_ids=[eos])
+    out = moref_generate(model, prefix, refs, pos, suffix, cfg, GenerationOptions(max_new_tokens=8), eos_token_ids=[eos])
     assert out.finish_reason == "eos" and out.tokens == full.tokens[: full.tokens.index(eos) + 1]
-    out = moref_generate(model, prefix, refs, pos, suffix, cfg, Decoding(max_new_tokens=8),
+    out = moref_generate(model, prefix, refs, pos, suffix, cfg, GenerationOptions(max_new_tokens=8),
                          stop_checker=lambda toks: toks[-2:] == full.tokens[1:3])
     assert out.finish_reason == "stop" and out.tokens == full.tokens[:3]
 

@@ -13,7 +13,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from freemoref.config import MoRefConfig, ResolvedMoRef
-from freemoref.engine import Decoding, MoRefSession, moref_generate, moref_prefill_logits
+from freemoref.config import GenerationOptions
+from freemoref.engine import MoRefSession, moref_generate, moref_prefill_logits
 from freemoref.partition import partition_frames
 
 CUDA = torch.device("cuda")
@@ -69,7 +70,7 @@ def test_engine_one_reference_equals_hf_in_fp32():
     assert (logits - expected).abs().max() < 1e-3
 
     out = moref_generate(model, prefix, [video], [torch.arange(len(video), device=CUDA)], suffix, cfg,
-                         Decoding(max_new_tokens=8))
+                         GenerationOptions(max_new_tokens=8))
     hf = model.generate(inputs_embeds=full, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
     assert out.tokens == hf[0, -8:].tolist()
     assert len(set(out.tokens)) > 2
@@ -104,7 +105,7 @@ def test_moref_matches_cpu_in_fp32(granularity):
                                  suffix.to(dev), max_new_tokens=8)
         outs.append((logits.cpu(), session.fusion.positions.cpu()))
         tokens = moref_generate(model, prefix.to(dev), [r.to(dev) for r in refs], [p.to(dev) for p in pos],
-                                suffix.to(dev), cfg, Decoding(max_new_tokens=8)).tokens
+                                suffix.to(dev), cfg, GenerationOptions(max_new_tokens=8)).tokens
         outs[-1] += (tokens,)
     (lg, pg, tg), (lc, pc, tc) = outs
     assert (lg - lc).abs().max() < 1e-3
@@ -118,7 +119,7 @@ def test_moref_generation_runs_in_bf16(granularity):
     model = tiny_qwen(torch.bfloat16)
     prefix, refs, pos, suffix, video = video_prompt(model)
     cfg = ResolvedMoRef(3, 4, 2, 1 / 3, granularity)
-    out = moref_generate(model, prefix, refs, pos, suffix, cfg, Decoding(max_new_tokens=8), eos_token_ids=())
+    out = moref_generate(model, prefix, refs, pos, suffix, cfg, GenerationOptions(max_new_tokens=8), eos_token_ids=())
     assert len(out.tokens) == 8 and out.finish_reason == "length"
     assert all(0 <= t < TEXT["vocab_size"] for t in out.tokens)
     assert out.visual_tokens_native == len(video) and out.visual_tokens_used < len(video)
@@ -210,7 +211,7 @@ def test_sdpa_is_the_backend_and_is_called(tiny_llava_vid_dir, monkeypatch):
         return sdpa(q, k, v, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
-    moref_generate(model, prefix, refs, pos, suffix, cfg, Decoding(max_new_tokens=4), eos_token_ids=())
+    moref_generate(model, prefix, refs, pos, suffix, cfg, GenerationOptions(max_new_tokens=4), eos_token_ids=())
     # prefill: every layer; decode: 3 steps x every layer (plus the prefix's own layers below L)
     assert len(calls) >= TEXT["num_hidden_layers"] * 4
     assert set(calls) == {("cuda", torch.bfloat16)}
@@ -223,7 +224,7 @@ def test_one_sequence_runs_on_the_flash_kernel_alone():
     prefix, _, _, suffix, video = video_prompt(model)
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         out = moref_generate(model, prefix, [video], [torch.arange(len(video), device=CUDA)], suffix,
-                             ResolvedMoRef(1, 64, 0, 1.0), Decoding(max_new_tokens=4), eos_token_ids=())
+                             ResolvedMoRef(1, 64, 0, 1.0), GenerationOptions(max_new_tokens=4), eos_token_ids=())
     assert len(out.tokens) == 4
 
 
