@@ -74,3 +74,9 @@ def test_credentials_are_not_in_repr():
     cfg = parse_job_config(_with(input__storage={"key": "AKIASECRET", "secret": "s3cr3t"}))
     assert "s3cr3t" not in repr(cfg) and "AKIASECRET" not in repr(cfg)
     assert cfg.input.storage.fsspec_options("s3")["secret"] == "s3cr3t"
+
+
+@pytest.mark.parametrize("path", sorted((pathlib.Path(__file__).resolve().parents[2] / "jobs" / "configs").glob("*.yaml")))
+def test_shipped_job_configs_validate(path):
+    cfg = load_job_config(path)
+    assert cfg.output.path
