@@ -82,6 +82,9 @@ def check_tables(store: OutputStore, expected_pairs: set, n_error_pairs: int):
         assert all(b > a for a, b in zip(times, times[1:])) and 0 <= times[0] and times[-1] < 11
         assert r["prompt_tokens"] > r["visual_tokens_used"] > 0 and 1 <= r["output_tokens"] <= 5
         assert r["total_flops"] > 0 and r["total_flops_native"] > 0 and r["attn_flops_ratio"] > 0
+        # Free-MoRef is on: 2 references over 4 temporal units, fused at the paper's L=3
+        assert (r["references"], r["temporal_units"], r["fusion_layer"]) == (2, 4, 3)
+        assert r["visual_tokens_used"] < r["visual_tokens_native"] and r["total_flops"] < r["total_flops_native"]
         assert r["decode_s"] > 0 and r["prefill_s"] > 0
     frames = store.read_frames()
     assert frames is not None and frames.num_rows == NUM_FRAMES * len(GOOD)
