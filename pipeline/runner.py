@@ -1,7 +1,12 @@
 """Ray wiring: the stages assembled into one streaming Ray Data pipeline.
 
-list videos + questions -> resume filter -> decode (CPU tasks) -> guidance (CLIP actors)
--> frames sink (tasks) -> answer (VLM actors) -> answers sink (tasks) -> run summary.
+list videos + questions -> resume filter -> decode (CPU tasks) -> guidance (CLIP actors, which
+also write the frames table) -> answer (VLM actors) -> answers sink (tasks) -> run summary.
+
+Faults: a decode task whose worker dies is retried (`max_retries`); Ray Data restarts a dead actor
+and retries its tasks (its defaults: max_restarts=-1, max_task_retries=-1). Output file names are
+deterministic, so a retried write replaces, never duplicates. Storage errors are retried inside the
+stages (decode.read_retries, output.write_retries).
 
 Stages are plain classes (pipeline/decode.py, guidance.py, answer.py, sink.py); this module only
 decides where and with what resources they run.
@@ -124,8 +129,20 @@ def _decode_row(row: dict, cfg, storage_options: dict) -> dict:
     return DecodeStage(cfg, storage_options)(row)
 
 
-def _write_frames(row: dict, output) -> dict:
-    return FramesWriter(output)(row)
+class _GuideThenWriteFrames:
+    """The guidance actor also writes each video's frames table. As a task of its own the writer
+    would start worker processes that import torch (for `frames_table`) only to write a Parquet
+    file: tens of seconds per worker on a small machine, and one more copy of every video's frames
+    through the object store."""
+
+    def __init__(self, cfg, output):
+        from pipeline.guidance import GuidanceStage
+
+        self.guide = GuidanceStage(cfg)
+        self.write = FramesWriter(output)
+
+    def __call__(self, row: dict) -> dict:
+        return self.write(self.guide(row))
 
 
 def _write_answers(batch, output, run_id: str, supersede: bool):
@@ -137,7 +154,6 @@ def build_dataset(rows: list[dict], cfg: JobConfig, run_id: str, local_without_g
     from ray.data import ActorPoolStrategy
 
     from pipeline.answer import AnswerStage
-    from pipeline.guidance import GuidanceStage
 
     first_uri = rows[0][Col.VIDEO_URI]
     protocol = first_uri.split("://", 1)[0] if "://" in first_uri else "file"
@@ -151,13 +167,12 @@ def build_dataset(rows: list[dict], cfg: JobConfig, run_id: str, local_without_g
         max_retries=2,
     )
     ds = ds.map(
-        GuidanceStage,
-        fn_constructor_kwargs={"cfg": cfg.guidance},
+        _GuideThenWriteFrames,
+        fn_constructor_kwargs={"cfg": cfg.guidance, "output": cfg.output},
         compute=ActorPoolStrategy(size=cfg.guidance.concurrency),
         num_cpus=cfg.guidance.num_cpus,
         num_gpus=_gpus(cfg.guidance.num_gpus, cfg.guidance.device, local_without_gpu),
     )
-    ds = ds.map(_write_frames, fn_kwargs={"output": cfg.output}, num_cpus=0.1)
     ds = ds.map_batches(
         AnswerStage,
         fn_constructor_kwargs={"cfg": cfg.answer, "run_id": run_id},

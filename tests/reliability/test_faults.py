@@ -1,0 +1,200 @@
+"""Faults during a run, each ending with every input accounted for exactly once: worker and actor
+processes killed mid-run, the object-storage server restarted mid-run, and an output that cannot be
+written (the run fails, says so in its summary, and the rerun completes it)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+import time
+
+import pytest
+
+from pipeline.runner import run_job
+from pipeline.sink import OutputStore
+from tests.reliability.helpers import (
+    PROMPTS,
+    VIDEOS,
+    assert_exactly_once,
+    job,
+    kill,
+    my_ray_processes,
+    needs_videos,
+    rows_of,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.slow, needs_videos]
+
+CLIP = VIDEOS / "mpeg4_mp3.avi"  # 6.6 s, Apache-2.0
+
+
+class Background:
+    """run_job in a thread; `result()` re-raises its exception."""
+
+    def __init__(self, cfg):
+        self.value = self.error = None
+        self.thread = threading.Thread(target=self._run, args=(cfg,), daemon=True)
+        self.thread.start()
+
+    def _run(self, cfg):
+        try:
+            self.value = run_job(cfg)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            self.error = exc
+
+    def result(self, timeout_s: float = 300):
+        self.thread.join(timeout_s)
+        assert not self.thread.is_alive(), "run did not finish"
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def alive_actor(ray, class_part: str) -> tuple[str, int] | None:
+    """(actor id, pid) of the live Ray Data actor whose class name contains class_part."""
+    for actor_id, actor in ray._private.state.actors().items():
+        if class_part in actor["ActorClassName"] and actor["State"] == "ALIVE" and actor["Pid"]:
+            return actor_id, actor["Pid"]
+    return None
+
+
+def answers_files(out) -> list:
+    return [p for p in (out / "answers").glob("*.parquet")] if (out / "answers").is_dir() else []
+
+
+def test_worker_and_actors_killed_mid_run(tmp_path, ray_local):
+    videos = tmp_path / "in"
+    videos.mkdir()
+    ids = [f"clip{i}.avi" for i in range(8)]
+    for vid in ids:
+        shutil.copy(CLIP, videos / vid)
+    out = tmp_path / "out"
+    # longer answers, so answering is still going on when its actor dies
+    cfg = job(str(out), videos=f"{videos}/*.avi", answer={"max_new_tokens": 48}, run_id="kills")
+    run = Background(cfg)
+
+    # a decode worker in the middle of a task (its title names the task while it runs)
+    decode_pid = wait_until(lambda: my_ray_processes("ray::Map(_decode_row)"), 120, what="a decode task")[0]
+    assert kill(decode_pid)
+    # the guidance actor (which also writes frames) once it has written one video's frames
+    wait_until(lambda: list((out / "frames").glob("*.parquet")) if (out / "frames").is_dir() else [], 120,
+               what="the first frames file")
+    guide_id, guide_pid = alive_actor(ray_local, "_GuideThenWriteFrames")
+    assert kill(guide_pid)
+    # the Video-LLM actor once it has answered one video, with others still to answer
+    wait_until(lambda: answers_files(out), 120, what="the first answers file")
+    answer_id, answer_pid = alive_actor(ray_local, "AnswerStage")
+    written_at_kill = len(answers_files(out))
+    assert kill(answer_pid)
+    assert written_at_kill < len(ids), "the run finished before the answer actor was killed"
+
+    summary = run.result()
+
+    expected = {(v, p["question_id"]) for v in ids for p in PROMPTS}
+    rows = rows_of(cfg)
+    assert_exactly_once(rows, expected)
+    assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows if r["error"]]
+    assert (summary.processed, summary.ok, summary.errors, summary.status) == (16, 16, 0, "complete")
+    frames = OutputStore(cfg.output).read_frames()
+    keys = list(zip(frames.column("video_id").to_pylist(), frames.column("frame_index").to_pylist()))
+    assert len(keys) == len(set(keys)) and set(frames.column("video_id").to_pylist()) == set(ids)
+    # Ray restarted the killed actors (Ray Data's defaults: max_restarts=-1, max_task_retries=-1)
+    actors = ray_local._private.state.actors()
+    assert actors[guide_id]["NumRestarts"] >= 1 and actors[answer_id]["NumRestarts"] >= 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_moto(port: int):
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    return server
+
+
+def stop_moto(server) -> None:
+    server.stop()
+    server._server.server_close()  # stop() leaves the socket listening: clients would hang, not fail
+
+
+def test_object_storage_restarted_mid_run(s3_server, ray_local):
+    import s3fs
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = start_moto(port)  # moto keeps its state in this process: a restart keeps the objects
+    try:
+        storage = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+        fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": endpoint},
+                               skip_instance_cache=True)
+        bucket = "restart-test"
+        fs.mkdir(bucket)
+        ids = [f"clip{i}.avi" for i in range(6)]
+        for vid in ids:
+            fs.put_file(str(CLIP), f"{bucket}/in/{vid}")
+        cfg = job(f"s3://{bucket}/out", videos=f"s3://{bucket}/in/*.avi", storage=storage, run_id="restart")
+        run = Background(cfg)
+
+        # the server goes away while videos are being read, for longer than botocore's own retries
+        wait_until(lambda: my_ray_processes("ray::Map(_decode_row)"), 120, what="a decode task")
+        stop_moto(server)
+        down_at = time.monotonic()
+        time.sleep(8.0)
+        server = start_moto(port)
+        outage_s = time.monotonic() - down_at
+
+        summary = run.result()
+        rows = rows_of(cfg)
+    finally:
+        stop_moto(server)
+
+    assert_exactly_once(rows, {(v, p["question_id"]) for v in ids for p in PROMPTS})
+    assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows if r["error"]]
+    assert (summary.processed, summary.ok, summary.status) == (12, 12, "complete")
+    # some reads did wait out the outage (retried with backoff) instead of failing
+    slowest = max(r["decode_s"] for r in rows)
+    assert slowest > 4.0, f"no decode spanned the {outage_s:.1f} s outage (slowest {slowest:.1f} s)"
+
+
+def test_unwritable_output_fails_the_run_and_the_rerun_completes(tmp_path, ray_local):
+    videos = tmp_path / "in"
+    videos.mkdir()
+    for i in range(3):
+        shutil.copy(CLIP, videos / f"clip{i}.avi")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "answers").write_text("a file where the answers directory should be")  # every write fails
+    cfg = job(str(out), videos=f"{videos}/*.avi", run_id="blocked", output_opts={"write_retries": 1})
+
+    with pytest.raises(Exception, match="cannot write .*answers"):
+        run_job(cfg)
+
+    failed = json.loads((out / "runs" / "blocked.json").read_text())
+    assert failed["status"] == "failed" and "after 2 attempts" in failed["failure"]
+    assert failed["inputs"] == 6 and failed["processed"] < 6
+
+    (out / "answers").unlink()
+    summary = run_job(cfg)
+
+    expected = {(f"clip{i}.avi", p["question_id"]) for i in range(3) for p in PROMPTS}
+    assert_exactly_once(rows_of(cfg), expected)
+    assert (summary.skipped_done, summary.processed, summary.ok, summary.status) == (0, 6, 6, "complete")
+
+    # a scheduled rerun over the grown archive does only the new videos
+    for i in (3, 4):
+        shutil.copy(CLIP, videos / f"clip{i}.avi")
+    grown = job(str(out), videos=f"{videos}/*.avi", run_id="grown")
+    later = run_job(grown)
+    expected |= {(f"clip{i}.avi", p["question_id"]) for i in (3, 4) for p in PROMPTS}
+    rows = rows_of(grown)
+    assert_exactly_once(rows, expected)
+    assert (later.inputs, later.skipped_done, later.processed, later.ok) == (10, 6, 4, 4)
+    assert {r["video_id"] for r in rows if r["run_id"] == "grown"} == {"clip3.avi", "clip4.avi"}
