@@ -45,8 +45,8 @@ class AnswerStage:
     writes = ANSWER_COLUMNS
 
     def __init__(self, cfg: AnswerConfig, run_id: str):
+        from freemoref.config import GenerationOptions, MoRefConfig
         from freemoref.loading import load_video_llm
-        from freemoref.video_llm import GenerationOptions
 
         self.cfg = cfg
         self.run_id = run_id
@@ -68,19 +68,8 @@ class AnswerStage:
             seed=cfg.seed,
             stop_strings=list(cfg.stop_strings),
         )
-        self.moref = None
-        if cfg.moref.enabled:
-            from freemoref.config import MoRefConfig
-
-            o = cfg.moref
-            self.moref = MoRefConfig(
-                enabled=True,
-                temporal_units=o.temporal_units,
-                references=o.references,
-                fusion_layer=o.fusion_layer,
-                keep_ratio=o.keep_ratio,
-                granularity=o.granularity,
-            )
+        # The job config's MoRef options carry the library's field names one to one.
+        self.moref = MoRefConfig(**cfg.moref.model_dump()) if cfg.moref.enabled else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         out: dict[str, list] = {name: [] for name in ANSWER_COLUMNS}
