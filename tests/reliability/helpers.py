@@ -9,6 +9,7 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import time
 
 import av
@@ -254,3 +255,25 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.05, what: str 
             return value
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+# ------------------------------------------------------------------------ a restartable S3 server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_moto(port: int):
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    return server
+
+
+def stop_moto(server) -> None:
+    server.stop()
+    server._server.server_close()  # stop() leaves the socket listening: clients would hang, not fail

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import threading
-import time
 
 import pytest
 
@@ -18,11 +16,14 @@ from tests.reliability.helpers import (
     PROMPTS,
     VIDEOS,
     assert_exactly_once,
+    free_port,
     job,
     kill,
     my_ray_processes,
     needs_videos,
     rows_of,
+    start_moto,
+    stop_moto,
     wait_until,
 )
 
@@ -82,11 +83,15 @@ def test_worker_and_actors_killed_mid_run(tmp_path, ray_local):
     # the guidance actor (which also writes frames) once it has written one video's frames
     wait_until(lambda: list((out / "frames").glob("*.parquet")) if (out / "frames").is_dir() else [], 120,
                what="the first frames file")
-    guide_id, guide_pid = alive_actor(ray_local, "_GuideThenWriteFrames")
+    guide = alive_actor(ray_local, "_GuideThenWriteFrames")
+    assert guide, "the guidance actor was gone before it could be killed"
+    guide_id, guide_pid = guide
     assert kill(guide_pid)
     # the Video-LLM actor once it has answered one video, with others still to answer
     wait_until(lambda: answers_files(out), 120, what="the first answers file")
-    answer_id, answer_pid = alive_actor(ray_local, "AnswerStage")
+    answer = alive_actor(ray_local, "AnswerStage")
+    assert answer, "the answer actor was gone before it could be killed"
+    answer_id, answer_pid = answer
     written_at_kill = len(answers_files(out))
     assert kill(answer_pid)
     assert written_at_kill < len(ids), "the run finished before the answer actor was killed"
@@ -106,31 +111,26 @@ def test_worker_and_actors_killed_mid_run(tmp_path, ray_local):
     assert actors[guide_id]["NumRestarts"] >= 1 and actors[answer_id]["NumRestarts"] >= 1
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_moto(port: int):
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    return server
-
-
-def stop_moto(server) -> None:
-    server.stop()
-    server._server.server_close()  # stop() leaves the socket listening: clients would hang, not fail
-
-
-def test_object_storage_restarted_mid_run(s3_server, ray_local):
+def test_object_storage_restarted_mid_run(s3_server, ray_local, monkeypatch):
     import s3fs
+
+    from pipeline import runner
 
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    server = start_moto(port)  # moto keeps its state in this process: a restart keeps the objects
+    servers = [start_moto(port)]  # moto keeps its state in this process: a restart keeps the objects
+    outage_s = 8.0  # longer than botocore's own retries of a refused connection (about 5 s)
+    restart = threading.Timer(outage_s, lambda: servers.append(start_moto(port)))
+    build_dataset = runner.build_dataset
+
+    def build_then_outage(*args, **kwargs):
+        # the run has listed its inputs; the server goes away before any video is read
+        ds = build_dataset(*args, **kwargs)
+        stop_moto(servers[-1])
+        restart.start()
+        return ds
+
+    monkeypatch.setattr(runner, "build_dataset", build_then_outage)
     try:
         storage = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
         fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": endpoint},
@@ -141,27 +141,21 @@ def test_object_storage_restarted_mid_run(s3_server, ray_local):
         for vid in ids:
             fs.put_file(str(CLIP), f"{bucket}/in/{vid}")
         cfg = job(f"s3://{bucket}/out", videos=f"s3://{bucket}/in/*.avi", storage=storage, run_id="restart")
-        run = Background(cfg)
 
-        # the server goes away while videos are being read, for longer than botocore's own retries
-        wait_until(lambda: my_ray_processes("ray::Map(_decode_row)"), 120, what="a decode task")
-        stop_moto(server)
-        down_at = time.monotonic()
-        time.sleep(8.0)
-        server = start_moto(port)
-        outage_s = time.monotonic() - down_at
-
-        summary = run.result()
+        summary = run_job(cfg)
+        restart.join()
         rows = rows_of(cfg)
     finally:
-        stop_moto(server)
+        restart.cancel()
+        stop_moto(servers[-1])
 
+    assert len(servers) == 2, "the server was not restarted"
     assert_exactly_once(rows, {(v, p["question_id"]) for v in ids for p in PROMPTS})
     assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows if r["error"]]
     assert (summary.processed, summary.ok, summary.status) == (12, 12, "complete")
-    # some reads did wait out the outage (retried with backoff) instead of failing
+    # the reads waited the outage out (retried with backoff) instead of failing
     slowest = max(r["decode_s"] for r in rows)
-    assert slowest > 4.0, f"no decode spanned the {outage_s:.1f} s outage (slowest {slowest:.1f} s)"
+    assert slowest > outage_s / 2, f"no decode spanned the {outage_s} s outage (slowest {slowest:.1f} s)"
 
 
 def test_unwritable_output_fails_the_run_and_the_rerun_completes(tmp_path, ray_local):
@@ -187,14 +181,3 @@ def test_unwritable_output_fails_the_run_and_the_rerun_completes(tmp_path, ray_l
     expected = {(f"clip{i}.avi", p["question_id"]) for i in range(3) for p in PROMPTS}
     assert_exactly_once(rows_of(cfg), expected)
     assert (summary.skipped_done, summary.processed, summary.ok, summary.status) == (0, 6, 6, "complete")
-
-    # a scheduled rerun over the grown archive does only the new videos
-    for i in (3, 4):
-        shutil.copy(CLIP, videos / f"clip{i}.avi")
-    grown = job(str(out), videos=f"{videos}/*.avi", run_id="grown")
-    later = run_job(grown)
-    expected |= {(f"clip{i}.avi", p["question_id"]) for i in (3, 4) for p in PROMPTS}
-    rows = rows_of(grown)
-    assert_exactly_once(rows, expected)
-    assert (later.inputs, later.skipped_done, later.processed, later.ok) == (10, 6, 4, 4)
-    assert {r["video_id"] for r in rows if r["run_id"] == "grown"} == {"clip3.avi", "clip4.avi"}

@@ -18,8 +18,7 @@ from pipeline.config import DecodeConfig, OutputConfig
 from pipeline.decode import READ_FAILED, DecodeError, DecodeStage, decode_video
 from pipeline.schema import STATUS_ERROR, Col
 from pipeline.sink import OutputStore
-from tests.reliability.helpers import VIDEOS, needs_videos
-from tests.reliability.test_faults import free_port, start_moto, stop_moto
+from tests.reliability.helpers import VIDEOS, free_port, needs_videos, start_moto, stop_moto
 
 pytestmark = needs_videos
 
