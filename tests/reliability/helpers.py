@@ -19,9 +19,8 @@ import pytest
 from pipeline.config import JobConfig, parse_job_config
 from pipeline.sink import OutputStore
 
-VIDEOS = pathlib.Path(__file__).resolve().parents[3] / "shared" / "testdata" / "videos"
-if not VIDEOS.is_dir():
-    VIDEOS = pathlib.Path("/work/shared/testdata/videos")
+from tests.paths import SHARED_VIDEOS as VIDEOS
+
 needs_videos = pytest.mark.skipif(not VIDEOS.is_dir(), reason="shared test videos not present")
 
 NUM_FRAMES = 16  # candidate frames decoded per video
