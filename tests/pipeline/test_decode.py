@@ -37,6 +37,7 @@ from pipeline.decode import (
 from pipeline.schema import STATUS_ERROR, STATUS_OK, Col
 
 from tests.paths import SHARED_VIDEOS as VIDEOS
+from tests.media import make_audio_only
 
 pytestmark = pytest.mark.skipif(not VIDEOS.is_dir(), reason="shared test videos not present")
 
@@ -129,21 +130,6 @@ def make_video(
                 img[: size[1] // 3, : size[0] // 3] = (255, 0, 0)
             frame = av.VideoFrame.from_ndarray(img, format="rgb24")
             frame.pts, frame.time_base = pts, fractions.Fraction(1, 1000)
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-    return path
-
-
-def make_audio_only(path: pathlib.Path) -> pathlib.Path:
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("aac", rate=16000)
-        for i in range(20):
-            frame = av.AudioFrame.from_ndarray(
-                (np.sin(np.arange(1024) / 10.0) * 0.1).astype(np.float32)[None, :], format="fltp", layout="mono"
-            )
-            frame.sample_rate, frame.pts = 16000, i * 1024
             for packet in stream.encode(frame):
                 out.mux(packet)
         for packet in stream.encode(None):

@@ -4,7 +4,6 @@ videos plus synthetic and damaged files), row accounting, and process helpers fo
 from __future__ import annotations
 
 import collections
-import fractions
 import json
 import os
 import pathlib
@@ -20,6 +19,7 @@ from pipeline.config import JobConfig, parse_job_config
 from pipeline.sink import OutputStore
 
 from tests.paths import SHARED_VIDEOS as VIDEOS
+from tests.media import make_audio_only
 
 needs_videos = pytest.mark.skipif(not VIDEOS.is_dir(), reason="shared test videos not present")
 
@@ -114,20 +114,6 @@ def make_video(path: pathlib.Path, n: int, size=(64, 48), pix_fmt="yuv420p", rat
             img = np.full((size[1], size[0], 3), 16 + (i * 200) // max(1, n - 1), np.uint8)
             frame = av.VideoFrame.from_ndarray(img, format="rgb24")
             frame.pts = i
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-    return path
-
-
-def make_audio_only(path: pathlib.Path) -> pathlib.Path:
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("aac", rate=16000)
-        for i in range(20):
-            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-            frame.sample_rate, frame.pts = 16000, i * 1024
-            frame.time_base = fractions.Fraction(1, 16000)
             for packet in stream.encode(frame):
                 out.mux(packet)
         for packet in stream.encode(None):
