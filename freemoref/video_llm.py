@@ -100,7 +100,7 @@ class _FirstTokenTimer:
             self.first_token_at = time.perf_counter()
 
     def end(self):
-        pass
+        """Called by `generate` when it finishes; there is nothing to flush."""
 
 
 def _sync(device: torch.device) -> None:

@@ -46,6 +46,8 @@ below (`REASONS`).
 
 from __future__ import annotations
 
+import collections
+
 import contextlib
 import dataclasses
 import math
@@ -624,8 +626,7 @@ class PyAVBackend:
             first_ts = first_frame.dts if container.format.name == "avi" else first_frame.pts
             first_s = float(first_ts * tb) - start if first_ts is not None else 0.0
             if duration is None:
-                for _ in scan.packets(container, stream):
-                    pass
+                collections.deque(scan.packets(container, stream), maxlen=0)  # scan to the end for its timestamps
                 if scan.end_s is None:
                     raise DecodeError(NO_FRAMES, "no timestamps in the video stream")
                 duration = scan.end_s
@@ -913,7 +914,7 @@ def _media_end_s(file: str | BinaryIO, video_end_s: float, info: VideoInfo) -> f
                     stream_end = float((ts + (packet.duration or 0)) * packet.time_base) - info.start_s
                     end = max(end, stream_end)
         except av.FFmpegError:
-            pass
+            return end  # a damaged tail ends the scan; the last good timestamp stands
     return end
 
 

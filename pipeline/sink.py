@@ -24,6 +24,7 @@ renamed into place. A crash in between leaves the pairs absent, never twice: the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -102,10 +103,9 @@ class OutputStore:
                 time.sleep(wait)
 
     def _invalidate(self) -> None:
-        try:
+        # A cache that cannot be dropped is no reason to fail.
+        with contextlib.suppress(Exception):
             self.fs.invalidate_cache()
-        except Exception:  # noqa: BLE001 - a cache that cannot be dropped is no reason to fail
-            pass
 
     def write_table(self, table: pa.Table, *parts: str) -> str:
         final = self.path(*parts)
