@@ -201,7 +201,7 @@ class OutputConfig(_Strict):
 
 
 class RayConfig(_Strict):
-    address: str | None = None  # None: start a local Ray; "auto": join the running cluster
+    address: str | None = None  # None: $RAY_ADDRESS if set (ray job submit), else a local Ray
     num_cpus: int | None = Field(default=None, ge=1)  # local Ray only
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import os
 import time
 
 from pipeline.config import JobConfig
@@ -108,8 +109,10 @@ def _init_ray(cfg: JobConfig) -> bool:
 
     if ray.is_initialized():
         return cfg.ray.address is None
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, log_to_driver=True)
+    # Under `ray job submit` RAY_ADDRESS names the cluster the job runs on: join it.
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
         return False
     ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
     return True
