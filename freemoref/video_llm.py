@@ -222,8 +222,12 @@ class VideoLLM:
         references, positions = self.moref_references(parts.frame_tokens, resolved)
         stops = [s for s in generation.stop_strings if s]
 
+        # A stop string ends within the last len(stop) tokens (each token is at least one
+        # character), so only that tail is decoded at each step.
+        tail = max((len(s) for s in stops), default=0) + 1
+
         def hit_stop(tokens: list[int]) -> bool:
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            text = self.tokenizer.decode(tokens[-tail:], skip_special_tokens=True)
             return any(s in text for s in stops)
 
         out = moref_generate(

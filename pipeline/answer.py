@@ -104,21 +104,27 @@ class AnswerStage:
             for row in rows:
                 row["error"] = str(video.get(Col.ERROR) or "failed before the answer stage")
             return rows
+        selected = video.get(Col.SELECTED_POSITIONS)
+        per_question = [
+            np.arange(len(times)) if selected is None else np.asarray(selected[q], dtype=np.int64)
+            for q in range(len(rows))
+        ]
+        # The vision tower runs once per video, on the frames some question selected only.
+        used = np.unique(np.concatenate(per_question)) if per_question else np.arange(0)
         try:
-            frame_tokens = self.llm.encode_frames(np.asarray(frames))
+            frame_tokens = self.llm.encode_frames(np.asarray(frames)[used])
         except Exception as exc:  # a model failure for one video must not fail the job
             for row in rows:
                 row["error"] = _error_reason("vision_failed", exc)
             return rows
 
-        selected = video.get(Col.SELECTED_POSITIONS)
         roi_boxes = video.get(Col.ROI_BOXES)
         for q, row in enumerate(rows):
-            positions = np.arange(len(times)) if selected is None else np.asarray(selected[q], dtype=np.int64)
+            positions = per_question[q]
             roi = None if roi_boxes is None or len(roi_boxes) == 0 else [float(x) for x in roi_boxes[q]]
             try:
                 result = self.llm.answer(
-                    frame_tokens[positions],
+                    frame_tokens[np.searchsorted(used, positions)],
                     row["question"],
                     system_prompt=self.cfg.system_prompt,
                     generation=self.generation,

@@ -230,7 +230,11 @@ def _describe(errors: list[dict]) -> str:
         if err["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key")
         else:
-            lines.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+            value = err.get("input")
+            # Echo scalars only: a mapping may hold storage credentials, and so may these keys.
+            secret = any(str(p) in ("storage", "key", "secret", "token") for p in err["loc"])
+            shown = "" if secret or isinstance(value, (dict, list)) else f" (got {value!r})"
+            lines.append(f"{key}: {err['msg']}{shown}")
     return "; ".join(lines)
 
 
@@ -275,9 +279,10 @@ def _is_local(path: str) -> bool:
 
 
 def _resolve(path: str | None, base_dir: pathlib.Path) -> str | None:
-    if path is None or not _is_local(path) or pathlib.Path(path).is_absolute():
+    if path is None or not _is_local(path):
         return path
-    return str((base_dir / path).resolve())
+    expanded = pathlib.Path(path).expanduser()
+    return str(expanded if expanded.is_absolute() else (base_dir / expanded).resolve())
 
 
 def _resolve_paths(cfg: JobConfig, base_dir: pathlib.Path) -> JobConfig:

@@ -40,6 +40,7 @@ class RunSummary:
     ok: int = 0
     errors: int = 0
     errors_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
+    unmatched_questions: int = 0  # questions whose video_id matches no listed video (not inputs)
     elapsed_s: float = 0.0
     status: str = "complete"  # or "failed": the run stopped early; `failure` says why; rerun to resume
     failure: str | None = None
@@ -55,6 +56,8 @@ class RunSummary:
         ]
         for reason, count in sorted(self.errors_by_reason.items(), key=lambda kv: -kv[1]):
             lines.append(f"    {reason}: {count}")
+        if self.unmatched_questions:
+            lines.append(f"  questions naming no listed video (not run): {self.unmatched_questions}")
         lines.append(f"  output: {self.output}/answers and {self.output}/frames  ({self.elapsed_s:.1f} s)")
         if self.status != "complete":
             lines.append(f"  RUN FAILED after {self.processed} pairs (rerun to resume): {self.failure}")
@@ -81,6 +84,12 @@ def plan_work(cfg: JobConfig, store: OutputStore) -> tuple[list[dict], RunSummar
                 retry.add(pair)
             else:
                 done.add(pair)
+    listed = {v.video_id for v in videos}
+    unmatched = {vid: len(qs) for vid, qs in per_video.items() if vid not in listed}
+    summary.unmatched_questions = sum(unmatched.values())
+    if unmatched:
+        log.warning("%d questions name %d video_ids that match no listed video, e.g. %s",
+                    summary.unmatched_questions, len(unmatched), sorted(unmatched)[:3])
     rows = []
     for video in videos:
         questions = questions_for(video.video_id, per_video, prompts)
@@ -126,10 +135,13 @@ def _gpus(requested: float, device: str, local_without_gpu: bool) -> float:
     return requested
 
 
-def _decode_row(row: dict, cfg, storage_options: dict) -> dict:
+def _decode_row(row: dict, cfg, storage) -> dict:
     from pipeline.decode import DecodeStage
 
-    return DecodeStage(cfg, storage_options)(row)
+    # Options for this video's own protocol: an archive may mix local paths and object stores.
+    uri = row[Col.VIDEO_URI]
+    protocol = uri.split("://", 1)[0] if "://" in uri else "file"
+    return DecodeStage(cfg, storage.fsspec_options(protocol))(row)
 
 
 class _GuideThenWriteFrames:
@@ -158,14 +170,10 @@ def build_dataset(rows: list[dict], cfg: JobConfig, run_id: str, local_without_g
 
     from pipeline.answer import AnswerStage
 
-    first_uri = rows[0][Col.VIDEO_URI]
-    protocol = first_uri.split("://", 1)[0] if "://" in first_uri else "file"
-    storage_options = cfg.input.storage.fsspec_options(protocol)
-
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))  # one video per block
     ds = ds.map(
         _decode_row,
-        fn_kwargs={"cfg": cfg.decode, "storage_options": storage_options},
+        fn_kwargs={"cfg": cfg.decode, "storage": cfg.input.storage},
         num_cpus=cfg.decode.num_cpus,
         max_retries=2,
     )

@@ -94,7 +94,9 @@ def read_table(url: str, storage: StorageConfig, what: str) -> pa.Table:
             if suffix in (".jsonl", ".json", ".ndjson"):
                 return pa_json.read_json(f)
             if suffix == ".csv":
-                return pa_csv.read_csv(f)
+                # Ids are text: type inference would turn "0001" into 1 and lose the match.
+                as_text = {c: pa.string() for c in ("video_id", "question_id", "video_uri", "uri")}
+                return pa_csv.read_csv(f, convert_options=pa_csv.ConvertOptions(column_types=as_text))
     except FileNotFoundError:
         raise ConfigError(f"{what}: file not found: {url}") from None
     except pa.ArrowInvalid as exc:

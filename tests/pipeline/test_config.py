@@ -80,3 +80,20 @@ def test_credentials_are_not_in_repr():
 def test_shipped_job_configs_validate(path):
     cfg = load_job_config(path)
     assert cfg.output.path
+
+
+def test_errors_never_echo_credentials():
+    data = _with(input__manifest="m.csv", input__storage={"key": "AKIAEXAMPLEKEY", "secret": "hunter2-secret"})
+    with pytest.raises(ConfigError) as err:
+        parse_job_config(data)
+    assert "hunter2-secret" not in str(err.value) and "AKIAEXAMPLEKEY" not in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        parse_job_config(_with(output__storage={"secret": 123456789}))
+    assert "output.storage.secret" in str(err.value) and "123456789" not in str(err.value)
+
+
+def test_home_relative_paths_expand(tmp_path: pathlib.Path):
+    (tmp_path / "job.yaml").write_text("input: {videos: ~/clips/*.mp4}\nquestions: {prompts: [hi]}\noutput: {path: ~/out}\n")
+    cfg = load_job_config(tmp_path / "job.yaml")
+    home = pathlib.Path.home()
+    assert cfg.input.videos == [str(home / "clips/*.mp4")] and cfg.output.path == str(home / "out")

@@ -73,3 +73,11 @@ def test_duplicate_question_pairs_fail(tmp_path):
     (tmp_path / "q.csv").write_text("video_id,question_id,question\na,q1,x\na,q1,y\n")
     with pytest.raises(ConfigError, match="duplicate"):
         load_questions(QuestionsConfig(file=str(tmp_path / "q.csv")), StorageConfig())
+
+
+def test_csv_ids_stay_text(tmp_path):
+    (tmp_path / "q.csv").write_text("video_id,question_id,question\n0001,007,Who?\n")
+    per_video, _ = load_questions(QuestionsConfig(file=str(tmp_path / "q.csv")), StorageConfig())
+    assert list(per_video) == ["0001"] and per_video["0001"][0].question_id == "007"
+    (tmp_path / "m.csv").write_text("uri,video_id\n/v/a.mp4,0042\n")
+    assert list_videos(InputConfig(manifest=str(tmp_path / "m.csv")))[0].video_id == "0042"

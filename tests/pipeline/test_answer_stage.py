@@ -1,0 +1,55 @@
+"""The answer stage without Ray: one row per question, frames chosen per question, errors as rows."""
+
+import numpy as np
+
+from freemoref.config import GenerationOptions
+from pipeline.answer import AnswerStage
+from pipeline.config import AnswerConfig, MoRefOptions
+from pipeline.runner import plan_work
+from pipeline.schema import ANSWER_COLUMNS, Col
+from pipeline.sink import OutputStore
+
+
+def _video(frames, selected, status="ok", error=None):
+    t = len(frames)
+    return {
+        Col.VIDEO_ID: "v", Col.VIDEO_URI: "/v.mp4", Col.QUESTION_IDS: ["q0", "q1"],
+        Col.QUESTIONS: ["Who?", "Where?"], Col.STATUS: status, Col.ERROR: error, Col.FRAMES: frames,
+        Col.FRAME_TIMES_S: np.arange(t) * 0.5, Col.FRAME_INDICES: np.arange(t) * 15,
+        Col.SELECTED_POSITIONS: np.asarray(selected), Col.DECODE_S: 0.1, Col.GUIDANCE_S: 0.2,
+    }
+
+
+def test_each_question_sees_its_own_frames(tiny_model_dir):
+    cfg = AnswerConfig(model=tiny_model_dir["llava"], max_new_tokens=4, moref=MoRefOptions(enabled=False))
+    stage = AnswerStage(cfg, run_id="r")
+    frames = np.random.default_rng(0).integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
+    rows = stage.answer_video(_video(frames, [[0, 2, 4], [3, 4, 5]]))
+    assert [r["question_id"] for r in rows] == ["q0", "q1"] and set(rows[0]) == set(ANSWER_COLUMNS)
+    assert rows[1]["frame_times_s"] == [1.5, 2.0, 2.5] and rows[1]["frame_indices"] == [45, 60, 75]
+    # the same answer as encoding just that question's frames directly
+    llm = stage.llm
+    direct = llm.answer(llm.encode_frames(frames[[3, 4, 5]]), "Where?", system_prompt=cfg.system_prompt,
+                        generation=GenerationOptions(max_new_tokens=4))
+    assert rows[1]["answer"] == direct.text and rows[1]["status"] == "ok"
+    assert rows[0]["frames_decoded"] == 6 and rows[0]["decode_s"] == 0.1
+
+
+def test_upstream_errors_become_one_row_per_question(tiny_model_dir):
+    stage = AnswerStage(AnswerConfig(model=tiny_model_dir["llava"]), run_id="r")
+    empty = np.zeros((0, 32, 32, 3), np.uint8)
+    rows = stage.answer_video(_video(empty, np.zeros((2, 0), np.int64), status="error", error="truncated: cut"))
+    assert [(r["status"], r["error"], r["answer"]) for r in rows] == [("error", "truncated: cut", None)] * 2
+
+
+def test_questions_for_unlisted_videos_are_counted(tmp_path):
+    from pipeline.config import parse_job_config
+
+    (tmp_path / "a.mp4").write_bytes(b"x")
+    (tmp_path / "q.jsonl").write_text('{"video_id": "a.mp4", "question_id": "1", "question": "?"}\n'
+                                      '{"video_id": "gone.mp4", "question_id": "1", "question": "?"}\n')
+    cfg = parse_job_config({"input": {"videos": f"{tmp_path}/*.mp4"}, "questions": {"file": str(tmp_path / "q.jsonl")},
+                            "output": {"path": str(tmp_path / "out")}})
+    rows, summary = plan_work(cfg, OutputStore(cfg.output))
+    assert len(rows) == 1 and summary.inputs == 1 and summary.unmatched_questions == 1
+    assert "questions naming no listed video (not run): 1" in summary.render()
