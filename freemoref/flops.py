@@ -174,7 +174,8 @@ def answer_flops(model_config, *, frames: int, visual_tokens_per_frame: int, tex
     if not 0 <= fusion_layer <= text.layers:
         raise ValueError(f"fusion_layer must be in [0, {text.layers}], got {fusion_layer}")
     keep = 1.0 / references if keep_ratio is None else keep_ratio
-    rows = [f * visual_tokens_per_frame + extra_visual_tokens for f in split_counts(frames, references)]
+    rows = [f * visual_tokens_per_frame for f in split_counts(frames, references)]
+    rows[-1] += extra_visual_tokens  # onevision's one end-of-video newline joins one reference
     below = moref_rows_flops(text, system, max(rows), question, references, output_tokens, fusion_layer)
     fused_visual = sum(math.ceil(row * keep - 1e-9) for row in rows)  # 1e-9: 21 * (1/3) is 7
     above = single_sequence_flops(text, system + fused_visual + question, output_tokens,

@@ -63,13 +63,14 @@ def test_native_answer_flops_by_hand():
 
 
 def test_moref_answer_flops_by_hand():
-    # N=2 rows of 2 frames (33 tokens each), L=1, keep 0.5 -> 17 + 17 fused visual tokens
+    # N=2 rows of 2 frames (32 tokens, plus the one newline in one row: padded to 33), L=1,
+    # keep 0.5 -> 17 + 16 fused visual tokens
     system_pairs = 5 * 6 // 2
     row_pairs = 33 * 5 + 33 * 34 // 2 + 7 * (5 + 33) + 7 * 8 // 2
     below = (5 + 2 * 33 + 7) * LIN + (system_pairs + 2 * row_pairs) * PAIR  # system, question once
     below += 2 * LIN + 2 * (46 + 47) * PAIR  # two decode steps, each attending to both rows
-    fused = 5 + 34 + 7
-    above = 3 * ((fused * LIN + fused * (fused + 1) // 2 * PAIR) + (LIN + 47 * PAIR) + (LIN + 48 * PAIR))
+    fused = 5 + 33 + 7
+    above = 3 * ((fused * LIN + fused * (fused + 1) // 2 * PAIR) + (LIN + 46 * PAIR) + (LIN + 47 * PAIR))
     total, native = answer_flops(CONFIG, frames=4, visual_tokens_per_frame=16, text_tokens=12, output_tokens=3,
                                  references=2, fusion_layer=1, keep_ratio=0.5, prefix_tokens=5,
                                  extra_visual_tokens=1)
