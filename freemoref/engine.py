@@ -233,7 +233,8 @@ def next_token(logits, gen, generator=None) -> int:
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def _sync(device):
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work, so host timers measure it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -252,11 +253,11 @@ def moref_generate(lm, prefix_embeds, references, reference_positions, suffix_em
     gen = gen or GenerationOptions()
     device = prefix_embeds.device
     session = MoRefSession(lm, cfg, backend)
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     logits = session.prefill(prefix_embeds, references, reference_positions, suffix_embeds,
                              max_new_tokens=gen.max_new_tokens)
-    _sync(device)
+    synchronize(device)
     t1 = time.perf_counter()
     generator = None
     if gen.do_sample:
@@ -273,7 +274,7 @@ def moref_generate(lm, prefix_embeds, references, reference_positions, suffix_em
             break
         if i + 1 < gen.max_new_tokens:
             logits = session.step(tokens[-1])
-    _sync(device)
+    synchronize(device)
     return MoRefOutput(tokens, reason, t1 - t0, time.perf_counter() - t1, session.visual_tokens_native,
                        session.visual_tokens_used, session.prompt_tokens,
                        session.fusion.kept_per_reference if session.fusion is not None else [])

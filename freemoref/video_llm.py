@@ -18,7 +18,7 @@ import torch
 
 from freemoref import flops, layouts
 from freemoref.config import GenerationOptions
-from freemoref.engine import moref_generate
+from freemoref.engine import moref_generate, synchronize
 from freemoref.partition import partition_frames
 
 if TYPE_CHECKING:
@@ -101,11 +101,6 @@ class _FirstTokenTimer:
 
     def end(self):
         """Called by `generate` when it finishes; there is nothing to flush."""
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class VideoLLM:
@@ -270,12 +265,12 @@ class VideoLLM:
         with torch.random.fork_rng(devices=devices, enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            _sync(self.device)
+            synchronize(self.device)
             start = time.perf_counter()
             output = self.model.generate(
                 inputs_embeds=embeds, attention_mask=mask, generation_config=self.generation_config(generation),
                 streamer=timer, tokenizer=self.tokenizer if generation.stop_strings else None)
-            _sync(self.device)
+            synchronize(self.device)
             end = time.perf_counter()
         # Without input_ids, generate returns only the new tokens.
         first = timer.first_token_at if timer.first_token_at is not None else end

@@ -8,12 +8,11 @@ row: 'ok' with the answer and statistics, or 'error' with a reason.
 from __future__ import annotations
 
 import pathlib
-from typing import Any
 
 import numpy as np
 
 from pipeline.config import AnswerConfig
-from pipeline.schema import ANSWER_COLUMNS, STATUS_ERROR, STATUS_OK, Col, empty_answer_row
+from pipeline.schema import ANSWER_COLUMNS, STATUS_ERROR, STATUS_OK, Col, as_list, empty_answer_row
 
 
 def model_label(model: str) -> str:
@@ -24,14 +23,6 @@ def model_label(model: str) -> str:
 
 def _error_reason(prefix: str, exc: BaseException) -> str:
     return f"{prefix}: {type(exc).__name__}: {exc}"[:500]
-
-
-def _as_list(value: Any) -> list:
-    if value is None:
-        return []
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return list(value)
 
 
 class AnswerStage:
@@ -80,8 +71,8 @@ class AnswerStage:
         return out
 
     def answer_video(self, video: dict) -> list[dict]:
-        question_ids = [str(q) for q in _as_list(video[Col.QUESTION_IDS])]
-        questions = [str(q) for q in _as_list(video[Col.QUESTIONS])]
+        question_ids = [str(q) for q in as_list(video[Col.QUESTION_IDS])]
+        questions = [str(q) for q in as_list(video[Col.QUESTIONS])]
         frames = video.get(Col.FRAMES)
         times = np.asarray(video.get(Col.FRAME_TIMES_S, []), dtype=np.float64)
         indices = np.asarray(video.get(Col.FRAME_INDICES, []), dtype=np.int64)

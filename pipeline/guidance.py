@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from pipeline.clip_models import ClipBundle, load_clip
 from pipeline.config import GuidanceConfig
-from pipeline.schema import STATUS_ERROR, STATUS_OK, Col, frames_schema
+from freemoref.loading import resolve_device
+from pipeline.schema import STATUS_ERROR, STATUS_OK, Col, as_list, frames_schema
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ class FrameEncoder:
     def encode_text(self, questions: Sequence[str]) -> np.ndarray:
         """Text embeddings (Q, D) float32, L2-normalised. The raw question is the prompt;
         the tokenizer truncates it to the text encoder's context (EOT kept last)."""
-        texts = [_bounded_words(str(q), 4 * self.context_length) for q in _as_list(questions)]
+        texts = [_bounded_words(str(q), 4 * self.context_length) for q in as_list(questions)]
         out = [np.zeros((0, self.embed_dim), np.float32)]
         with torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
@@ -198,17 +199,6 @@ def _as_frames(frames: Any) -> np.ndarray:
     if frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8, got {frames.dtype}")
     return frames
-
-
-def _as_list(values: Any) -> list:
-    """Ray hands list columns over as numpy object arrays (or None for an empty list)."""
-    if values is None:
-        return []
-    if isinstance(values, np.ndarray):
-        return values.tolist()
-    if isinstance(values, str):
-        return [values]
-    return list(values)
 
 
 def _bounded_words(text: str, max_words: int) -> str:
@@ -324,14 +314,6 @@ def question_roi_boxes(patch_scores: np.ndarray, positions: np.ndarray, ratio: f
 # The stage
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("guidance.device is 'cuda' but no CUDA device is visible to this worker")
-    return torch.device(device)
-
-
 class GuidanceStage:
     """Ray actor body: one row per video in, the same row with guidance columns out.
 
@@ -373,7 +355,7 @@ class GuidanceStage:
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         out = dict(row)
-        num_questions = len(_as_list(row.get(Col.QUESTIONS)))
+        num_questions = len(as_list(row.get(Col.QUESTIONS)))
         out.update(self._empty_outputs(num_questions))
         if row.get(Col.STATUS) != STATUS_OK:
             return out
@@ -390,7 +372,7 @@ class GuidanceStage:
 
     def _guide(self, row: dict[str, Any]) -> dict[str, Any]:
         frames = _as_frames(row[Col.FRAMES])
-        questions = [str(q) for q in _as_list(row.get(Col.QUESTIONS))]
+        questions = [str(q) for q in as_list(row.get(Col.QUESTIONS))]
         num_frames, num_questions = len(frames), len(questions)
         uses_text = self.cfg.selection != "uniform" or self.roi_ratio is not None
         need_text = uses_text and num_questions > 0 and num_frames > 0

@@ -6,6 +6,7 @@ The `Col` names are the per-video row columns the Ray stages read and write.
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 STATUS_OK = "ok"
@@ -98,3 +99,14 @@ FRAME_COLUMNS = ("video_id", "frame_index", "time_s", "embedding", "clip_model")
 def empty_answer_row() -> dict:
     """An answers row with every column present and null, for stages to fill in."""
     return {name: None for name in ANSWER_COLUMNS}
+
+
+def as_list(values) -> list:
+    """A list column's value as a list: Ray hands them over as numpy object arrays, or None when empty."""
+    if values is None:
+        return []
+    if isinstance(values, np.ndarray):
+        return values.tolist()
+    if isinstance(values, str):
+        return [values]
+    return list(values)
