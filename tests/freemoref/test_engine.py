@@ -1,31 +1,10 @@
 import pytest
 import torch
-from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
-from freemoref.config import MoRefConfig, ResolvedMoRef
-from freemoref.config import GenerationOptions
+from freemoref.config import GenerationOptions, MoRefConfig, ResolvedMoRef
 from freemoref.engine import MoRefSession, moref_generate, moref_prefill_logits, split_lm
-from freemoref.partition import partition_frames
-
-TEXT = dict(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=128, vocab_size=300, initializer_range=0.2)
-
-
-def tiny_qwen(seed=0):
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(Qwen2Config(**TEXT)).eval()
-
-
-def video_prompt(model, frames=8, tokens_per_frame=3, references=3, units=4, seed=1):
-    """prefix (4, D), references and their global positions as `partition_frames` splits them, suffix (5, D)."""
-    torch.manual_seed(seed)
-    emb = model.get_input_embeddings()
-    with torch.no_grad():
-        prefix, suffix = emb(torch.randint(0, 300, (4,))), emb(torch.randint(0, 300, (5,)))
-        video = emb(torch.randint(0, 300, (frames * tokens_per_frame,)))
-    parts = partition_frames(frames, units, references)
-    pos = [torch.tensor([f * tokens_per_frame + j for f in p for j in range(tokens_per_frame)]) for p in parts]
-    return prefix, [video[p] for p in pos], pos, suffix, video
+from tests.freemoref.moref_inputs import TEXT, tiny_qwen, video_prompt
 
 
 @torch.no_grad()

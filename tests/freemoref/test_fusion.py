@@ -2,14 +2,13 @@ import math
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from freemoref.attention import MoRefContext
 from freemoref.config import ResolvedMoRef
 from freemoref.engine import MoRefSession
 from freemoref.fusion import keep_counts, merge, select_visual_tokens, visual_importance
-from freemoref.partition import partition_frames
+from tests.freemoref.moref_inputs import tiny_qwen, video_prompt
 
 
 def test_keep_counts():
@@ -49,29 +48,12 @@ def test_importance_is_mean_attention_over_question_and_heads():
     torch.testing.assert_close(imp.sum(1), torch.ones(2))
 
 
-def tiny_qwen(layers=6):
-    torch.manual_seed(0)
-    cfg = Qwen2Config(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=128, vocab_size=300, initializer_range=0.2)
-    return Qwen2ForCausalLM(cfg).eval()
-
-
-def video_prompt(model, frames=10, tokens_per_frame=3, references=3, units=4):
-    """Embeddings of a prompt whose frames are split as `partition_frames` does."""
-    torch.manual_seed(1)
-    emb = model.get_input_embeddings()
-    with torch.no_grad():
-        prefix, suffix = emb(torch.randint(0, 300, (4,))), emb(torch.randint(0, 300, (5,)))
-        video = emb(torch.randint(0, 300, (frames * tokens_per_frame,)))
-    parts = partition_frames(frames, units, references)
-    pos = [torch.tensor([f * tokens_per_frame + j for f in p for j in range(tokens_per_frame)]) for p in parts]
-    return prefix, [video[p] for p in pos], pos, suffix
 
 
 @pytest.mark.parametrize("keep,granularity", [(None, "chunk"), (0.5, "head"), (0.8, "token")])
 def test_engine_fusion_counts_order_and_layer_L_scores(keep, granularity):
     model = tiny_qwen()
-    prefix, refs, pos, suffix = video_prompt(model)  # references of 4, 3, 3 frames -> 12, 9, 9 tokens
+    prefix, refs, pos, suffix, _ = video_prompt(model, frames=10)  # references of 4, 3, 3 frames -> 12, 9, 9 tokens
     n, layer_l = len(refs), 2
     cfg = ResolvedMoRef(n, 4, layer_l, keep if keep is not None else 1 / n, granularity)
     session = MoRefSession(model, cfg)
