@@ -162,8 +162,11 @@ class OutputStore:
         self._invalidate()
         if not self.fs.exists(base):
             return []
+        # With a prefix, list only the matching names: on an object store that is one prefix
+        # listing per video instead of the whole folder. Prefixes are video keys: no glob magic.
+        candidates = self.fs.glob(f"{base}/{prefix}*.parquet") if prefix else self.fs.find(base)
         return sorted(
-            p for p in self.fs.find(base)
+            p for p in candidates
             if p.endswith(".parquet") and p.rsplit("/", 1)[-1].startswith(prefix)
             and not p.rsplit("/", 1)[-1].startswith(("_", "."))
         )
