@@ -57,6 +57,14 @@ def _project(layer, h, cos, sin):
     return _rope(q, cos, sin), _rope(k, cos, sin), v
 
 
+def _rotated(layer, h, cos, sin, proj: str):
+    """One projection ("q_proj" or "k_proj") of a layer's normed input, with rotary applied; for
+    fusion scoring, which needs only the question's queries and the visual tokens' keys."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)
+    return _rope(getattr(attn, proj)(x).view(*x.shape[:-1], -1, attn.head_dim).transpose(1, 2), cos, sin)
+
+
 def _finish(layer, h, o):
     """Rest of the layer after attention: o (B, T, H, Dh) -> next hidden states (B, T, D)."""
     h = h + layer.self_attn.o_proj(o.flatten(2))
@@ -157,8 +165,8 @@ class MoRefSession:
             importance = vis_mask.float()  # everything is kept, no need to score
         else:
             layer = layers[self.L]
-            q_q, _, _ = _project(layer, h_q[:, :s], *cs(slice(p + lv, p + lv + s)))
-            _, k_v, _ = _project(layer, h_vis, *cs(sl_v))
+            q_q = _rotated(layer, h_q[:, :s], *cs(slice(p + lv, p + lv + s)), "q_proj")
+            k_v = _rotated(layer, h_vis, *cs(sl_v), "k_proj")
             importance = visual_importance(q_q, k_v, layer.self_attn.scaling, vis_mask)
         keep = 1.0 if n == 1 else self.cfg.keep_ratio
         self.fusion: Fusion = select_visual_tokens(importance, vis_mask, gpos, keep)
