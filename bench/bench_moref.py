@@ -42,7 +42,8 @@ from transformers import LlavaOnevisionConfig, Qwen2Config, Qwen2ForCausalLM, Si
 
 from freemoref import flops, layouts  # noqa: E402
 from freemoref.config import MoRefConfig, ResolvedMoRef  # noqa: E402
-from freemoref.engine import Decoding, moref_generate  # noqa: E402
+from freemoref.config import GenerationOptions  # noqa: E402
+from freemoref.engine import moref_generate  # noqa: E402
 from freemoref.partition import partition_frames  # noqa: E402
 
 GIB = 2**30
@@ -216,7 +217,7 @@ def engine_run(lm, prompt: Prompt, cfg: ResolvedMoRef, new_tokens: int):
         refs, pos = [prompt.video], [torch.arange(prompt.video.shape[0], device=prompt.video.device)]
     else:
         refs, pos = prompt.references(cfg.temporal_units, cfg.references)
-    out = moref_generate(lm, prompt.prefix, refs, pos, prompt.suffix, cfg, gen=Decoding(max_new_tokens=new_tokens),
+    out = moref_generate(lm, prompt.prefix, refs, pos, prompt.suffix, cfg, gen=GenerationOptions(max_new_tokens=new_tokens),
                          eos_token_ids=())
     return out.prefill_s, out.generate_s, out
 
