@@ -61,3 +61,20 @@ def ray_local():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_onevision_dir(tmp_path_factory):
+    """A tiny random LlavaOnevision checkpoint (onevision token layout), built once per session.
+    Imported lazily: the CUDA tests run where only torch and transformers exist."""
+    from freemoref.tiny import build_tiny_llava_onevision
+
+    return build_tiny_llava_onevision(tmp_path_factory.mktemp("tiny_onevision"), layout="onevision", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_vid_dir(tmp_path_factory):
+    """The same, with the llava_vid token layout."""
+    from freemoref.tiny import build_tiny_llava_onevision
+
+    return build_tiny_llava_onevision(tmp_path_factory.mktemp("tiny_llava_vid"), layout="llava_vid", seed=0)

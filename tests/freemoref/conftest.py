@@ -1,19 +1,7 @@
-"""Tiny real checkpoints, built once per test session (a few seconds) and shared."""
+"""Loaded tiny models and frames for the freemoref tests (the checkpoints come from tests/conftest.py)."""
 
 import numpy as np
 import pytest
-
-from freemoref.tiny import build_tiny_llava_onevision
-
-
-@pytest.fixture(scope="session")
-def tiny_onevision_dir(tmp_path_factory):
-    return build_tiny_llava_onevision(tmp_path_factory.mktemp("tiny_onevision"), layout="onevision", seed=0)
-
-
-@pytest.fixture(scope="session")
-def tiny_llava_vid_dir(tmp_path_factory):
-    return build_tiny_llava_onevision(tmp_path_factory.mktemp("tiny_llava_vid"), layout="llava_vid", seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -31,18 +31,6 @@ def exact_fp32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-@pytest.fixture(scope="session")
-def tiny_llava_vid_dir(tmp_path_factory):
-    from freemoref.tiny import build_tiny_llava_onevision
-
-    return build_tiny_llava_onevision(tmp_path_factory.mktemp("tiny_llava_vid"), layout="llava_vid", seed=0)
-
-
-@pytest.fixture(scope="session")
-def tiny_onevision_dir(tmp_path_factory):
-    from freemoref.tiny import build_tiny_llava_onevision
-
-    return build_tiny_llava_onevision(tmp_path_factory.mktemp("tiny_onevision"), layout="onevision", seed=0)
 
 
 @pytest.fixture

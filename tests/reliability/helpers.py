@@ -4,6 +4,7 @@ videos plus synthetic and damaged files), row accounting, and process helpers fo
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import pathlib
@@ -224,11 +225,10 @@ def process_group(pgid: int) -> list[int]:
     out = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            try:
+            # a process may exit (or be out of reach) between listing and asking
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 if os.getpgid(int(entry)) == pgid:
                     out.append(int(entry))
-            except (ProcessLookupError, PermissionError):
-                pass
     return out
 
 
