@@ -26,12 +26,27 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from freemoref.config import GRANULARITIES
 
 BACKENDS = ("sdpa", "eager", "flash")
+
+# SDPA kernels the engine allows, in this order. Not cuDNN: it builds a plan for every new shape
+# (about 2.5 s each on an H200), so every question of a new length would pay it; the flash and
+# memory-efficient kernels are exact and need no warm-up.
+ENGINE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+# Elements of float32 score matrix `question_attention` holds at once (1 GiB); larger batches of
+# questions are split, so no full float32 score map of all rows and questions is ever built.
+SCORE_BUDGET = 2**28
+
+
+def engine_sdpa():
+    """Context restricting SDPA to `ENGINE_SDPA_BACKENDS`."""
+    return sdpa_kernel(ENGINE_SDPA_BACKENDS, set_priority=True)
 
 
 def backend_for(attn_implementation: str | None) -> str:
@@ -94,6 +109,64 @@ def attend(query, key, value, mask, scaling: float, backend: str = "sdpa") -> to
     return o.transpose(1, 2)
 
 
+def questions_per_call(rows: int, heads: int, queries: int, keys: int) -> int:
+    """How many questions one `question_attention` call may take within SCORE_BUDGET."""
+    return max(1, SCORE_BUDGET // max(rows * heads * queries * keys, 1))
+
+
+def causal_attention(query, key, value, scaling: float, backend: str = "sdpa") -> torch.Tensor:
+    """Causal self-attention over whole rows (queries = keys = slots 0..T-1), GQA without copying
+    K/V. query (B, H, T, D), key/value (B, Hkv, T, D) -> (B, T, H, D).
+
+    Rows may be right-padded with no mask: padded slots come after every real slot of their row,
+    so causality already hides them from real queries (padded queries get an output nobody reads).
+    That keeps SDPA on its flash / memory-efficient kernels, which a dense mask rules out."""
+    if backend != "sdpa":
+        return attend(query, key, value, None, scaling, backend)
+    o = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+    return o.transpose(1, 2)
+
+
+def question_attention(q, rows_k, rows_v, rows_real, own_k, own_v, own_real, q_slots, scaling: float,
+                       vis: slice | None = None, gate=None) -> torch.Tensor:
+    """Attention of B questions' tokens over R shared rows and over their own earlier tokens.
+
+    q (B, H, M, D): queries of the tokens at own slots `q_slots` (M,). rows_k/v (R, Hkv, T0, D),
+    rows_real (R, T0): the rows every question shares (system prompt + one reference's visual
+    tokens each; cached once per video). own_k/v (B, Hkv, Tk, D), own_real (B, Tk): each question's
+    own tokens (its text, then generated ones), causal by slot. The rows' K/V are never copied per
+    question: all questions' queries meet a row's keys in one matmul per KV head.
+
+    R = 1 is plain attention. R > 1 is MoRef attention below the fusion layer: each row's output,
+    then the mix O = sum_i w_i O_i with w = gate(m), m (R, B, H, M) the max over row i's visual
+    keys (slots `vis`) of the softmax over those keys (DESIGN.md section 3). Returns (B, M, H, D).
+    It holds R * B * H * M * (T0 + Tk) float32 scores: callers split B by `questions_per_call`."""
+    b, h, mq, d = q.shape
+    r, hkv, t0, _ = rows_k.shape
+    rep, x = h // hkv, (h // hkv) * mq
+    qg = q.reshape(b, hkv, x, d)  # query heads sharing a KV head fold onto the query axis
+    # (R, B, Hkv, X, T0) scores of every row for every question, one matmul per KV head.
+    s_rows = torch.matmul(qg.transpose(0, 1).reshape(hkv, b * x, d)[None], rows_k.transpose(2, 3))
+    s_rows = s_rows.float().mul_(scaling).view(r, hkv, b, x, t0).transpose(1, 2)
+    s_rows = s_rows.masked_fill(~rows_real[:, None, None, None, :], float("-inf"))
+    s_own = torch.matmul(qg, own_k.transpose(2, 3)).float().mul_(scaling)  # (B, Hkv, X, Tk)
+    tk = own_k.shape[2]
+    own_mask = own_real[:, None, :] & (torch.arange(tk, device=q.device)[None, None] <= q_slots[None, :, None])
+    s_own = s_own.masked_fill(~own_mask[:, None, None].expand(b, 1, rep, mq, tk).reshape(b, 1, x, tk), float("-inf"))
+    top = torch.maximum(s_rows.amax(-1), s_own.amax(-1)[None])[..., None]  # (R, B, Hkv, X, 1)
+    e_rows, e_own = (s_rows - top).exp_(), (s_own[None] - top).exp_()
+    z = e_rows.sum(-1, keepdim=True) + e_own.sum(-1, keepdim=True)
+    o = torch.matmul(e_rows.transpose(1, 2).reshape(r, hkv, b * x, t0).to(rows_v.dtype), rows_v)
+    o = o.view(r, hkv, b, x, d).transpose(1, 2).float()
+    o = (o + torch.matmul(e_own.to(own_v.dtype), own_v[None]).float()) / z  # (R, B, Hkv, X, D)
+    o = o.reshape(r, b, h, mq, d)
+    if gate is not None and r > 1:
+        sv = s_rows[..., vis]
+        m = (sv.amax(-1) - sv.logsumexp(-1)).exp().reshape(r, b, h, mq)
+        o = (gate(m)[..., None] * o).sum(0, keepdim=True)
+    return o[0].to(q.dtype).transpose(1, 2)
+
+
 def _flash_attend(query, key, value, key_real, scaling, varlen=None) -> torch.Tensor:
     """flash-attn on the unpadded rows: each row packed to its real tokens (positions are already in
     the rotary q/k), causal with bottom-right alignment, which is right because the queries are the
@@ -146,21 +219,35 @@ def gate_weights(q_ques, k_vis, scaling: float, granularity: str = "chunk", vis_
 
 
 def _gate(m, granularity: str, block: int, carry):
-    """Per-token weights (N, H or 1, T) from per-token maxima m (N, H, T), and the running max.
+    """`gate_mix_weights` for one question: m (N, H, T) -> weights (N, H or 1, T), running max."""
+    w, running = gate_mix_weights(m[:, None], granularity, torch.tensor([block], device=m.device),
+                                  None if carry is None else carry[:, None], torch.tensor([m.shape[-1]], device=m.device))
+    return w[:, 0], None if running is None else running[:, 0]
 
-    The first `block` tokens (the prompt's question) share one max; later tokens (generated) take a
-    running max that includes the block and `carry` (the running max of earlier calls)."""
+
+def gate_mix_weights(m, granularity: str, block, carry, real_len):
+    """Per-token gate weights for B questions at once, and each question's running max.
+
+    m (N, B, H, T): max visual attention of every reference, question and query token.
+    block (B,): leading tokens forming each question's prompt block (one shared max); later
+    tokens (generated) take a running max that includes the block and `carry` (N, B, H', 1), the
+    running max of earlier calls. real_len (B,): real tokens per question; tokens past it are
+    padding, which only follows real tokens, so a left-to-right running max never sees it.
+    Returns (N, B, H or 1, T) weights summing to 1 over N, and the running max at each question's
+    last real token (N, B, H', 1), None for "token" granularity (no state)."""
     if granularity == "token":
         return m / m.sum(0), None
     if granularity == "chunk":
-        m = m.amax(1, keepdim=True)
-    if block > 0:
-        head = m[..., :block].amax(-1, keepdim=True).expand(-1, -1, min(block, m.shape[-1]))
-        m = torch.cat([head, m[..., block:]], -1)
+        m = m.amax(2, keepdim=True)
+    t = torch.arange(m.shape[-1], device=m.device)
+    in_block = t[None] < block[:, None]  # (B, T)
+    head = m.masked_fill(~in_block[None, :, None], 0.0).amax(-1, keepdim=True)  # maxima are > 0
+    m = torch.where(in_block[None, :, None], head, m)
     if carry is not None:
         m = torch.maximum(m, carry)
     m = m.cummax(-1).values
-    return m / m.sum(0), m[..., -1:]
+    last = (real_len - 1).clamp(min=0).view(1, -1, 1, 1).expand(m.shape[0], -1, m.shape[2], 1)
+    return m / m.sum(0), m.gather(-1, last)
 
 
 @dataclass

@@ -1,21 +1,26 @@
 """Free-MoRef prefill and decoding on an HF decoder (Qwen2-style layers), driven layer by layer:
-the batch changes from N rows to one sequence at the fusion layer, which the HF forward cannot do.
+the batch changes from N rows to one sequence per question at the fusion layer L, which the HF
+forward cannot do. Native inference (one reference, N = 1) runs through the same code.
 
-Layout. Row i is [prefix | reference i's visual tokens, right-padded to the longest | question].
-Padded slots are masked keys. The slot index is the position, so every row shares positions
-0..l-1 and the question starts at the same position in all rows (a shorter reference leaves a gap
-of at most a few tokens between its visual tokens and the question; RoPE only sees distances).
+A video's questions share its work, in two phases:
 
-Computed once, not N times:
-- the prefix (system prompt) runs with batch 1 through layers < L (it attends only to itself);
-  its K/V is copied into every row's cache;
-- question and generated tokens are identical across rows (the gate mixes their attention outputs
-  identically), so their norms, q/k/v projections, o_proj and MLP run with batch 1; only their
-  attention runs per row (the queries broadcast over the rows' caches, which differ);
-- from layer L on there is a single fused sequence.
-Only the visual tokens run N rows wide through the projections and MLP below L.
+1. `MoRefEngine.encode_video`, once per video and frame selection. Row i is [system prompt |
+   reference i's visual tokens, right-padded to the longest]; the N rows run batch N through the
+   layers below L (all layers when nothing is fused: native, or L = num_layers) with causal flash
+   attention, and their K/V is cached. Attention is causal, so nothing here depends on a question.
+2. `QuestionBatch`, per batch of questions. Each question's tokens run through the layers below L
+   attending to the cached rows and to their own tokens, gated (`question_attention`); at L each
+   question keeps its own top visual tokens (fusion) and [system | kept visual | question] runs
+   through the layers from L on, batch B, right-padded; decoding steps all B questions together.
 
-Caches are static per-layer buffers sized for the prompt plus max_new_tokens (as in gpt-fast).
+Every row shares positions 0..T0-1 (T0 = system + longest reference) and every question starts at
+slot T0, so a shorter reference leaves a gap of a few slots before the question (RoPE only sees
+distances). Questions of different lengths are right-padded; a question's generated tokens follow
+its own last token in position, whatever slot holds them, so a question answers exactly as alone.
+
+Right padding needs no attention mask in the causal passes: padded slots come after every real
+slot of their row. Masks appear only where queries are few (question tokens, decoding).
+Caches are static buffers sized for the prompt plus max_new_tokens (as in gpt-fast).
 """
 
 from __future__ import annotations
@@ -25,9 +30,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from freemoref.attention import MoRefContext, attend, backend_for, moref_attention
+from freemoref.attention import (backend_for, causal_attention, engine_sdpa, gate_mix_weights, attend,
+                                 question_attention, questions_per_call)
 from freemoref.config import GenerationOptions, ResolvedMoRef
-from freemoref.fusion import Fusion, keep_counts, merge, select_visual_tokens, visual_importance
+from freemoref.fusion import Fusion, keep_counts, select_visual_tokens, visual_importance
+
+# Tokens per MLP call in the long passes: the MLP's intermediate activations (3 x 18944 wide in
+# Qwen2-7B) of a whole 93k-token batch of rows would take ~10 GiB; chunks bound that.
+MLP_CHUNK_TOKENS = 16384
+
+# Default budget of tokens in one batch of questions through the layers from L on (their fused
+# sequences together); larger question sets are answered in several batches.
+MAX_BATCH_TOKENS = 131072
 
 
 def split_lm(lm):
@@ -47,14 +61,14 @@ def _rope(x, cos, sin):
 
 def _project(layer, h, cos, sin):
     """Pre-norm, q/k/v projections and rotary of a decoder layer: h (B, T, D) ->
-    q (B, H, T, Dh), k and v (B, Hkv, T, Dh)."""
+    q (B, H, T, Dh), k and v (B, Hkv, T, Dh), contiguous (they are cached)."""
     attn = layer.self_attn
     x = layer.input_layernorm(h)
     shape = (*x.shape[:-1], -1, attn.head_dim)
     q = attn.q_proj(x).view(shape).transpose(1, 2)
     k = attn.k_proj(x).view(shape).transpose(1, 2)
     v = attn.v_proj(x).view(shape).transpose(1, 2)
-    return _rope(q, cos, sin), _rope(k, cos, sin), v
+    return _rope(q, cos, sin), _rope(k, cos, sin).contiguous(), v.contiguous()
 
 
 def _rotated(layer, h, cos, sin, proj: str):
@@ -66,158 +80,309 @@ def _rotated(layer, h, cos, sin, proj: str):
 
 
 def _finish(layer, h, o):
-    """Rest of the layer after attention: o (B, T, H, Dh) -> next hidden states (B, T, D)."""
+    """Rest of the layer after attention: o (B, T, H, Dh) -> next hidden states (B, T, D). The MLP
+    runs in chunks of MLP_CHUNK_TOKENS tokens, in place, so long batches never hold it whole."""
     h = h + layer.self_attn.o_proj(o.flatten(2))
-    return h + layer.mlp(layer.post_attention_layernorm(h))
+    flat = h.view(-1, h.shape[-1])
+    for i in range(0, flat.shape[0], MLP_CHUNK_TOKENS):
+        part = flat[i : i + MLP_CHUNK_TOKENS]
+        part += layer.mlp(layer.post_attention_layernorm(part))
+    return h
 
 
-class MoRefSession:
-    """One prompt's Free-MoRef state: `prefill` once, then `step` one token at a time.
+@dataclass
+class KVCache:
+    """One layer's keys and values, (B, Hkv, T, Dh) each."""
 
-    After `prefill`: `fusion` (kept tokens, None when nothing is fused), `visual_tokens_native`
-    (sum of l_i), `visual_tokens_used` (visual tokens the layers from L on see), `prompt_tokens`
-    (prefix + native visual + suffix: what the native model would read).
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def holding(cls, k, v, slots: int) -> "KVCache":
+        """A cache of `slots` slots whose first slots hold k, v."""
+        cache = cls(k.new_empty(*k.shape[:2], slots, k.shape[3]), v.new_empty(*v.shape[:2], slots, v.shape[3]))
+        cache.k[:, :, : k.shape[2]], cache.v[:, :, : v.shape[2]] = k, v
+        return cache
+
+    def write(self, slot: int, k, v) -> None:
+        """Store one token's k, v (B, Hkv, 1, Dh) at `slot`."""
+        self.k[:, :, slot], self.v[:, :, slot] = k[:, :, 0], v[:, :, 0]
+
+
+@dataclass
+class VideoRows:
+    """A video's shared work (`MoRefEngine.encode_video`), reused by all its questions.
+
+    rows: N; prefix_len: p (system prompt); vis_len: lv (longest reference); the rows' slots are
+    [0, p) system, [p, p + lv) visual. shared_layers: layers whose row K/V is in `kv` (L, or every
+    layer when nothing is fused). fused: whether layers from L on run on fused sequences; then
+    h_prefix (1, p, D) and h_vis (N, lv, D) are the rows' hidden states entering layer L, and
+    k_vis_fusion (N, Hkv, lv, Dh) layer L's keys of the visual tokens (None when fusion keeps every
+    token and needs no scores).
     """
 
-    def __init__(self, lm, cfg: ResolvedMoRef, backend: str | None = None, fixed_weights=None):
+    rows: int
+    prefix_len: int
+    vis_len: int
+    lengths: list[int]
+    vis_mask: torch.Tensor  # (N, lv) True at real visual slots
+    positions: torch.Tensor  # (N, lv) global position in the un-partitioned visual sequence, -1 at padding
+    rows_real: torch.Tensor  # (N, p + lv) True at real slots
+    shared_layers: int
+    fused: bool
+    kv: list[KVCache]
+    h_prefix: torch.Tensor | None = None
+    h_vis: torch.Tensor | None = None
+    k_vis_fusion: torch.Tensor | None = None
+    seconds: float = 0.0
+
+    @property
+    def slots(self) -> int:
+        return self.prefix_len + self.vis_len
+
+
+class MoRefEngine:
+    """A decoder, its resolved MoRef settings and attention backend.
+
+    fixed_weights (N,): gate weights used instead of the computed ones (ablations, tests).
+    max_batch_tokens: budget of fused tokens per batch of questions (`generate_answers`)."""
+
+    def __init__(self, lm, cfg: ResolvedMoRef, backend: str | None = None, fixed_weights=None,
+                 max_batch_tokens: int = MAX_BATCH_TOKENS):
         self.decoder, self.lm_head = split_lm(lm)
         self.layers = list(self.decoder.layers)
         self.cfg = cfg
         self.backend = backend or backend_for(getattr(self.decoder.config, "_attn_implementation", None))
         self.fixed_weights = fixed_weights
+        self.max_batch_tokens = max_batch_tokens
+        # N = 1 is plain attention: nothing gated or fused. L >= num_layers gates every layer.
+        self.fusion_layer = min(cfg.fusion_layer, len(self.layers)) if cfg.references > 1 else len(self.layers)
 
-    def _cos_sin(self, like, length):
-        return self.decoder.rotary_emb(like, torch.arange(length, device=like.device)[None])
+    def cos_sin(self, like, positions):
+        """Rotary tables for positions (B, T) or (T,) -> cos, sin (B or 1, T, Dh)."""
+        positions = positions if positions.dim() == 2 else positions[None]
+        return self.decoder.rotary_emb(like, positions)
 
-    def _logits(self, h):
-        return self.lm_head(self.decoder.norm(h[:, -1:])).float()[0, -1]  # last token only: vocab is large
+    def logits(self, h):
+        """Logits (B, vocab) of hidden states (B, D): the vocabulary is large, so last tokens only."""
+        return self.lm_head(self.decoder.norm(h)).float()
 
     @torch.no_grad()
-    def prefill(self, prefix, references, positions, suffix, extra=None, max_new_tokens: int = 0):
-        """Last-token logits (vocab,) of [prefix | references | suffix | extra].
-
-        prefix (P, D), suffix (S, D): embeddings shared by all rows (suffix = question + assistant
-        prompt); references: N tensors (l_i, D); positions: N long tensors (l_i,), each token's
-        global position in the un-partitioned visual sequence (fixes the order after fusion).
-        extra (E, D): tokens already generated (for recomputing a decode from scratch): they are
-        question tokens, gated with a running max, and not used for fusion importance, exactly as
-        in `step`. max_new_tokens: cache room for `step`.
-        """
+    def encode_video(self, prefix, references, positions) -> VideoRows:
+        """Phase 1: prefix (P, D) and N references (l_i, D) with their global positions (l_i,)."""
         n = len(references)
         if n != self.cfg.references:
             raise ValueError(f"got {n} references, the resolved config expects {self.cfg.references}")
-        if suffix.shape[0] < 1:
-            raise ValueError("the suffix (question) must hold at least one token")
-        d, layers = prefix.shape[-1], self.layers
         lengths = [r.shape[0] for r in references]
         if min(lengths) < 1:
             raise ValueError("every reference needs at least one visual token")
-        p, s, lv = prefix.shape[0], suffix.shape[0], max(lengths)
-        ques = torch.cat([suffix, extra if extra is not None else suffix[:0]])[None]  # (1, Q, D)
-        nq = ques.shape[1]
-        vis = prefix.new_zeros(n, lv, d)
-        vis_mask = torch.zeros(n, lv, dtype=torch.bool, device=prefix.device)
-        gpos = torch.full((n, lv), -1, dtype=torch.long, device=prefix.device)
+        start = time.perf_counter()
+        p, lv, d, device = prefix.shape[0], max(lengths), prefix.shape[-1], prefix.device
+        h = prefix.new_zeros(n, p + lv, d)
+        h[:, :p] = prefix
+        vis_mask = torch.zeros(n, lv, dtype=torch.bool, device=device)
+        gpos = torch.full((n, lv), -1, dtype=torch.long, device=device)
         for i, (r, pos) in enumerate(zip(references, positions)):
-            vis[i, : r.shape[0]], vis_mask[i, : r.shape[0]], gpos[i, : r.shape[0]] = r, True, pos
-        # N = 1 is plain attention: one sequence from layer 0, nothing gated or dropped.
-        self.L = min(self.cfg.fusion_layer, len(layers)) if n > 1 else 0
-        self.visual_tokens_native = sum(lengths)
-        self.prompt_tokens = p + sum(lengths) + s
-        h_pre, h_vis, h_q = prefix[None], vis, ques
+            h[i, p : p + r.shape[0]], vis_mask[i, : r.shape[0]], gpos[i, : r.shape[0]] = r, True, pos
+        rows_real = torch.cat([vis_mask.new_ones(n, p), vis_mask], 1)
+        shared = self.fusion_layer
+        cos, sin = self.cos_sin(prefix, torch.arange(p + lv, device=device))
+        kv = []
+        with engine_sdpa():
+            for layer in self.layers[:shared]:  # (N, p + lv, D) -> same; causal, no mask
+                q, k, v = _project(layer, h, cos, sin)
+                h = _finish(layer, h, causal_attention(q, k, v, layer.self_attn.scaling, self.backend))
+                kv.append(KVCache(k, v))
+        video = VideoRows(n, p, lv, lengths, vis_mask, gpos, rows_real, shared, shared < len(self.layers), kv)
+        if video.fused:
+            video.h_prefix, video.h_vis = h[:1, :p], h[:, p:]
+            if keep_counts(lengths, self.cfg.keep_ratio) != lengths:
+                video.k_vis_fusion = _rotated(self.layers[shared], video.h_vis, cos[:, p:], sin[:, p:], "k_proj")
+        video.seconds = time.perf_counter() - start
+        return video
 
-        # Layers < L: N rows, MoRef attention. Rows cache slots: [prefix | visual | question | new].
-        t = p + lv + nq
-        self.n, self.len_r = n, t
-        self.cos_r, self.sin_r = self._cos_sin(prefix, t + max_new_tokens)
-        self.key_real = torch.ones(n, t + max_new_tokens, dtype=torch.bool, device=prefix.device)
-        self.key_real[:, p : p + lv] = vis_mask
-        self.ctx = MoRefContext(vis_start=p, vis_mask=vis_mask, ques_start=p + lv, fusion_layer=self.L,
-                                granularity=self.cfg.granularity, gate_block=s, backend=self.backend,
-                                fixed_weights=self.fixed_weights)
-        self.kv_rows = []
-        mask = (torch.ones(lv + nq, t, dtype=torch.bool, device=prefix.device).tril(p)[None, None]
-                & self.key_real[:, None, None, :t])
-        sl_p, sl_v, sl_q = slice(0, p), slice(p, p + lv), slice(p + lv, t)
-        cs = lambda sl: (self.cos_r[:, sl], self.sin_r[:, sl])  # noqa: E731
-        for layer in layers[: self.L]:
-            attn = layer.self_attn
-            q_v, k_v, v_v = _project(layer, h_vis, *cs(sl_v))
-            q_q, k_q, v_q = _project(layer, h_q, *cs(sl_q))
-            K = k_v.new_empty(n, k_v.shape[1], t + max_new_tokens, k_v.shape[3])
-            V = torch.empty_like(K)
-            K[:, :, sl_v], V[:, :, sl_v], K[:, :, sl_q], V[:, :, sl_q] = k_v, v_v, k_q, v_q
-            if p:
-                q_p, k_p, v_p = _project(layer, h_pre, *cs(sl_p))
-                K[:, :, sl_p], V[:, :, sl_p] = k_p, v_p
-                h_pre = _finish(layer, h_pre, attend(q_p, k_p, v_p, None, attn.scaling, self.backend))
-            query = torch.cat([q_v, q_q.expand(n, -1, -1, -1)], 2)
-            o, _ = moref_attention(attn, query, K[:, :, :t], V[:, :, :t], mask, attn.scaling, moref=self.ctx)
-            h_vis, h_q = _finish(layer, h_vis, o[:, :lv]), _finish(layer, h_q, o[:1, lv:])
-            self.kv_rows.append((K, V))
+    def start(self, video: VideoRows, questions, blocks=None, max_new_tokens: int = 0) -> "QuestionBatch":
+        """Phase 2's prefill for B questions (each (q_b, D), identical across rows); blocks[b]: how
+        many leading tokens form the prompt's question (default all; later tokens count as
+        generated ones, for recomputing a decode from scratch). Returns the prefilled batch."""
+        return QuestionBatch(self, video, questions, blocks, max_new_tokens)
 
-        if self.L == len(layers):  # gated every layer, nothing fused
-            self.fusion, self.visual_tokens_used = None, sum(lengths)
-            return self._logits(h_q)
 
-        # Fusion at layer L, from layer L's queries (prompt question) and keys (visual tokens).
-        if keep_counts(lengths, self.cfg.keep_ratio) == lengths or n == 1:
-            importance = vis_mask.float()  # everything is kept, no need to score
+class QuestionBatch:
+    """B questions of one video: prefilled at construction (`logits`, (B, vocab)), then `step`.
+
+    After prefill: `fusions` (one `Fusion` per question, None when nothing is fused),
+    `visual_tokens_used` (visual tokens the layers from L on see, per question)."""
+
+    def __init__(self, engine: MoRefEngine, video: VideoRows, questions, blocks, max_new_tokens: int):
+        if not questions:
+            raise ValueError("no questions")
+        if min(q.shape[0] for q in questions) < 1:
+            raise ValueError("the suffix (question) must hold at least one token")
+        self.engine, self.video = engine, video
+        device, cfg = questions[0].device, engine.cfg
+        b, qm, d = len(questions), max(q.shape[0] for q in questions), questions[0].shape[-1]
+        self.size, self.qmax, self.max_new, self.generated = b, qm, max_new_tokens, 0
+        self.q_len = torch.tensor([q.shape[0] for q in questions], device=device)
+        blocks = self.q_len if blocks is None else torch.tensor(list(blocks), device=device)
+        h = questions[0].new_zeros(b, qm, d)
+        for i, q in enumerate(questions):
+            h[i, : q.shape[0]] = q
+        # Own slots: [question, right-padded to qm | generated]; real ones marked.
+        self.own_real = torch.zeros(b, qm + max_new_tokens, dtype=torch.bool, device=device)
+        self.own_real[:, :qm] = torch.arange(qm, device=device)[None] < self.q_len[:, None]
+        self.running: dict[int, torch.Tensor] = {}  # layer -> gate running max (N, B, H', 1)
+        self.own_kv: list[KVCache] = []
+        slots = torch.arange(qm, device=device)
+        cos, sin = engine.cos_sin(h, video.slots + slots)
+        with engine_sdpa():
+            for li, layer in enumerate(engine.layers[: video.shared_layers]):
+                q, k, v = _project(layer, h, cos, sin)
+                cache = KVCache.holding(k, v, qm + max_new_tokens)
+                self.own_kv.append(cache)
+                o = self._attend(li, q, cache, qm, slots, blocks, self.q_len)
+                h = _finish(layer, h, o)
+            last = torch.arange(b, device=device)
+            if not video.fused:
+                self.fusions, self.visual_tokens_used = [None] * b, [sum(video.lengths)] * b
+                self.logits = engine.logits(h[last, self.q_len - 1])
+                return
+            self.fusions = self._fuse(h, blocks, cos, sin)
+            self.visual_tokens_used = [len(f.rows) for f in self.fusions]
+            kept, p = len(self.fusions[0].rows), video.prefix_len
+            tf = p + kept + qm  # fused slots: [system | kept visual | question, right-padded]
+            fused = h.new_empty(b, tf, d)
+            fused[:, :p] = video.h_prefix
+            for i, f in enumerate(self.fusions):
+                fused[i, p : p + kept] = video.h_vis[f.rows, f.slots]
+            fused[:, p + kept :] = h
+            self.fused_len = p + kept + self.q_len  # (B,) real fused tokens per question
+            self.fused_slots = tf
+            self.fused_real = torch.zeros(b, tf + max_new_tokens, dtype=torch.bool, device=device)
+            self.fused_real[:, :tf] = torch.arange(tf, device=device)[None] < self.fused_len[:, None]
+            cos, sin = engine.cos_sin(h, torch.arange(tf, device=device))
+            self.fused_kv: list[KVCache] = []
+            for layer in engine.layers[video.shared_layers :]:
+                q, k, v = _project(layer, fused, cos, sin)
+                self.fused_kv.append(KVCache.holding(k, v, tf + max_new_tokens))
+                fused = _finish(layer, fused, causal_attention(q, k, v, layer.self_attn.scaling, engine.backend))
+            self.logits = engine.logits(fused[last, self.fused_len - 1])
+
+    def _attend(self, li: int, q, cache: KVCache, filled: int, slots, blocks, real_len):
+        """`question_attention` of the queries q (B, H, M, D) at own slots `slots`, over the rows'
+        layer-li cache and the first `filled` own slots; gated below L for N > 1. Split over
+        questions to stay within the score budget; the gate's running max is kept per question."""
+        video, engine = self.video, self.engine
+        rows = video.kv[li]
+        b, h, m, _ = q.shape
+        step = questions_per_call(video.rows, h, m, video.slots + filled)
+        gated = video.rows > 1
+        vis = slice(video.prefix_len, video.slots)
+        out = []
+        for i in range(0, b, step):
+            part = slice(i, i + step)
+
+            def gate(scores, part=part):
+                if engine.fixed_weights is not None:
+                    return engine.fixed_weights.to(scores.device, torch.float32).view(-1, 1, 1, 1)
+                carry = self.running.get(li)
+                w, running = gate_mix_weights(scores, engine.cfg.granularity, blocks[part],
+                                              None if carry is None else carry[:, part], real_len[part])
+                if running is not None:
+                    if li not in self.running:
+                        self.running[li] = running.new_empty(running.shape[0], b, *running.shape[2:])
+                    self.running[li][:, part] = running
+                return w
+
+            out.append(question_attention(
+                q[part], rows.k, rows.v, video.rows_real, cache.k[part, :, :filled], cache.v[part, :, :filled],
+                self.own_real[part, :filled], slots, engine.layers[li].self_attn.scaling, vis,
+                gate if gated else None))
+        return torch.cat(out)
+
+    def _fuse(self, h, blocks, cos, sin) -> list[Fusion]:
+        """Each question's fusion at layer L, scored by its prompt question's queries (blocks[b]
+        leading tokens) on the rows' visual keys."""
+        video, engine = self.video, self.engine
+        keep = engine.cfg.keep_ratio
+        if video.k_vis_fusion is None:  # everything is kept, no need to score
+            importance = [video.vis_mask.float()] * self.size
         else:
-            layer = layers[self.L]
-            q_q = _rotated(layer, h_q[:, :s], *cs(slice(p + lv, p + lv + s)), "q_proj")
-            k_v = _rotated(layer, h_vis, *cs(sl_v), "k_proj")
-            importance = visual_importance(q_q, k_v, layer.self_attn.scaling, vis_mask)
-        keep = 1.0 if n == 1 else self.cfg.keep_ratio
-        self.fusion: Fusion = select_visual_tokens(importance, vis_mask, gpos, keep)
-        self.visual_tokens_used = len(self.fusion.rows)
-        h = merge(h_pre, h_vis, h_q, self.fusion)
-
-        # Layers >= L: one sequence with fresh positions 0..l'-1.
-        tf = h.shape[1]
-        self.len_f = tf
-        self.cos_f, self.sin_f = self._cos_sin(prefix, tf + max_new_tokens)
-        self.kv_fused = []
-        for layer in layers[self.L :]:
-            q, k, v = _project(layer, h, self.cos_f[:, :tf], self.sin_f[:, :tf])
-            K = k.new_empty(1, k.shape[1], tf + max_new_tokens, k.shape[3])
-            V = torch.empty_like(K)
-            K[:, :, :tf], V[:, :, :tf] = k, v
-            h = _finish(layer, h, attend(q, k, v, None, layer.self_attn.scaling, self.backend))
-            self.kv_fused.append((K, V))
-        return self._logits(h)
+            layer = engine.layers[video.shared_layers]
+            q = _rotated(layer, h, cos, sin, "q_proj")
+            importance = [visual_importance(q[i : i + 1, :, : int(blocks[i])], video.k_vis_fusion,
+                                            layer.self_attn.scaling, video.vis_mask) for i in range(self.size)]
+        return [select_visual_tokens(imp, video.vis_mask, video.positions, keep) for imp in importance]
 
     @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one generated token per question (B,); return the next logits (B, vocab)."""
+        if self.generated >= self.max_new:
+            raise RuntimeError("the cache is full: pass a larger max_new_tokens to prefill")
+        engine, video, t = self.engine, self.video, self.generated
+        h = engine.decoder.get_input_embeddings()(tokens.view(-1, 1).to(self.own_real.device))
+        slot = self.qmax + t
+        self.own_real[:, slot] = True
+        ones = torch.ones_like(self.q_len)
+        with engine_sdpa():
+            cos, sin = engine.cos_sin(h, (video.slots + self.q_len + t)[:, None])
+            slots = torch.full((1,), slot, device=h.device)
+            for li, (layer, cache) in enumerate(zip(engine.layers[: video.shared_layers], self.own_kv)):
+                q, k, v = _project(layer, h, cos, sin)
+                cache.write(slot, k, v)
+                h = _finish(layer, h, self._attend(li, q, cache, slot + 1, slots, ones * 0, ones))
+            if video.fused:
+                slot = self.fused_slots + t
+                self.fused_real[:, slot] = True
+                mask = self.fused_real[:, None, None, : slot + 1]
+                cos, sin = engine.cos_sin(h, (self.fused_len + t)[:, None])
+                for layer, cache in zip(engine.layers[video.shared_layers :], self.fused_kv):
+                    q, k, v = _project(layer, h, cos, sin)
+                    cache.write(slot, k, v)
+                    o = attend(q, cache.k[:, :, : slot + 1], cache.v[:, :, : slot + 1], mask,
+                               layer.self_attn.scaling, engine.backend)
+                    h = _finish(layer, h, o)
+        self.generated += 1
+        return engine.logits(h[:, -1])
+
+
+class MoRefSession:
+    """One prompt: `prefill` once, then `step` one token at a time (a batch of one question).
+
+    After `prefill`: `fusion` (kept tokens, None when nothing is fused), `visual_tokens_native`
+    (sum of l_i), `visual_tokens_used`, `prompt_tokens` (prefix + native visual + suffix: what the
+    native model would read)."""
+
+    def __init__(self, lm, cfg: ResolvedMoRef, backend: str | None = None, fixed_weights=None):
+        self.engine = MoRefEngine(lm, cfg, backend, fixed_weights)
+
+    @torch.no_grad()
+    def prefill(self, prefix, references, positions, suffix, extra=None, max_new_tokens: int = 0):
+        """Last-token logits (vocab,) of [prefix | references | suffix | extra]. extra (E, D):
+        tokens already generated (to recompute a decode from scratch): question tokens gated with
+        a running max and left out of fusion scoring, exactly as in `step`."""
+        video = self.engine.encode_video(prefix, references, positions)
+        question = suffix if extra is None else torch.cat([suffix, extra])
+        self.batch = self.engine.start(video, [question], [suffix.shape[0]], max_new_tokens)
+        self.fusion = self.batch.fusions[0]
+        self.visual_tokens_native = sum(video.lengths)
+        self.visual_tokens_used = self.batch.visual_tokens_used[0]
+        self.prompt_tokens = prefix.shape[0] + sum(video.lengths) + suffix.shape[0]
+        return self.batch.logits[0]
+
     def step(self, token: int):
         """Append one generated token; return the next logits (vocab,)."""
-        if self.len_r >= self.key_real.shape[1]:
-            raise RuntimeError("the cache is full: pass a larger max_new_tokens to prefill")
-        h = self.decoder.get_input_embeddings()(torch.tensor([[token]], device=self.key_real.device))
-        t = self.len_r
-        for layer, (K, V) in zip(self.layers[: self.L], self.kv_rows):
-            # Batch 1 through the projections; per-row attention over each row's cache.
-            q, k, v = _project(layer, h, self.cos_r[:, t : t + 1], self.sin_r[:, t : t + 1])
-            K[:, :, t], V[:, :, t] = k[:, :, 0], v[:, :, 0]
-            mask = self.key_real[:, None, None, : t + 1]
-            o, _ = moref_attention(layer.self_attn, q.expand(self.n, -1, -1, -1), K[:, :, : t + 1],
-                                   V[:, :, : t + 1], mask, layer.self_attn.scaling, moref=self.ctx)
-            h = _finish(layer, h, o[:1])
-        self.len_r += 1
-        if self.L < len(self.layers):
-            tf = self.len_f
-            for layer, (K, V) in zip(self.layers[self.L :], self.kv_fused):
-                q, k, v = _project(layer, h, self.cos_f[:, tf : tf + 1], self.sin_f[:, tf : tf + 1])
-                K[:, :, tf], V[:, :, tf] = k[:, :, 0], v[:, :, 0]
-                o = attend(q, K[:, :, : tf + 1], V[:, :, : tf + 1], None, layer.self_attn.scaling, self.backend)
-                h = _finish(layer, h, o)
-            self.len_f += 1
-        return self._logits(h)
+        return self.batch.step(torch.tensor([token]))[0]
 
 
 @dataclass
 class MoRefOutput:
     """Generated token ids (the EOS that ended it included, as HF generate), why it stopped
-    ("eos" | "stop" | "length"), seconds, and token counts."""
+    ("eos" | "stop" | "length"), seconds attributed to this question, and token counts.
+
+    prefill_s: the video's shared prefill divided among the questions that shared it, plus this
+    question's share of its batch's prefill; generate_s: its share of its batch's decoding.
+    shared_with: how many questions shared the video's prefill (1 = not shared)."""
 
     tokens: list[int]
     finish_reason: str
@@ -227,24 +392,125 @@ class MoRefOutput:
     visual_tokens_used: int
     prompt_tokens: int
     kept_per_reference: list[int] = field(default_factory=list)
+    shared_with: int = 1
 
 
-def next_token(logits, gen, generator=None) -> int:
-    """Greedy, or sampling with temperature and nucleus (top_p)."""
+def next_tokens(logits, gen, generator=None) -> torch.Tensor:
+    """(B,) next tokens of logits (B, vocab): greedy, or sampling with temperature and nucleus
+    (top_p). Stays on the device: no host sync."""
     if not gen.do_sample:
-        return int(logits.argmax())
+        return logits.argmax(-1)
     probs = (logits.float() / gen.temperature).softmax(-1)
     if gen.top_p < 1.0:
-        sorted_p, idx = probs.sort(descending=True)
+        sorted_p, idx = probs.sort(-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p >= gen.top_p  # mass before a token already reaches top_p
         probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 def synchronize(device: torch.device) -> None:
     """Wait for queued CUDA work, so host timers measure it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# Decoding checks on the host for finished questions (and stop strings) every this many tokens:
+# each check is a device sync, and tokens past a question's end are simply discarded.
+CHECK_EVERY = 8
+
+
+def _decode(batch: QuestionBatch, gen: GenerationOptions, eos_token_ids, stop_checker):
+    """Decode all questions of a batch together. Returns [(tokens, finish_reason)] per question."""
+    logits, b, limit = batch.logits, batch.size, gen.max_new_tokens
+    device = logits.device
+    generator = None
+    if gen.do_sample:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(gen.seed) if gen.seed is not None else generator.seed()
+    eos = torch.tensor(sorted(set(eos_token_ids or ())), dtype=torch.long, device=device)
+    out = torch.zeros(b, limit, dtype=torch.long, device=device)
+    none = limit + 1
+    eos_at = torch.full((b,), none, dtype=torch.long, device=device)  # tokens up to the EOS, or `none`
+    ends: list[int | None] = [None] * b  # from stop strings, found on the host
+    checked = 0
+    for i in range(limit):
+        token = next_tokens(logits, gen, generator)
+        out[:, i] = token
+        if eos.numel():
+            eos_at = torch.where(torch.isin(token, eos) & (eos_at == none), i + 1, eos_at)
+        if (i + 1) % CHECK_EVERY == 0 or i + 1 == limit:
+            eos_host, tokens_host = eos_at.tolist(), out[:, : i + 1].tolist()
+            for j in range(b):
+                if stop_checker is None or ends[j] is not None:
+                    continue
+                for n in range(checked + 1, min(i + 1, eos_host[j]) + 1):  # a stop before the EOS
+                    if stop_checker(tokens_host[j][:n]):
+                        ends[j] = n
+                        break
+            checked = i + 1
+            if all(e is not None or a != none for e, a in zip(ends, eos_host)):
+                break
+        if i + 1 < limit:
+            logits = batch.step(token)
+    eos_host, tokens_host = eos_at.tolist(), out.tolist()
+    results = []
+    for j in range(b):
+        if ends[j] is not None:
+            results.append((tokens_host[j][: ends[j]], "stop"))
+        elif eos_host[j] != none:
+            results.append((tokens_host[j][: eos_host[j]], "eos"))
+        else:
+            results.append((tokens_host[j], "length"))
+    return results
+
+
+def question_batches(lengths: list[int], fixed_tokens: int, max_batch_tokens: int) -> list[list[int]]:
+    """Split questions (their token counts) into batches whose padded fused sequences,
+    (fixed_tokens + longest question) each, total at most max_batch_tokens (at least one per batch).
+    Questions are taken longest first, so similar lengths share a batch and padding stays small."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * (fixed_tokens + lengths[batches[-1][0]]) <= max_batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def generate_answers(engine: MoRefEngine, prefix, references, positions, suffixes, gen=None, eos_token_ids=(),
+                     stop_checker=None) -> list[MoRefOutput]:
+    """Answer several questions of one video, sharing its prefill: phase 1 once, then the questions
+    in batches within `engine.max_batch_tokens`, each prefilled and decoded together. suffixes: each
+    question's embeddings (q_b, D); other inputs as in `MoRefEngine.encode_video`. Outputs in the
+    order of `suffixes`."""
+    gen = gen or GenerationOptions()
+    device = prefix.device
+    synchronize(device)
+    t0 = time.perf_counter()
+    video = engine.encode_video(prefix, references, positions)
+    synchronize(device)
+    shared_s = time.perf_counter() - t0
+    per_row = video.prefix_len + (sum(keep_counts(video.lengths, engine.cfg.keep_ratio)) if video.fused
+                                  else video.vis_len)
+    outputs: list[MoRefOutput | None] = [None] * len(suffixes)
+    native = sum(video.lengths)
+    for batch_ids in question_batches([s.shape[0] for s in suffixes], per_row, engine.max_batch_tokens):
+        t1 = time.perf_counter()
+        batch = engine.start(video, [suffixes[i] for i in batch_ids], max_new_tokens=gen.max_new_tokens)
+        synchronize(device)
+        t2 = time.perf_counter()
+        decoded = _decode(batch, gen, eos_token_ids, stop_checker)
+        synchronize(device)
+        t3 = time.perf_counter()
+        for j, i in enumerate(batch_ids):
+            tokens, reason = decoded[j]
+            fusion = batch.fusions[j]
+            outputs[i] = MoRefOutput(
+                tokens, reason, shared_s / len(suffixes) + (t2 - t1) / len(batch_ids), (t3 - t2) / len(batch_ids),
+                native, batch.visual_tokens_used[j], prefix.shape[0] + native + suffixes[i].shape[0],
+                fusion.kept_per_reference if fusion is not None else [], len(suffixes))
+    return outputs
 
 
 def moref_prefill_logits(lm, prefix_embeds, references, reference_positions, suffix_embeds, cfg: ResolvedMoRef,
@@ -258,31 +524,6 @@ def moref_generate(lm, prefix_embeds, references, reference_positions, suffix_em
                    gen=None, eos_token_ids=(), stop_checker=None, backend: str | None = None) -> MoRefOutput:
     """Free-MoRef prefill, then decode until EOS, `stop_checker(tokens) -> True` (e.g. stop strings
     on the decoded text) or gen.max_new_tokens. Inputs as in `MoRefSession.prefill`."""
-    gen = gen or GenerationOptions()
-    device = prefix_embeds.device
-    session = MoRefSession(lm, cfg, backend)
-    synchronize(device)
-    t0 = time.perf_counter()
-    logits = session.prefill(prefix_embeds, references, reference_positions, suffix_embeds,
-                             max_new_tokens=gen.max_new_tokens)
-    synchronize(device)
-    t1 = time.perf_counter()
-    generator = None
-    if gen.do_sample:
-        generator = torch.Generator(device=logits.device)
-        generator.manual_seed(gen.seed) if gen.seed is not None else generator.seed()
-    eos, tokens, reason = set(eos_token_ids or ()), [], "length"
-    for i in range(gen.max_new_tokens):
-        tokens.append(next_token(logits, gen, generator))
-        if tokens[-1] in eos:
-            reason = "eos"
-            break
-        if stop_checker is not None and stop_checker(tokens):
-            reason = "stop"
-            break
-        if i + 1 < gen.max_new_tokens:
-            logits = session.step(tokens[-1])
-    synchronize(device)
-    return MoRefOutput(tokens, reason, t1 - t0, time.perf_counter() - t1, session.visual_tokens_native,
-                       session.visual_tokens_used, session.prompt_tokens,
-                       session.fusion.kept_per_reference if session.fusion is not None else [])
+    engine = MoRefEngine(lm, cfg, backend)
+    return generate_answers(engine, prefix_embeds, references, reference_positions, [suffix_embeds], gen,
+                            eos_token_ids, stop_checker)[0]
