@@ -1,15 +1,14 @@
 """`VideoLLM`: a loaded LlavaOnevision model with the steps the answer stage needs.
 
-Frames are encoded once per video (`encode_frames`); each question then builds
-[system + user-turn start | visual tokens | question + assistant-turn start] as input embeddings
-and generates natively with the HF model's own `generate`, or with Free-MoRef (freemoref.engine) over
-N references of the frames; both share the prompt building and the statistics.
+Frames are encoded once per video (`encode_frames`); a question's prompt is
+[system + user-turn start | visual tokens | question + assistant-turn start]. `answer_many` answers
+a video's questions that use the same frames together: the system prompt and visual tokens are
+computed once (freemoref.engine), natively (one reference) or with Free-MoRef over N references.
 """
 
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -17,12 +16,12 @@ import numpy as np
 import torch
 
 from freemoref import flops, layouts
-from freemoref.config import GenerationOptions
-from freemoref.engine import moref_generate, synchronize
+from freemoref.config import GenerationOptions, ResolvedMoRef
+from freemoref.engine import MAX_BATCH_TOKENS, MoRefEngine, MoRefOutput, generate_answers
 from freemoref.partition import partition_frames
 
 if TYPE_CHECKING:
-    from freemoref.config import MoRefConfig, ResolvedMoRef
+    from freemoref.config import MoRefConfig
 
 BASELINE_FRAMES = 64  # attn_flops_ratio is relative to full attention over 64 frames (the paper's)
 
@@ -53,7 +52,8 @@ class AnswerResult:
     visual_tokens_native: what the frames take in one sequence at full frame (no RoI crop, no
     MoRef); visual_tokens_used: what the LLM's last layers actually hold (after crop and fusion).
     total_flops_native counts the same native setting. prefill_s is the time to the first output
-    token; generate_s the decoding after it. output_tokens counts every generated token, the
+    token attributed to this question (its share of the shared video prefill plus its share of its
+    batch's); generate_s its share of the decoding after it. output_tokens counts every generated token, the
     stopping one included; text leaves out special tokens and ends before any stop string.
     """
 
@@ -71,6 +71,7 @@ class AnswerResult:
     prefill_s: float
     generate_s: float
     token_ids: list[int] = field(default_factory=list)  # the generated ids, for inspection and tests
+    shared_with: int = 1  # questions that shared this video prefix's prefill (1 = not shared)
 
 
 @dataclass
@@ -84,23 +85,6 @@ class PromptParts:
     frame_tokens: torch.Tensor  # (F, t, D) after the RoI crop, on the model's device and dtype
     frames: int
     native_tokens_per_frame: int  # t before the crop
-
-
-class _FirstTokenTimer:
-    """A `generate` streamer that notes when the first output token arrives. `generate` first
-    puts the prompt ids, then each new token."""
-
-    def __init__(self):
-        self.puts = 0
-        self.first_token_at: float | None = None
-
-    def put(self, value):
-        self.puts += 1
-        if self.puts == 2:
-            self.first_token_at = time.perf_counter()
-
-    def end(self):
-        """Called by `generate` when it finishes; there is nothing to flush."""
 
 
 class VideoLLM:
@@ -181,19 +165,40 @@ class VideoLLM:
     def answer(self, frame_tokens: torch.Tensor, question: str, *, system_prompt: str | None,
                generation: GenerationOptions, moref: "MoRefConfig | None" = None, roi_box=None) -> AnswerResult:
         """Answer one question about a video whose frames `encode_frames` encoded."""
-        parts = self.prepare(frame_tokens, question, system_prompt=system_prompt, roi_box=roi_box)
-        if moref is not None and moref.enabled:
-            resolved = moref.resolve(parts.frames, self.config.text_config.num_hidden_layers)
-            if resolved.references > 1:
-                return self._moref_answer(parts, generation, resolved)
-        # Native: MoRef off, or too few frames for more than one reference.
-        visual = self.assemble(parts.frame_tokens)
-        output_ids, prefill_s, generate_s = self._native_generate(
-            parts.prefix_embeds, visual, parts.suffix_embeds, generation)
-        return self._result(output_ids, generation, parts, visual_tokens_used=visual.shape[0],
-                            prefill_s=prefill_s, generate_s=generate_s)
+        return self.answer_many(frame_tokens, [question], system_prompt=system_prompt, generation=generation,
+                                moref=moref, roi_box=roi_box)[0]
 
-    def moref_references(self, frame_tokens: torch.Tensor, resolved: "ResolvedMoRef"):
+    @torch.no_grad()
+    def answer_many(self, frame_tokens: torch.Tensor, questions: list[str], *, system_prompt: str | None,
+                    generation: GenerationOptions, moref: "MoRefConfig | None" = None, roi_box=None,
+                    max_batch_tokens: int = MAX_BATCH_TOKENS) -> list[AnswerResult]:
+        """Answer questions about the same frames and RoI together: the system prompt and the
+        visual tokens run once (below the fusion layer for MoRef, through every layer natively),
+        then the questions in batches of at most `max_batch_tokens` fused tokens. Each answer
+        equals answering its question alone."""
+        parts = [self.prepare(frame_tokens, q, system_prompt=system_prompt, roi_box=roi_box) for q in questions]
+        first = parts[0]
+        if any(not torch.equal(p.prefix_ids, first.prefix_ids) for p in parts[1:]):
+            raise ValueError("questions with different prompt prefixes cannot share a prefill")
+        resolved = self.resolve(moref, first.frames)
+        if resolved.references > 1:
+            references, positions = self.moref_references(first.frame_tokens, resolved)
+        else:  # native: MoRef off, or too few frames for more than one reference
+            visual = self.assemble(first.frame_tokens)
+            references, positions = [visual], [torch.arange(visual.shape[0], device=visual.device)]
+        engine = MoRefEngine(self.model, resolved, max_batch_tokens=max_batch_tokens)
+        outputs = generate_answers(engine, first.prefix_embeds, references, positions,
+                                   [p.suffix_embeds for p in parts], generation,
+                                   self.generation_config(generation).eos_token_id, self._stop_checker(generation))
+        return [self._result(out, generation, p, resolved) for out, p in zip(outputs, parts)]
+
+    def resolve(self, moref: "MoRefConfig | None", frames: int) -> ResolvedMoRef:
+        """The MoRef settings for `frames` frames; one reference (native) when MoRef is off."""
+        if moref is None or not moref.enabled:
+            return ResolvedMoRef(1, frames, 0, 1.0)
+        return moref.resolve(frames, self.config.text_config.num_hidden_layers)
+
+    def moref_references(self, frame_tokens: torch.Tensor, resolved: ResolvedMoRef):
         """Split frames (F, t, D) into the N references of `partition_frames`: each reference's
         visual tokens (l_i, D) and their positions in the un-partitioned visual sequence. The
         onevision layout's one end-of-video newline goes with the reference holding the last frame."""
@@ -212,28 +217,20 @@ class VideoLLM:
             positions.append(pos)
         return references, positions
 
-    def _moref_answer(self, parts: PromptParts, generation: GenerationOptions,
-                      resolved: "ResolvedMoRef") -> AnswerResult:
-        references, positions = self.moref_references(parts.frame_tokens, resolved)
+    def _stop_checker(self, generation: GenerationOptions):
+        """`tokens -> True` once the decoded text holds a stop string; None without stop strings."""
         stops = [s for s in generation.stop_strings if s]
-
+        if not stops:
+            return None
         # A stop string ends within the last len(stop) tokens (each token is at least one
         # character), so only that tail is decoded at each step.
-        tail = max((len(s) for s in stops), default=0) + 1
+        tail = max(len(s) for s in stops) + 1
 
         def hit_stop(tokens: list[int]) -> bool:
             text = self.tokenizer.decode(tokens[-tail:], skip_special_tokens=True)
             return any(s in text for s in stops)
 
-        out = moref_generate(
-            self.model, parts.prefix_embeds, references, positions, parts.suffix_embeds, resolved,
-            gen=generation, eos_token_ids=self.generation_config(generation).eos_token_id,
-            stop_checker=hit_stop if stops else None)
-        return self._result(torch.tensor(out.tokens, dtype=torch.long), generation, parts,
-                            visual_tokens_used=out.visual_tokens_used, prefill_s=out.prefill_s,
-                            generate_s=out.generate_s, references=resolved.references,
-                            temporal_units=resolved.temporal_units, fusion_layer=resolved.fusion_layer,
-                            keep_ratio=resolved.keep_ratio)
+        return hit_stop
 
     def generation_config(self, generation: GenerationOptions):
         """The model's generation config with `generation`'s options; `<|im_end|>` always stops."""
@@ -254,57 +251,35 @@ class VideoLLM:
         config.stop_strings = list(generation.stop_strings) or None
         return config
 
-    def _native_generate(self, prefix_embeds: torch.Tensor, visual_embeds: torch.Tensor,
-                         suffix_embeds: torch.Tensor, generation: GenerationOptions):
-        """One sequence through HF `generate`. Returns (new token ids (n,), prefill_s, generate_s)."""
-        embeds = torch.cat([prefix_embeds, visual_embeds, suffix_embeds], dim=0).to(self.dtype)[None]
-        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
-        timer = _FirstTokenTimer()
-        seed = generation.seed if generation.do_sample else None
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(seed)
-            synchronize(self.device)
-            start = time.perf_counter()
-            output = self.model.generate(
-                inputs_embeds=embeds, attention_mask=mask, generation_config=self.generation_config(generation),
-                streamer=timer, tokenizer=self.tokenizer if generation.stop_strings else None)
-            synchronize(self.device)
-            end = time.perf_counter()
-        # Without input_ids, generate returns only the new tokens.
-        first = timer.first_token_at if timer.first_token_at is not None else end
-        return output[0].cpu(), first - start, end - first
-
     def decode(self, output_ids: torch.Tensor, stop_strings=()) -> str:
         """Output ids -> text, without special tokens, cut before the first stop string."""
         text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
         cuts = [text.find(s) for s in stop_strings if s and s in text]
         return text[:min(cuts)] if cuts else text
 
-    def _result(self, output_ids: torch.Tensor, generation: GenerationOptions, parts: PromptParts, *,
-                visual_tokens_used: int, prefill_s: float, generate_s: float, references: int = 1,
-                temporal_units: int | None = None, fusion_layer: int | None = None,
-                keep_ratio: float | None = None) -> AnswerResult:
-        """Fill the statistics. The native path leaves the MoRef arguments at their defaults; the
-        MoRef path passes its N, M, L, keep ratio and the fused visual length."""
-        output_tokens = int(output_ids.numel())  # one sequence: generate pads nothing
+    def _result(self, out: MoRefOutput, generation: GenerationOptions, parts: PromptParts,
+                 resolved: ResolvedMoRef) -> AnswerResult:
+        """Fill the statistics; N, M, L and the keep ratio only where MoRef ran (N > 1)."""
+        moref = resolved.references > 1
+        output_ids = torch.tensor(out.tokens, dtype=torch.long)
+        fusion_layer = resolved.fusion_layer if moref else None
+        keep_ratio = resolved.keep_ratio if moref else None
         newline = 1 if self.layout == "onevision" else 0
         prefix_tokens, text_tokens = len(parts.prefix_ids), len(parts.prefix_ids) + len(parts.suffix_ids)
         total, total_native = flops.answer_flops(
             self.config, frames=parts.frames, visual_tokens_per_frame=parts.frame_tokens.shape[1],
-            text_tokens=text_tokens, output_tokens=output_tokens, references=references,
+            text_tokens=text_tokens, output_tokens=len(out.tokens), references=resolved.references,
             fusion_layer=fusion_layer or 0, keep_ratio=keep_ratio, prefix_tokens=prefix_tokens,
             extra_visual_tokens=newline, native_visual_tokens_per_frame=parts.native_tokens_per_frame)
-        ratio = flops.attn_flops_ratio(parts.frames, references, fusion_layer or 0, keep_ratio,
+        ratio = flops.attn_flops_ratio(parts.frames, resolved.references, fusion_layer or 0, keep_ratio,
                                        num_layers=self.config.text_config.num_hidden_layers,
                                        baseline_frames=BASELINE_FRAMES)
         return AnswerResult(
             text=self.decode(output_ids, generation.stop_strings),
             prompt_tokens=text_tokens + parts.frames * parts.frame_tokens.shape[1] + newline,
-            output_tokens=output_tokens,
+            output_tokens=len(out.tokens),
             visual_tokens_native=parts.frames * parts.native_tokens_per_frame + newline,
-            visual_tokens_used=visual_tokens_used, references=references, temporal_units=temporal_units,
-            fusion_layer=fusion_layer, attn_flops_ratio=ratio, total_flops=total,
-            total_flops_native=total_native, prefill_s=prefill_s, generate_s=generate_s,
-            token_ids=output_ids.tolist())
+            visual_tokens_used=out.visual_tokens_used, references=resolved.references,
+            temporal_units=resolved.temporal_units if moref else None, fusion_layer=fusion_layer,
+            attn_flops_ratio=ratio, total_flops=total, total_flops_native=total_native,
+            prefill_s=out.prefill_s, generate_s=out.generate_s, token_ids=out.tokens, shared_with=out.shared_with)

@@ -1,7 +1,7 @@
 """The answer stage: a Video-LLM actor that answers every question of one video.
 
-Vision features are computed once per video; each question then picks its frames (from guidance)
-and runs Free-MoRef (or native) prefill and decode. Every question yields exactly one answers
+Vision features are computed once per video; questions that picked the same frames and RoI (from
+guidance) are answered together, sharing the video prefix's prefill (Free-MoRef or native). Every question yields exactly one answers
 row: 'ok' with the answer and statistics, or 'error' with a reason.
 """
 
@@ -110,40 +110,50 @@ class AnswerStage:
             return rows
 
         roi_boxes = video.get(Col.ROI_BOXES)
-        for q, row in enumerate(rows):
-            positions = per_question[q]
-            roi = None if roi_boxes is None or len(roi_boxes) == 0 else [float(x) for x in roi_boxes[q]]
+        rois = [None if roi_boxes is None or len(roi_boxes) == 0 else [float(x) for x in roi_boxes[q]]
+                for q in range(len(rows))]
+        # Questions with the same frames and RoI share the video prefix's prefill (one group per
+        # question unless guidance.selection_scope is "video" or the selections coincide).
+        groups: dict[tuple, list[int]] = {}
+        for q in range(len(rows)):
+            groups.setdefault((tuple(per_question[q].tolist()), None if rois[q] is None else tuple(rois[q])), []).append(q)
+        for members in groups.values():
+            positions, roi = per_question[members[0]], rois[members[0]]
             try:
-                result = self.llm.answer(
+                results = self.llm.answer_many(
                     frame_tokens[np.searchsorted(used, positions)],
-                    row["question"],
+                    [rows[q]["question"] for q in members],
                     system_prompt=self.cfg.system_prompt,
                     generation=self.generation,
                     moref=self.moref,
                     roi_box=roi,
+                    max_batch_tokens=self.cfg.max_batch_tokens,
                 )
             except Exception as exc:
-                row["error"] = _error_reason("answer_failed", exc)
+                for q in members:
+                    rows[q]["error"] = _error_reason("answer_failed", exc)
                 continue
-            row.update(
-                status=STATUS_OK,
-                answer=result.text,
-                frame_indices=indices[positions].tolist(),
-                frame_times_s=times[positions].tolist(),
-                roi_box=roi,
-                references=result.references,
-                temporal_units=result.temporal_units,
-                fusion_layer=result.fusion_layer,
-                visual_tokens_native=result.visual_tokens_native,
-                visual_tokens_used=result.visual_tokens_used,
-                prompt_tokens=result.prompt_tokens,
-                output_tokens=result.output_tokens,
-                attn_flops_ratio=result.attn_flops_ratio,
-                total_flops=result.total_flops,
-                total_flops_native=result.total_flops_native,
-                prefill_s=result.prefill_s,
-                generate_s=result.generate_s,
-            )
+            for q, result in zip(members, results):
+                rows[q].update(
+                    status=STATUS_OK,
+                    answer=result.text,
+                    frame_indices=indices[positions].tolist(),
+                    frame_times_s=times[positions].tolist(),
+                    roi_box=roi,
+                    references=result.references,
+                    temporal_units=result.temporal_units,
+                    fusion_layer=result.fusion_layer,
+                    visual_tokens_native=result.visual_tokens_native,
+                    visual_tokens_used=result.visual_tokens_used,
+                    prompt_tokens=result.prompt_tokens,
+                    output_tokens=result.output_tokens,
+                    attn_flops_ratio=result.attn_flops_ratio,
+                    total_flops=result.total_flops,
+                    total_flops_native=result.total_flops_native,
+                    prefill_s=result.prefill_s,
+                    generate_s=result.generate_s,
+                    prefix_shared_with=result.shared_with,
+                )
         return rows
 
 

@@ -123,6 +123,9 @@ class GuidanceConfig(_Strict):
     model: str = "ViT-L-14-336-quickgelu"  # open_clip model name, 'hf-hub:org/name' or a local dir
     pretrained: str | None = "openai"  # open_clip pretrained tag or a weights file; None for a local dir
     selection: Literal["uniform", "prompt", "mix"] = "uniform"  # per question, from the candidates
+    # question: each question picks its own frames and RoI; video: one pick for all of a video's
+    # questions (from their scores together), so they can share the answer stage's prefill.
+    selection_scope: Literal["question", "video"] = "question"
     frames_per_question: int = Field(default=32, ge=1, le=4096)
     prompt_fraction: float = Field(default=0.5, ge=0, le=1)  # mix: share of frames picked by the prompt
     roi_ratio: float | None = Field(default=None, gt=0, le=1)  # RoI box area / frame; None: no RoI (paper: 0.8)
@@ -161,6 +164,9 @@ class AnswerConfig(_Strict):
     seed: int = 0
     stop_strings: list[str] = []
     moref: MoRefOptions = MoRefOptions()
+    # Questions answered together per batch (sharing the video's prefill): their sequences in the
+    # layers from the fusion layer on, summed, stay under this many tokens. Bounds GPU memory.
+    max_batch_tokens: int = Field(default=131072, ge=1)
     num_gpus: float = Field(default=1.0, ge=0)
     num_cpus: float = Field(default=1.0, ge=0)
     concurrency: int = Field(default=1, ge=1)

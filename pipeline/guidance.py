@@ -379,6 +379,13 @@ class GuidanceStage:
         text = self.encoder.encode_text(questions) if need_text else None
         encoding = self.encoder.encode_video(frames, text if self.roi_ratio is not None else None)
         scores = frame_scores(encoding.embeddings, text) if text is not None else None
+        patch_scores = encoding.patch_scores
+        if self.cfg.selection_scope == "video" and num_questions > 1:
+            # One pick for the whole video from all its questions' scores: every question then
+            # sees the same frames and RoI, so the answer stage computes the video prefix once.
+            scores = None if scores is None else np.repeat(scores.mean(0, keepdims=True), num_questions, 0)
+            if patch_scores is not None:
+                patch_scores = np.repeat(patch_scores.mean(0, keepdims=True), num_questions, 0)
         positions = select_frames(
             self.cfg.selection,
             self.cfg.frames_per_question,
@@ -388,8 +395,8 @@ class GuidanceStage:
             prompt_fraction=self.prompt_fraction,
         )
         result = {Col.FRAME_EMBEDDINGS: encoding.embeddings, Col.SELECTED_POSITIONS: positions}
-        if self.roi_ratio is not None and encoding.patch_scores is not None:
-            result[Col.ROI_BOXES] = question_roi_boxes(encoding.patch_scores, positions, self.roi_ratio)
+        if self.roi_ratio is not None and patch_scores is not None:
+            result[Col.ROI_BOXES] = question_roi_boxes(patch_scores, positions, self.roi_ratio)
         return result
 
     def _empty_outputs(self, num_questions: int) -> dict[str, Any]:

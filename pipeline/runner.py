@@ -42,6 +42,7 @@ class RunSummary:
     errors_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
     unmatched_questions: int = 0  # questions whose video_id matches no listed video (not inputs)
     elapsed_s: float = 0.0
+    questions_per_s: float = 0.0  # (video, question) pairs processed per second of the whole run
     status: str = "complete"  # or "failed": the run stopped early; `failure` says why; rerun to resume
     failure: str | None = None
 
@@ -58,7 +59,8 @@ class RunSummary:
             lines.append(f"    {reason}: {count}")
         if self.unmatched_questions:
             lines.append(f"  questions naming no listed video (not run): {self.unmatched_questions}")
-        lines.append(f"  output: {self.output}/answers and {self.output}/frames  ({self.elapsed_s:.1f} s)")
+        lines.append(f"  output: {self.output}/answers and {self.output}/frames  ({self.elapsed_s:.1f} s, "
+                     f"{self.questions_per_s:.2f} questions/s)")
         if self.status != "complete":
             lines.append(f"  RUN FAILED after {self.processed} pairs (rerun to resume): {self.failure}")
         return "\n".join(lines)
@@ -237,6 +239,7 @@ def run_job(cfg: JobConfig) -> RunSummary:
     finally:
         summary.errors_by_reason = dict(reasons)
         summary.elapsed_s = round(time.perf_counter() - start, 3)
+        summary.questions_per_s = round(summary.processed / summary.elapsed_s, 3) if summary.elapsed_s else 0.0
         try:
             store.write_json(summary.to_dict(), RUNS_DIR, f"{summary.run_id}.json")
         except Exception:  # noqa: BLE001 - never hide the run's own error behind this one

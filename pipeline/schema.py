@@ -74,6 +74,9 @@ ANSWERS_SCHEMA = pa.schema(
         ("guidance_s", pa.float64()),
         ("prefill_s", pa.float64()),
         ("generate_s", pa.float64()),
+        # How many questions shared this row's video prefill (frames, RoI and system prompt):
+        # prefill_s holds this row's share of it. 1 = computed for this question alone.
+        ("prefix_shared_with", pa.int32()),
     ]
 )
 
