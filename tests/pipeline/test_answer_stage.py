@@ -35,6 +35,23 @@ def test_each_question_sees_its_own_frames(tiny_model_dir):
     assert rows[0]["frames_decoded"] == 6 and rows[0]["decode_s"] == 0.1
 
 
+def test_questions_with_the_same_frames_share_the_prefill(tiny_model_dir):
+    cfg = AnswerConfig(model=tiny_model_dir["llava"], max_new_tokens=4,
+                       moref=MoRefOptions(temporal_units=2, references=2))
+    stage = AnswerStage(cfg, run_id="r")
+    frames = np.random.default_rng(0).integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
+    shared = stage.answer_video(_video(frames, [[1, 2, 3, 5], [1, 2, 3, 5]]))
+    apart = stage.answer_video(_video(frames, [[1, 2, 3, 5], [0, 2, 3, 5]]))
+    assert [r["prefix_shared_with"] for r in shared] == [2, 2] and [r["prefix_shared_with"] for r in apart] == [1, 1]
+    assert all(r["status"] == "ok" and r["references"] == 2 for r in shared + apart)
+    llm = stage.llm
+    for row, question in zip(shared, ["Who?", "Where?"]):  # each answer equals its question alone
+        alone = llm.answer(llm.encode_frames(frames[[1, 2, 3, 5]]), question, system_prompt=cfg.system_prompt,
+                           generation=stage.generation, moref=stage.moref)
+        assert row["answer"] == alone.text and row["output_tokens"] == alone.output_tokens
+    assert shared[0]["answer"] == apart[0]["answer"]
+
+
 def test_upstream_errors_become_one_row_per_question(tiny_model_dir):
     stage = AnswerStage(AnswerConfig(model=tiny_model_dir["llava"]), run_id="r")
     empty = np.zeros((0, 32, 32, 3), np.uint8)

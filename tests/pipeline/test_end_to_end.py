@@ -40,7 +40,8 @@ def archive(tmp_path_factory) -> pathlib.Path:
     return root
 
 
-def job(videos: str, questions: str, output: str, moref: bool = True, storage: dict | None = None):
+def job(videos: str, questions: str, output: str, moref: bool = True, storage: dict | None = None,
+        scope: str = "question"):
     storage = storage or {}
     return parse_job_config(
         {
@@ -49,7 +50,7 @@ def job(videos: str, questions: str, output: str, moref: bool = True, storage: d
             "questions": {"file": questions, "prompts": [{"question_id": "caption", "question": "Describe it."}]},
             "decode": {"num_frames": NUM_FRAMES, "frame_size": 64, "num_cpus": 0.5, "timeout_s": 120},
             "guidance": {"model": TINY["clip"], "pretrained": None, "frames_per_question": NUM_FRAMES,
-                         "num_cpus": 0.25, "num_gpus": 0},
+                         "num_cpus": 0.25, "num_gpus": 0, "selection": "prompt", "selection_scope": scope},
             "answer": {"model": TINY["llava"], "max_new_tokens": 5, "num_cpus": 0.5, "num_gpus": 0,
                        "moref": {"enabled": moref, "temporal_units": 4, "references": 2}},
             "output": {"path": output, "storage": storage},
@@ -142,3 +143,16 @@ def test_s3_run_writes_back_to_the_bucket(archive, s3_bucket, ray_local):
     assert run_job(cfg).skipped_done == len(pairs)
     for path in fs.find(f"{bucket}/out"):
         assert b"moto-secret-never-in-outputs" not in fs.cat(path)
+
+
+def test_video_scope_shares_each_video_prefill(archive, tmp_path, ray_local):
+    """selection_scope: video: one frame pick per video, and its questions answered together."""
+    out = tmp_path / "out"
+    cfg = job(f"{archive}/{GOOD[0]}", str(archive / "questions.jsonl"), str(out), scope="video")
+    cfg = cfg.model_copy(update={"guidance": cfg.guidance.model_copy(update={"frames_per_question": NUM_FRAMES // 2})})
+    summary = run_job(cfg)
+    assert (summary.processed, summary.ok) == (3, 3) and summary.questions_per_s > 0
+    rows = OutputStore(cfg.output).read_answers().to_pylist()
+    assert sorted(r["question_id"] for r in rows) == ["caption", "q-what", "q-who"]
+    assert len({tuple(r["frame_indices"]) for r in rows}) == 1 and len(rows[0]["frame_indices"]) == NUM_FRAMES // 2
+    assert all(r["prefix_shared_with"] == 3 for r in rows)

@@ -426,3 +426,16 @@ def test_frames_table_for_error_rows_and_bad_rows(tiny_dir, frames):
     ok = stage(_row(frames, ["q"]))
     with pytest.raises(ValueError, match="frame indices"):
         frames_table({**ok, Col.FRAME_INDICES: ok[Col.FRAME_INDICES][:-1]})
+
+
+def test_video_scope_picks_one_selection_and_roi_for_all_questions(tiny_dir, encoder, frames):
+    cfg = _cfg(tiny_dir).model_copy(update={"selection": "prompt", "selection_scope": "video", "roi_ratio": 0.8})
+    questions = ["two men arm wrestling", "a referee", "a scoreboard"]
+    out = GuidanceStage(cfg)(_row(frames, questions))
+    scores = frame_scores(encoder.encode_frames(frames), encoder.encode_text(questions))
+    expected = prompt_positions(scores.mean(0), 4)
+    np.testing.assert_array_equal(out[Col.SELECTED_POSITIONS], np.stack([expected] * 3))
+    per_question = GuidanceStage(cfg.model_copy(update={"selection_scope": "question"}))(_row(frames, questions))
+    assert len({tuple(p) for p in per_question[Col.SELECTED_POSITIONS].tolist()}) > 1  # the scope matters here
+    boxes = out[Col.ROI_BOXES]
+    assert boxes.shape == (3, 4) and (boxes == boxes[0]).all()
