@@ -9,7 +9,7 @@ system tokens | video | 30 question tokens; 32 tokens generated greedily with EO
 Cases: native (one sequence, MoRef off) through the HF decoder with its own KV cache (what
 `VideoLLM`'s native path runs under `generate`), one native row through the engine (N=1) for a
 like-for-like decode loop, and Free-MoRef through `freemoref.engine.moref_generate` with the
-paper's defaults (128 frames N=2 L=3, 256 N=4 L=6, 512 N=8 L=12). Per case: prefill seconds and
+paper's defaults (128 frames N=2 L=3, 256 N=4 L=6, 512 N=8 L=12; 1024 N=16 L=12). Per case: prefill seconds and
 decode ms/token (median of `--repeats` runs after one warm-up, CUDA synchronised), peak GPU
 memory (reset per case), attn_flops_ratio and total_flops from `freemoref.flops`. The SigLIP
 tower + projector + pooling is timed separately per frame (`freemoref.layouts.frame_tokens`).
@@ -159,6 +159,35 @@ def bench_vision(config, device, dtype, repeats: int, batch: int):
     }
     result["tflops_per_s"] = result["flops_per_frame"] * batch / median / 1e12
     del vision, pixels, tokens
+    free(device)
+    return result
+
+
+def sdpa_backend_check(config, device, dtype, frames: int = 512, repeats: int = 3) -> dict:
+    """Which SDPA kernel runs the engine's causal row pass (MoRef rows below L at `frames`
+    frames: N = frames / 64 rows of system + 64 frames' tokens, GQA): each kernel alone, timed,
+    or the error that rules it out, and the one the engine's allowed list picks (the first that
+    runs, in `ENGINE_SDPA_BACKENDS` order: cuDNN is left out on purpose)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from freemoref.attention import ENGINE_SDPA_BACKENDS, causal_attention
+
+    t = config.text_config
+    head_dim = t.hidden_size // t.num_attention_heads
+    rows, length = frames // 64, SYSTEM_TOKENS + 64 * layouts.tokens_per_frame(config, LAYOUT)
+    q = torch.randn(rows, t.num_attention_heads, length, head_dim, device=device, dtype=dtype)
+    k = torch.randn(rows, t.num_key_value_heads, length, head_dim, device=device, dtype=dtype)
+    result = {"rows": rows, "row_tokens": length, "kernels": {}}
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+        try:
+            with sdpa_kernel([backend]):
+                median, _, _ = timed(lambda: causal_attention(q, k, k, head_dim**-0.5), device, repeats)
+            result["kernels"][backend.name] = {"ms": 1000 * median}
+        except (RuntimeError, torch.OutOfMemoryError) as exc:
+            result["kernels"][backend.name] = {"error": str(exc).splitlines()[0][:200]}
+    engine = [b.name for b in ENGINE_SDPA_BACKENDS if "ms" in result["kernels"].get(b.name, {})]
+    result["engine_uses"] = engine[0] if engine else "MATH"
+    del q, k
     free(device)
     return result
 
@@ -358,6 +387,12 @@ def markdown(report: dict) -> str:
             f"512 frames {512 * vision['ms_per_frame'] / 1000:.2f} s). Not included in the table's prefill.")
     elif vision:
         lines.append(f"Vision tower: {vision.get('status')}")
+    sdpa = report.get("sdpa_backends")
+    if sdpa:
+        kernels = ", ".join(f"{name} {v['ms']:.1f} ms" if "ms" in v else f"{name} unavailable ({v['error'][:60]})"
+                            for name, v in sdpa["kernels"].items())
+        lines.append(f"Causal row pass ({sdpa['rows']} rows x {sdpa['row_tokens']} tokens, GQA, one layer), each SDPA "
+                     f"kernel alone: {kernels}; the engine runs {sdpa['engine_uses']}.")
     lines.append("attn ratio: the paper's attention FLOPs vs full attention over 64 frames; total TFLOP: whole "
                  "answer incl. vision tower, from freemoref.flops. native = HF decoder + its KV cache; "
                  "native-engine = the same sequence through freemoref.engine (N=1).")
@@ -371,7 +406,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--out", default=None, help="directory for bench_moref.json and bench_moref.md")
     parser.add_argument("--native-frames", default=None, help="default 64,128,256,512 (--tiny: 64,128)")
-    parser.add_argument("--moref-frames", default="128,256,512")
+    parser.add_argument("--moref-frames", default=None, help="default 128,256,512,1024 (--tiny: 128,256,512)")
     parser.add_argument("--engine-native-frames", default="128", help="native through the engine (N=1)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs after 1 warm-up; default 3 (--tiny: 1)")
     parser.add_argument("--new-tokens", type=int, default=None, help="default 32 (--tiny: 8)")
@@ -380,7 +415,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-gib", type=float, default=70.0, help="skip native cases estimated above this")
     parser.add_argument("--budget-s", type=float, default=300.0, help="start no new case after this many seconds")
     args = parser.parse_args(argv)
-    for name, real, tiny in (("native_frames", "64,128,256,512", "64,128"), ("repeats", 3, 1),
+    for name, real, tiny in (("native_frames", "64,128,256,512", "64,128"),
+                             ("moref_frames", "128,256,512,1024", "128,256,512"), ("repeats", 3, 1),
                              ("new_tokens", 32, 8), ("vision_batch", 32, 4)):
         if getattr(args, name) is None:
             setattr(args, name, tiny if args.tiny else real)
@@ -420,6 +456,9 @@ def main(argv=None) -> int:
         except torch.OutOfMemoryError as exc:
             report["vision"] = {"status": "OOM", "error": str(exc).splitlines()[0][:300]}
             free(device)
+    if device.type == "cuda":
+        report["sdpa_backends"] = sdpa_backend_check(config, device, dtype)
+        print(f"sdpa: {report['sdpa_backends']}", flush=True)
     t0 = time.perf_counter()
     lm = build_decoder(config, device, dtype)
     sync(device)

@@ -13,22 +13,27 @@ GRANULARITIES = ("chunk", "head", "token")
 
 # Paper's fusion layers (Free-MoRef, ablation on Qwen2-7B): N references -> layer L.
 _PAPER_FUSION_LAYER = {2: 3, 4: 6, 8: 12}
+DEEPEST_PAPER_FUSION_LAYER = 12
 
 
 def default_fusion_layer(references: int, num_layers: int) -> int:
     """Layer L at which the N references are fused into one sequence.
 
-    N = 2, 4, 8 use the paper's L = 3, 6, 12. Every other N follows the same line, L = 1.5 * N
+    N = 2, 4, 8 use the paper's L = 3, 6, 12. Other N up to 8 follow the same line, L = 1.5 * N
     rounded half up (the paper's three points lie exactly on it): more references mean shorter,
-    less informed rows, so they are kept apart for more layers before fusing. Clamped to
-    [1, num_layers - 1] so that at least one layer runs on the fused sequence. N = 1 means no
-    MoRef: there is one sequence from layer 0, so L = 0.
+    less informed rows, so they are kept apart for more layers before fusing. Beyond N = 8 the
+    line is not followed but capped at the paper's deepest validated point, L = 12: extended, it
+    would put N = 16 at L = 24 of 28, leaving 4 layers for the fused sequence, and the row phase's
+    cost grows as N * L (16 rows through 24 layers cost about as much as native 512 frames, the
+    very prefill MoRef is meant to undercut). Clamped to [1, num_layers - 1] so that at least one
+    layer runs on the fused sequence. N = 1 means no MoRef: there is one sequence from layer 0,
+    so L = 0.
     """
     if references < 1 or num_layers < 1:
         raise ValueError(f"references and num_layers must be >= 1, got {references}, {num_layers}")
     if references == 1:
         return 0
-    layer = _PAPER_FUSION_LAYER.get(references, math.floor(1.5 * references + 0.5))
+    layer = _PAPER_FUSION_LAYER.get(references, min(math.floor(1.5 * references + 0.5), DEEPEST_PAPER_FUSION_LAYER))
     return max(1, min(layer, num_layers - 1))
 
 

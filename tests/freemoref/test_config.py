@@ -5,8 +5,9 @@ from freemoref.config import MoRefConfig, ResolvedMoRef, default_fusion_layer
 
 def test_paper_fusion_layers_and_rule_beyond():
     assert [default_fusion_layer(n, 28) for n in (2, 4, 8)] == [3, 6, 12]
-    assert [default_fusion_layer(n, 28) for n in (1, 3, 5, 6, 16)] == [0, 5, 8, 9, 24]
-    assert default_fusion_layer(32, 28) == 27  # at least one fused layer
+    assert [default_fusion_layer(n, 28) for n in (1, 3, 5, 6, 16)] == [0, 5, 8, 9, 12]
+    assert default_fusion_layer(32, 28) == 12  # beyond N = 8: the paper's deepest L
+    assert default_fusion_layer(16, 10) == 9  # at least one fused layer
     assert default_fusion_layer(4, 6) == 5 and default_fusion_layer(2, 2) == 1
 
 

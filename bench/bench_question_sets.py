@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""Question sets on one video: what the marginal question costs when a video's questions share
+its prefill (freemoref.engine.generate_answers), against answering them one at a time.
+
+Same model and prompt shapes as bench/bench_moref.py (LLaVA-Video-7B-Qwen2, random bf16 weights,
+llava_vid layout, 20 system tokens), one video, questions of varied lengths (10-60 tokens), a
+fixed number of greedy tokens each with EOS disabled. Cases: MoRef at `--frames` (paper defaults)
+with 1, 10 and 50 questions sharing the prefill, and 10 questions answered one by one (no
+sharing); native 64 frames with 1 and 10 questions shared. Each case: total seconds (median of
+`--repeats` after one warm-up), peak GPU memory, and the ratio to one question.
+
+    python3 bench/bench_question_sets.py --out DIR           # GPU, real shapes (~2 min on an H200)
+    python3 bench/bench_question_sets.py --tiny --device cpu  # a self-check of the script
+
+Writes DIR/bench_question_sets.json and DIR/bench_question_sets.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from bench_moref import GIB, Prompt, build_decoder, free, model_config, sync, timed  # noqa: E402
+from freemoref import layouts  # noqa: E402
+from freemoref.config import GenerationOptions, MoRefConfig, ResolvedMoRef  # noqa: E402
+from freemoref.engine import MoRefEngine, generate_answers  # noqa: E402
+
+LAYOUT = "llava_vid"
+
+
+def question_embeddings(lm, count: int, seed: int = 1):
+    """`count` random questions of 10-60 tokens (varied, so batches are padded)."""
+    emb = lm.get_input_embeddings()
+    gen = torch.Generator(device=emb.weight.device).manual_seed(seed)
+    lengths = torch.randint(10, 61, (count,), generator=gen, device=emb.weight.device).tolist()
+    with torch.no_grad():
+        return [emb(torch.randint(0, emb.weight.shape[0], (n,), device=emb.weight.device, generator=gen))
+                for n in lengths]
+
+
+def run_case(case: dict, lm, config, device, args) -> dict:
+    frames, count, shared = case["frames"], case["questions"], case["shared_prefix"]
+    layers = config.text_config.num_hidden_layers
+    cfg = MoRefConfig().resolve(frames, layers) if case["moref"] else ResolvedMoRef(1, 64, 0, 1.0)
+    row = {**case, "references": cfg.references, "fusion_layer": cfg.fusion_layer, "new_tokens": args.new_tokens}
+    prompt = Prompt(lm, frames, layouts.tokens_per_frame(config, LAYOUT))
+    if cfg.references > 1:
+        refs, pos = prompt.references(cfg.temporal_units, cfg.references)
+    else:
+        refs, pos = [prompt.video], [torch.arange(prompt.video.shape[0], device=prompt.video.device)]
+    questions = question_embeddings(lm, count)
+    gen = GenerationOptions(max_new_tokens=args.new_tokens)
+    engine = MoRefEngine(lm, cfg)
+
+    def answer():
+        if shared:
+            return generate_answers(engine, prompt.prefix, refs, pos, questions, gen)
+        return [generate_answers(engine, prompt.prefix, refs, pos, [q], gen)[0] for q in questions]
+
+    try:
+        free(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        median, runs, outs = timed(answer, device, args.repeats)
+        row.update(total_s=median, runs_s=runs, per_question_s=median / count, status="ok",
+                   generated=sum(len(o.tokens) for o in outs),
+                   peak_gib=torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None)
+        if any(len(o.tokens) != args.new_tokens for o in outs):
+            row["status"] = "short answers"
+    except torch.OutOfMemoryError as exc:
+        row.update(status="OOM", error=str(exc).splitlines()[0][:300])
+    finally:
+        del prompt, questions
+        free(device)
+    return row
+
+
+def cases(args) -> list[dict]:
+    out = []
+    for count in (1, 10, 50):
+        out.append({"name": f"moref-{args.frames}-q{count}-shared", "moref": True, "frames": args.frames,
+                    "questions": count, "shared_prefix": True})
+    out.append({"name": f"moref-{args.frames}-q10-alone", "moref": True, "frames": args.frames, "questions": 10,
+                "shared_prefix": False})
+    for count in (1, 10):
+        out.append({"name": f"native-64-q{count}-shared", "moref": False, "frames": 64, "questions": count,
+                    "shared_prefix": True})
+    return out
+
+
+def markdown(report: dict) -> str:
+    rows = report["cases"]
+    one = {(r["moref"], r["frames"]): r.get("total_s") for r in rows if r["questions"] == 1 and r.get("total_s")}
+    lines = [
+        f"Question sets on one video, {report['device']} ({report['dtype']}, {report['shapes']} shapes, random "
+        f"weights; {report['new_tokens']} greedy tokens per question; median of {report['repeats']} after 1 warm-up).",
+        "",
+        "| case | frames | N | L | questions | shared prefix | total s | per question s | vs 1 question | peak GiB | status |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        base = one.get((r["moref"], r["frames"]))
+        ratio = f"{r['total_s'] / base:.2f}x" if base and r.get("total_s") else "-"
+        fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+        lines.append(f"| {r['name']} | {r['frames']} | {r['references']} | {r['fusion_layer']} | {r['questions']} "
+                     f"| {'yes' if r['shared_prefix'] else 'no'} | {fmt(r.get('total_s'), '.3f')} "
+                     f"| {fmt(r.get('per_question_s'), '.3f')} | {ratio} | {fmt(r.get('peak_gib'), '.1f')} "
+                     f"| {r['status']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="small widths (28 layers kept): a quick self-check")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--frames", type=int, default=512, help="MoRef frames (default 512; --tiny: 128)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="default 16 (--tiny: 4)")
+    parser.add_argument("--repeats", type=int, default=None, help="default 2 (--tiny: 1)")
+    parser.add_argument("--budget-s", type=float, default=240.0, help="start no new case after this many seconds")
+    args = parser.parse_args(argv)
+    if args.tiny and args.frames == 512:
+        args.frames = 128
+    args.new_tokens = args.new_tokens or (4 if args.tiny else 16)
+    args.repeats = args.repeats or (1 if args.tiny else 2)
+    device = torch.device(args.device)
+    if device.type != "cuda" and not args.tiny:
+        parser.error("the real shapes need a GPU: pass --tiny on CPU")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    config = model_config(args.tiny)
+    lm = build_decoder(config, device, dtype)
+    sync(device)
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+              "dtype": str(dtype).removeprefix("torch."), "shapes": "tiny" if args.tiny else "LLaVA-Video-7B-Qwen2",
+              "torch": torch.__version__, "transformers": transformers.__version__, "new_tokens": args.new_tokens,
+              "repeats": args.repeats, "cases": []}
+    out_dir = Path(args.out) if args.out else None
+    for case in cases(args):
+        if time.perf_counter() - start > args.budget_s:
+            report["cases"].append({**case, "references": "-", "fusion_layer": "-", "status": "skipped (time budget)"})
+            continue
+        row = run_case(case, lm, config, device, args)
+        report["cases"].append(row)
+        print(f"{row['name']}: {row['status']} {row.get('total_s', 0):.3f} s, peak {row.get('peak_gib')}", flush=True)
+        if out_dir:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "bench_question_sets.json").write_text(json.dumps(report, indent=2, default=str))
+            (out_dir / "bench_question_sets.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
