@@ -109,6 +109,16 @@ def attend(query, key, value, mask, scaling: float, backend: str = "sdpa") -> to
     return o.transpose(1, 2)
 
 
+def float_scores(a, b) -> torch.Tensor:
+    """a (..., M, D) @ b (..., D, T) as float32, batch dims equal. Half-precision inputs on CUDA
+    accumulate into float32 output directly (bmm's out_dtype), as the flash kernel keeps its
+    scores: rounding q.k to bf16 first would shift a softmax by up to a few percent."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out_dtype=torch.float32)
+        return out.view(*a.shape[:-1], b.shape[-1])
+    return torch.matmul(a, b).float()
+
+
 def questions_per_call(rows: int, heads: int, queries: int, keys: int) -> int:
     """How many questions one `question_attention` call may take within SCORE_BUDGET."""
     return max(1, SCORE_BUDGET // max(rows * heads * queries * keys, 1))
@@ -146,10 +156,10 @@ def question_attention(q, rows_k, rows_v, rows_real, own_k, own_v, own_real, q_s
     rep, x = h // hkv, (h // hkv) * mq
     qg = q.reshape(b, hkv, x, d)  # query heads sharing a KV head fold onto the query axis
     # (R, B, Hkv, X, T0) scores of every row for every question, one matmul per KV head.
-    s_rows = torch.matmul(qg.transpose(0, 1).reshape(hkv, b * x, d)[None], rows_k.transpose(2, 3))
-    s_rows = s_rows.float().mul_(scaling).view(r, hkv, b, x, t0).transpose(1, 2)
+    queries = qg.transpose(0, 1).reshape(hkv, b * x, d)[None].expand(r, -1, -1, -1)
+    s_rows = float_scores(queries, rows_k.transpose(2, 3)).mul_(scaling).view(r, hkv, b, x, t0).transpose(1, 2)
     s_rows = s_rows.masked_fill(~rows_real[:, None, None, None, :], float("-inf"))
-    s_own = torch.matmul(qg, own_k.transpose(2, 3)).float().mul_(scaling)  # (B, Hkv, X, Tk)
+    s_own = float_scores(qg, own_k.transpose(2, 3)).mul_(scaling)  # (B, Hkv, X, Tk)
     tk = own_k.shape[2]
     own_mask = own_real[:, None, :] & (torch.arange(tk, device=q.device)[None, None] <= q_slots[None, :, None])
     s_own = s_own.masked_fill(~own_mask[:, None, None].expand(b, 1, rep, mq, tk).reshape(b, 1, x, tk), float("-inf"))
