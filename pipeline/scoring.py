@@ -186,10 +186,10 @@ def _groups(score: dict) -> list[tuple[str, str | None]]:
 
 
 def _lookup(score: dict, path: tuple | None) -> dict | None:
-    node = score
-    for key in path or ():
-        node = node.get(key) if node is not None else None
-    return node
+    """The group at `path` (("overall",) or (section, name)); None for section titles."""
+    if path is None:
+        return None
+    return score[path[0]] if len(path) == 1 else score[path[0]].get(path[1])
 
 
 def _spend_rows(spends: list[dict]) -> list[list[str]]:
