@@ -113,3 +113,16 @@ def test_multiple_choice_wording_per_benchmark():
     assert prompts.open_ended_question("Why?", "none") == "Why?"
     with pytest.raises(ValueError, match="1 to 26 options"):
         prompts.multiple_choice_question("Why?", [], "videomme")
+
+
+def test_loaded_model_uses_the_chosen_template(tiny_onevision_dir):
+    from freemoref.loading import load_video_llm
+
+    llm = load_video_llm(tiny_onevision_dir, prompt_template="hf")
+    prefix, suffix = llm.build_prompt(QUESTION, None)
+    assert (prefix.tolist(), suffix.tolist()) == ([973, 84, 82, 268, 198], SUFFIX)
+    assert llm.chat_prompt(QUESTION, "Be brief.") == (
+        f"<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<video>\n{QUESTION}<|im_end|>\n"
+        "<|im_start|>assistant\n")
+    with pytest.raises(ValueError, match="unknown prompt template 'vicuna'"):
+        load_video_llm(tiny_onevision_dir, prompt_template="vicuna")
