@@ -56,15 +56,20 @@ def _check_local_checkpoint(path: Path) -> None:
 
 def load_video_llm(model: str | os.PathLike, *, dtype: str | torch.dtype = "auto",
                    device: str | torch.device = "auto", attn_implementation: str = "sdpa",
-                   trust_remote_code: bool = False, layout: str = "auto") -> VideoLLM:
+                   trust_remote_code: bool = False, layout: str = "auto",
+                   prompt_template: str = "llava_vid") -> VideoLLM:
     """Load model and processor from a local directory or a hub id.
 
     dtype "auto" is bfloat16 on CUDA and float32 on CPU. layout "auto" takes the layout the
     checkpoint records under `moref_video_layout` (freemoref.tiny and freemoref.convert write it),
     else "onevision", the HF default. `trust_remote_code` is passed through to transformers.
+    `prompt_template` names the prompt format (freemoref.prompts.PROMPT_TEMPLATES).
     """
+    from freemoref.prompts import PROMPT_TEMPLATES
     from transformers import AutoConfig, AutoProcessor, LlavaOnevisionForConditionalGeneration
 
+    if prompt_template not in PROMPT_TEMPLATES:
+        raise ValueError(f"unknown prompt template {prompt_template!r}; expected one of {sorted(PROMPT_TEMPLATES)}")
     source = str(model)
     if _is_local(source):
         path = Path(source).expanduser()
@@ -83,4 +88,6 @@ def load_video_llm(model: str | os.PathLike, *, dtype: str | torch.dtype = "auto
     processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
     if layout == "auto":
         layout = getattr(config, VIDEO_LAYOUT_KEY, None) or "onevision"
-    return VideoLLM(llm, processor, check_layout(layout))
+    video_llm = VideoLLM(llm, processor, check_layout(layout))
+    video_llm.prompt_template = prompt_template
+    return video_llm

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from freemoref import flops, layouts
+from freemoref import flops, layouts, prompts
 from freemoref.config import GenerationOptions, ResolvedMoRef
 from freemoref.engine import MAX_BATCH_TOKENS, MoRefEngine, MoRefOutput, generate_answers
 from freemoref.partition import partition_frames
@@ -115,26 +115,21 @@ class VideoLLM:
         """Frames (F, t, D) -> one visual sequence (l, D) in this model's layout."""
         return layouts.assemble_visual_tokens(frame_tokens, self.layout, layouts.image_newline(self.model))
 
+    # Which of freemoref.prompts.PROMPT_TEMPLATES builds the prompt; load_video_llm sets it.
+    prompt_template = "llava_vid"
+
     def chat_prompt(self, question: str, system_prompt: str | None) -> str:
-        """The chat-template text with one video placeholder, ending with the assistant-turn start.
-        `system_prompt` None leaves the template's default system turn."""
-        messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
-        messages.append({"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]})
-        templater = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
-        return templater.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        """The prompt text with one video placeholder, ending with the assistant-turn start, for
+        display. `system_prompt` None is the template's default system turn."""
+        pieces = prompts.prompt_pieces(self.prompt_template, question, system_prompt)
+        return prompts.render_text(pieces, self.video_token)
 
     def build_prompt(self, question: str, system_prompt: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prefix_ids, suffix_ids): the tokenized chat text before the video placeholder (system +
-        user-turn start) and after it (question + assistant-turn start)."""
-        text = self.chat_prompt(question, system_prompt)
-        parts = text.split(self.video_token)
-        if len(parts) != 2:
-            raise ValueError(f"chat template must yield exactly one {self.video_token}, got {len(parts) - 1}")
-
-        def ids(part: str) -> torch.Tensor:
-            return self.tokenizer(part, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-
-        return ids(parts[0]), ids(parts[1])
+        """(prefix_ids, suffix_ids): the prompt's ids before the video (system + user-turn start)
+        and after it (question + assistant-turn start). Question and system prompt stay text:
+        no special or added token can come from them (freemoref.prompts.encode_prompt)."""
+        pieces = prompts.prompt_pieces(self.prompt_template, question, system_prompt)
+        return prompts.encode_prompt(self.tokenizer, pieces)
 
     @torch.no_grad()
     def embed(self, ids: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,8 @@
     moref-index run CONFIG.yaml [--set key.path=value ...]
     moref-index convert SRC_LLAVA_NEXT_DIR DST_HF_DIR
     moref-index tiny-models DIR
+    moref-index import-questions --format videomme|mlvu|longvideobench SRC... --out SET.jsonl
+    moref-index score OUTPUT --questions SET.jsonl [--compare OTHER_OUTPUT] [--json]
 """
 
 from __future__ import annotations
@@ -84,6 +86,38 @@ def cmd_tiny_models(args) -> int:
     return 0
 
 
+def cmd_import_questions(args) -> int:
+    from pipeline.question_sets import IMPORTERS, write_question_set
+
+    options = {"video_suffix": args.video_suffix} if args.format == "videomme" else {}
+    questions = IMPORTERS[args.format](args.src, **options)
+    if not questions:
+        print(f"error: no multiple-choice questions in {args.src}", file=sys.stderr)
+        return 2
+    out = write_question_set(questions, args.out)
+    videos = len({q.video_id for q in questions})
+    print(f"wrote {len(questions)} questions about {videos} videos to {out}")
+    return 0
+
+
+def cmd_score(args) -> int:
+    from pipeline.config import ConfigError
+    from pipeline.question_sets import read_question_set
+    from pipeline.scoring import render_comparison, render_score, score_output
+
+    try:
+        questions = read_question_set(args.questions)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    scores = [score_output(path, questions) for path in [args.output] + ([args.compare] if args.compare else [])]
+    if args.json:
+        print(json.dumps(scores[0] if len(scores) == 1 else {"runs": scores}, indent=2))
+    else:
+        print(render_score(scores[0]) if len(scores) == 1 else render_comparison(*scores))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moref-index", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +139,20 @@ def main(argv: list[str] | None = None) -> int:
     tiny = sub.add_parser("tiny-models", help="build the tiny offline models used by the demo")
     tiny.add_argument("dir")
     tiny.set_defaults(func=cmd_tiny_models)
+
+    importer = sub.add_parser("import-questions", help="convert benchmark annotations into a multiple-choice question set")
+    importer.add_argument("--format", required=True, choices=["videomme", "mlvu", "longvideobench"])
+    importer.add_argument("src", nargs="+", help="annotation files (.json, .jsonl or .parquet)")
+    importer.add_argument("--out", "-o", required=True, help="the question set to write (.jsonl or .parquet)")
+    importer.add_argument("--video-suffix", default=".mp4", help="videomme: appended to videoID to make video_id")
+    importer.set_defaults(func=cmd_import_questions)
+
+    score = sub.add_parser("score", help="accuracy of a run's answers against a multiple-choice question set")
+    score.add_argument("output", help="the job's output.path (local or URL)")
+    score.add_argument("--questions", required=True, help="the question set (.jsonl or .parquet)")
+    score.add_argument("--compare", metavar="OTHER_OUTPUT", help="a second run's output.path, shown side by side")
+    score.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    score.set_defaults(func=cmd_score)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -49,6 +49,7 @@ class AnswerStage:
             attn_implementation=cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code,
             layout=cfg.layout,
+            prompt_template=cfg.prompt_template,
         )
         self.model_name = model_label(cfg.model)
         self.generation = GenerationOptions(

@@ -78,6 +78,10 @@ class QuestionsConfig(_Strict):
 
     file: str | None = None
     prompts: list[GlobalQuestion] = []
+    # Wording of the file's questions (freemoref.prompts), as lmms-eval evaluates each benchmark:
+    # rows with `options` are multiple choice; the others get the open-ended post-prompt.
+    multiple_choice_prompt: Literal["videomme", "mlvu", "longvideobench"] = "videomme"
+    open_ended_prompt: Literal["none", "short_answer"] = "none"
 
     @field_validator("prompts", mode="before")
     @classmethod
@@ -156,7 +160,9 @@ class AnswerConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     trust_remote_code: bool = False
-    system_prompt: str = "You are a helpful assistant."
+    # The model family's prompt format (freemoref.prompts): LLaVA-Video's evaluations or HF's template.
+    prompt_template: Literal["llava_vid", "hf"] = "llava_vid"
+    system_prompt: str | None = None  # None: the template's own ("You are a helpful assistant." for llava_vid)
     max_new_tokens: int = Field(default=128, ge=1, le=8192)
     do_sample: bool = False
     temperature: float = Field(default=1.0, gt=0)

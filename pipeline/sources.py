@@ -2,7 +2,8 @@
 
 Videos come from glob(s) over a local path or any fsspec URL (s3://, gs://, file://), or from a
 manifest file (Parquet, JSONL or CSV) of URIs and optional ids. Questions come from a per-video
-file (video_id, question_id, question) and/or global prompts asked of every video.
+file (video_id, question_id, question, and `options` for multiple choice) and/or global prompts
+asked of every video.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
+from freemoref.prompts import multiple_choice_question, open_ended_question
 from pipeline.config import ConfigError, InputConfig, QuestionsConfig, StorageConfig
 
 
@@ -138,16 +140,30 @@ def load_questions(cfg: QuestionsConfig, storage: StorageConfig) -> tuple[dict[s
         table = read_table(cfg.file, storage, what)
         _require_columns(table, ("video_id", "question_id", "question"), what)
         seen = set()
-        for vid, qid, text in zip(*(table.column(c).to_pylist() for c in ("video_id", "question_id", "question"))):
+        columns = [table.column(c).to_pylist() for c in ("video_id", "question_id", "question")]
+        # Multiple-choice sets (pipeline.question_sets) carry options; CSV files cannot.
+        options = table.column("options").to_pylist() if "options" in table.column_names else [None] * len(table)
+        for vid, qid, text, choices in zip(*columns, options):
             vid, qid = str(vid), str(qid)
             if not text:
                 raise ConfigError(f"{what}: empty question for video_id={vid!r} question_id={qid!r}")
             if (vid, qid) in seen:
                 raise ConfigError(f"{what}: duplicate (video_id, question_id) = ({vid!r}, {qid!r})")
             seen.add((vid, qid))
-            per_video.setdefault(vid, []).append(Question(qid, str(text)))
+            per_video.setdefault(vid, []).append(Question(qid, _worded(str(text), choices, cfg, what)))
     prompts = [Question(p.question_id, p.question) for p in cfg.prompts]
     return per_video, prompts
+
+
+def _worded(question: str, options: list | None, cfg: QuestionsConfig, what: str) -> str:
+    """The question as the model sees it: with its lettered options and the benchmark's
+    instructions (`multiple_choice_prompt`), or with the open-ended post-prompt."""
+    if not options:
+        return open_ended_question(question, cfg.open_ended_prompt)
+    try:
+        return multiple_choice_question(question, [str(o) for o in options], cfg.multiple_choice_prompt)
+    except ValueError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
 
 
 def questions_for(video_id: str, per_video: dict[str, list[Question]], prompts: list[Question]) -> list[Question]:

@@ -70,3 +70,9 @@ def test_questions_for_unlisted_videos_are_counted(tmp_path):
     rows, summary = plan_work(cfg, OutputStore(cfg.output))
     assert len(rows) == 1 and summary.inputs == 1 and summary.unmatched_questions == 1
     assert "questions naming no listed video (not run): 1" in summary.render()
+
+
+def test_prompt_template_comes_from_the_config(tiny_model_dir):
+    stage = AnswerStage(AnswerConfig(model=tiny_model_dir["llava"], prompt_template="hf"), run_id="r")
+    prefix, _ = stage.llm.build_prompt("Who?", stage.cfg.system_prompt)
+    assert stage.llm.tokenizer.decode(prefix) == "<|im_start|>user\n"  # hf: no system turn by default

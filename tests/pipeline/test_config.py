@@ -1,6 +1,8 @@
 import pathlib
+import re
 
 import pytest
+import yaml
 
 from pipeline.config import ConfigError, load_job_config, parse_job_config
 
@@ -28,6 +30,8 @@ def test_minimal_config_gets_defaults():
     assert cfg.questions.prompts[0].question_id == "prompt-0"
     assert cfg.answer.moref.granularity == "chunk"
     assert cfg.answer.trust_remote_code is False
+    assert (cfg.answer.prompt_template, cfg.answer.system_prompt) == ("llava_vid", None)
+    assert (cfg.questions.multiple_choice_prompt, cfg.questions.open_ended_prompt) == ("videomme", "none")
 
 
 @pytest.mark.parametrize(
@@ -39,6 +43,8 @@ def test_minimal_config_gets_defaults():
         ({"answer__moref__granularity": "layer"}, "answer.moref.granularity"),
         ({"answer__moref__keep_ratio": 1.5}, "answer.moref.keep_ratio"),
         ({"output__path": None}, "output.path"),
+        ({"answer__prompt_template": "vicuna"}, "answer.prompt_template"),
+        ({"questions__multiple_choice_prompt": "mmlu"}, "questions.multiple_choice_prompt"),
         ({"nonsense": {}}, "nonsense: unknown key"),
     ],
 )
@@ -97,3 +103,17 @@ def test_home_relative_paths_expand(tmp_path: pathlib.Path):
     cfg = load_job_config(tmp_path / "job.yaml")
     home = pathlib.Path.home()
     assert cfg.input.videos == [str(home / "clips/*.mp4")] and cfg.output.path == str(home / "out")
+
+
+def test_readme_videomme_commands_validate():
+    """The README's Video-MME reproduction overrides the shipped config with keys that exist."""
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    readme = (repo / "README.md").read_text()
+    section = readme.split("### Reproducing Free-MoRef on Video-MME", 1)[1]
+    loop = section.split("for F in 128 256 512; do", 1)[1].split("done", 1)[0]  # the MoRef runs
+    pairs = re.findall(r"--set (\S+)", loop.replace("$F", "256"))
+    assert len(pairs) == 5
+    overrides = {key: yaml.safe_load(value) for key, _, value in (p.partition("=") for p in pairs)}
+    cfg = load_job_config(repo / "jobs" / "configs" / "videomme.yaml", overrides)
+    assert (cfg.decode.num_frames, cfg.guidance.frames_per_question, cfg.answer.moref.enabled) == (256, 256, True)
+    assert cfg.questions.multiple_choice_prompt == "videomme" and cfg.answer.prompt_template == "llava_vid"
