@@ -100,13 +100,15 @@ class KVCache:
     @classmethod
     def holding(cls, k, v, slots: int) -> "KVCache":
         """A cache of `slots` slots whose first slots hold k, v."""
-        cache = cls(k.new_empty(*k.shape[:2], slots, k.shape[3]), v.new_empty(*v.shape[:2], slots, v.shape[3]))
+        # Zeros, not garbage: unfilled slots are masked, but 0 x NaN would still poison a sum.
+        cache = cls(k.new_zeros(*k.shape[:2], slots, k.shape[3]), v.new_zeros(*v.shape[:2], slots, v.shape[3]))
         cache.k[:, :, : k.shape[2]], cache.v[:, :, : v.shape[2]] = k, v
         return cache
 
-    def write(self, slot: int, k, v) -> None:
-        """Store one token's k, v (B, Hkv, 1, Dh) at `slot`."""
-        self.k[:, :, slot], self.v[:, :, slot] = k[:, :, 0], v[:, :, 0]
+    def write(self, slot: torch.Tensor, k, v) -> None:
+        """Store one token's k, v (B, Hkv, 1, Dh) at `slot` (a (1,) device tensor: no host sync)."""
+        self.k.index_copy_(2, slot, k)
+        self.v.index_copy_(2, slot, v)
 
 
 @dataclass
@@ -145,16 +147,19 @@ class MoRefEngine:
     """A decoder, its resolved MoRef settings and attention backend.
 
     fixed_weights (N,): gate weights used instead of the computed ones (ablations, tests).
-    max_batch_tokens: budget of fused tokens per batch of questions (`generate_answers`)."""
+    max_batch_tokens: budget of fused tokens per batch of questions (`generate_answers`).
+    cuda_graphs: on CUDA, decode by replaying a recorded CUDA graph of the step."""
 
     def __init__(self, lm, cfg: ResolvedMoRef, backend: str | None = None, fixed_weights=None,
-                 max_batch_tokens: int = MAX_BATCH_TOKENS):
+                 max_batch_tokens: int = MAX_BATCH_TOKENS, cuda_graphs: bool = True):
         self.decoder, self.lm_head = split_lm(lm)
         self.layers = list(self.decoder.layers)
         self.cfg = cfg
         self.backend = backend or backend_for(getattr(self.decoder.config, "_attn_implementation", None))
-        self.fixed_weights = fixed_weights
+        device = self.decoder.get_input_embeddings().weight.device
+        self.fixed_weights = None if fixed_weights is None else fixed_weights.to(device, torch.float32)
         self.max_batch_tokens = max_batch_tokens
+        self.cuda_graphs = cuda_graphs and device.type == "cuda"
         # N = 1 is plain attention: nothing gated or fused. L >= num_layers gates every layer.
         self.fusion_layer = min(cfg.fusion_layer, len(self.layers)) if cfg.references > 1 else len(self.layers)
 
@@ -284,7 +289,7 @@ class QuestionBatch:
 
             def gate(scores, part=part):
                 if engine.fixed_weights is not None:
-                    return engine.fixed_weights.to(scores.device, torch.float32).view(-1, 1, 1, 1)
+                    return engine.fixed_weights.view(-1, 1, 1, 1)
                 carry = self.running.get(li)
                 w, running = gate_mix_weights(scores, engine.cfg.granularity, blocks[part],
                                               None if carry is None else carry[:, part], real_len[part])
@@ -319,30 +324,56 @@ class QuestionBatch:
         """Append one generated token per question (B,); return the next logits (B, vocab)."""
         if self.generated >= self.max_new:
             raise RuntimeError("the cache is full: pass a larger max_new_tokens to prefill")
-        engine, video, t = self.engine, self.video, self.generated
-        h = engine.decoder.get_input_embeddings()(tokens.view(-1, 1).to(self.own_real.device))
-        slot = self.qmax + t
-        self.own_real[:, slot] = True
-        ones = torch.ones_like(self.q_len)
+        if not hasattr(self, "_tokens"):
+            self._tokens = torch.zeros(self.size, dtype=torch.long, device=self.own_real.device)
+            self._t = torch.zeros((), dtype=torch.long, device=self.own_real.device)
+        self._tokens.copy_(tokens.view(-1))
+        self._t.fill_(self.generated)
+        if self._graph is not None:
+            self._graph.replay()
+        else:
+            self._logits_out = self._step()
+        self.generated += 1
+        return self._logits_out
+
+    _graph = None
+
+    def capture_cuda_graph(self) -> None:
+        """Record `step`'s kernels once as a CUDA graph and replay it for every later token: the
+        decoding step has fixed shapes (caches at full size, unfilled slots masked, the step
+        number on the device), so Python and kernel-launch overhead are paid once, not per token.
+        Call after one eager `step` (which warms up the kernels); the batch keeps the graph."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream), torch.no_grad(), torch.cuda.graph(graph, stream=stream):
+            self._logits_out = self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self._graph = graph
+
+    def _step(self) -> torch.Tensor:
+        """One decoding step on the device state: `_tokens` (B,) at step `_t`. Fixed shapes only."""
+        engine, video, t = self.engine, self.video, self._t
+        h = engine.decoder.get_input_embeddings()(self._tokens[:, None])
+        slot = (self.qmax + t).view(1)
+        self.own_real.index_fill_(1, slot, True)
+        zeros, ones = torch.zeros_like(self.q_len), torch.ones_like(self.q_len)
+        filled = self.own_real.shape[1]
         with engine_sdpa():
             cos, sin = engine.cos_sin(h, (video.slots + self.q_len + t)[:, None])
-            slots = torch.full((1,), slot, device=h.device)
             for li, (layer, cache) in enumerate(zip(engine.layers[: video.shared_layers], self.own_kv)):
                 q, k, v = _project(layer, h, cos, sin)
                 cache.write(slot, k, v)
-                h = _finish(layer, h, self._attend(li, q, cache, slot + 1, slots, ones * 0, ones))
+                h = _finish(layer, h, self._attend(li, q, cache, filled, slot, zeros, ones))
             if video.fused:
-                slot = self.fused_slots + t
-                self.fused_real[:, slot] = True
-                mask = self.fused_real[:, None, None, : slot + 1]
+                slot = (self.fused_slots + t).view(1)
+                self.fused_real.index_fill_(1, slot, True)
+                mask = self.fused_real[:, None, None, :]
                 cos, sin = engine.cos_sin(h, (self.fused_len + t)[:, None])
                 for layer, cache in zip(engine.layers[video.shared_layers :], self.fused_kv):
                     q, k, v = _project(layer, h, cos, sin)
                     cache.write(slot, k, v)
-                    o = attend(q, cache.k[:, :, : slot + 1], cache.v[:, :, : slot + 1], mask,
-                               layer.self_attn.scaling, engine.backend)
-                    h = _finish(layer, h, o)
-        self.generated += 1
+                    h = _finish(layer, h, attend(q, cache.k, cache.v, mask, layer.self_attn.scaling, engine.backend))
         return engine.logits(h[:, -1])
 
 
@@ -452,6 +483,8 @@ def _decode(batch: QuestionBatch, gen: GenerationOptions, eos_token_ids, stop_ch
                 break
         if i + 1 < limit:
             logits = batch.step(token)
+            if i == 0 and batch.engine.cuda_graphs:  # the first step warmed the kernels up
+                batch.capture_cuda_graph()
     eos_host, tokens_host = eos_at.tolist(), out.tolist()
     results = []
     for j in range(b):
