@@ -123,28 +123,31 @@ def write_questions(path: Path, videos: list[str], per_video: int) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def build_real_models(work: str) -> dict:
-    """Random bf16 LLaVA-Video-7B-Qwen2 (HF LlavaOnevision, llava_vid layout) and open_clip
-    ViT-L-14-336 checkpoints, initialised on the GPU and saved with safetensors. Runs in a child
-    process so the benchmark's own process never holds GPU memory. Reuses a finished build."""
+def build_models(work: str, tiny: bool) -> dict:
+    """Random LLaVA-Video-7B-Qwen2 (HF LlavaOnevision, llava_vid layout; bf16, built on the GPU) and
+    open_clip ViT-L-14-336 checkpoints, saved with safetensors; with `tiny`, the same code on the
+    CPU with bench_moref's tiny widths (28 layers kept) and the tiny CLIP. Runs in a child process
+    so the benchmark's own process never holds GPU memory. Reuses a finished build."""
     import torch
 
     from bench_moref import model_config
     from freemoref.convert import IMAGE_TOKEN, VIDEO_TOKEN
     from freemoref.layouts import VIDEO_LAYOUT_KEY
-    from freemoref.tiny import _grid_pinpoints, build_tiny_tokenizer, tiny_processor, TinyModelShape
-    from pipeline.clip_models import build_random_clip
+    from freemoref.tiny import TinyModelShape, _grid_pinpoints, build_tiny_tokenizer, tiny_processor
+    from pipeline.clip_models import build_random_clip, build_tiny_clip
 
     root = Path(work) / "models"
     llava, clip, done = root / "llava-video-7b-random", root / "clip-vit-l-14-336-random", root / "DONE"
-    timings = {}
     if done.exists():
         return json.loads(done.read_text())
+    device, dtype = ("cpu", torch.float32) if tiny else ("cuda", torch.bfloat16)
+    timings = {}
     t0 = time.perf_counter()
     from transformers import GenerationConfig, LlavaOnevisionForConditionalGeneration
 
     tokenizer = build_tiny_tokenizer()
-    config = model_config(tiny=False)
+    config = model_config(tiny=tiny)
+    config.text_config.vocab_size = max(config.text_config.vocab_size, len(tokenizer))
     image_id, video_id = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, VIDEO_TOKEN])
     endoftext_id, im_end_id = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
     config.image_token_index, config.video_token_index = image_id, video_id
@@ -152,9 +155,9 @@ def build_real_models(work: str) -> dict:
     config.text_config.eos_token_id, config.text_config.pad_token_id = im_end_id, endoftext_id
     setattr(config, VIDEO_LAYOUT_KEY, "llava_vid")
     saved = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype)
     try:
-        with torch.device("cuda"):
+        with torch.device(device):
             model = LlavaOnevisionForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(saved)
@@ -165,7 +168,8 @@ def build_real_models(work: str) -> dict:
         model.lm_head.weight[len(tokenizer):].zero_()
         model.lm_head.weight[[im_end_id, endoftext_id]] = 0
     model.generation_config = GenerationConfig(eos_token_id=im_end_id, pad_token_id=endoftext_id, do_sample=False)
-    torch.cuda.synchronize()
+    if device == "cuda":
+        torch.cuda.synchronize()
     timings["llava_init_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     model.save_pretrained(str(llava), max_shard_size="4GB")
@@ -173,19 +177,16 @@ def build_real_models(work: str) -> dict:
     tiny_processor(tokenizer, shape).save_pretrained(str(llava))
     timings["llava_save_s"] = time.perf_counter() - t0
     del model
-    torch.cuda.empty_cache()
     t0 = time.perf_counter()
-    build_random_clip(clip, CLIP_MODEL, device="cuda", dtype=torch.float16)
+    if tiny:
+        build_tiny_clip(clip)
+    else:
+        torch.cuda.empty_cache()
+        build_random_clip(clip, CLIP_MODEL, device=device, dtype=torch.float16)
     timings["clip_build_s"] = time.perf_counter() - t0
     result = {"llava": str(llava), "clip": str(clip), "timings": timings}
     done.write_text(json.dumps(result))
     return result
-
-
-def build_tiny(work: str) -> dict:
-    from jobs.cli import build_tiny_models
-
-    return {**build_tiny_models(Path(work) / "models"), "timings": {}}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -246,9 +247,7 @@ def job_config(args, models: dict, work: Path, frames: int, gpus: int, name: str
         "answer": {"model": models["llava"], "max_new_tokens": args.new_tokens,
                    "num_gpus": (1 - args.clip_gpu_fraction) if gpu else 0, "num_cpus": 1 if gpu else 0.5,
                    "concurrency": "auto" if gpu else 1,
-                   **({"memory_gib": 1} if args.tiny else {}),
-                   **({"layout": "llava_vid"} if not args.tiny else
-                      {"moref": {"temporal_units": 4, "references": 2}})},
+                   **({"memory_gib": 1, "moref": {"temporal_units": 4, "references": 2}} if args.tiny else {})},
         "output": {"path": str(work / "out" / name)},
         "ray": {"num_cpus": max(4, os.cpu_count() or 4)},
     }
@@ -480,7 +479,7 @@ def main(argv=None) -> int:
     # Models build on the GPU in a child process while the videos are written on the CPUs.
     spawn = multiprocessing.get_context("spawn")
     with spawn.Pool(1) as builder:
-        pending = builder.apply_async(build_tiny if args.tiny else build_real_models, (str(work),))
+        pending = builder.apply_async(build_models, (str(work), args.tiny))
         t0 = time.time()
         videos = make_videos(work / "videos", args.videos, args.tiny, max(1, (os.cpu_count() or 2) - 2))
         report["videos_s"] = time.time() - t0
