@@ -303,7 +303,7 @@ def select_frames(
     if method not in SELECTION_METHODS:
         raise ValueError(f"unknown frame selection {method!r}; expected one of {SELECTION_METHODS}")
     k = min(k, num_frames)
-    if method == "uniform" or k == 0:
+    if method == "uniform" or k == 0 or num_questions == 0:  # no questions: nothing to score
         return np.tile(uniform_positions(num_frames, k), (num_questions, 1)).reshape(num_questions, k)
     if scores is None or np.shape(scores) != (num_questions, num_frames):
         expected = (num_questions, num_frames)
