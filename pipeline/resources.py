@@ -169,11 +169,12 @@ def check_placement(requests: dict[str, StageRequest], nodes: list[Node], where:
     for req in actors:
         node = next((n for n in nodes if not n.short_of(req)), None)
         if node is None:
-            others = ", ".join(f"{n} {s}" for s, n in placed.items()) or "nothing else"
+            others = ", ".join(f"{s} x{n}" for s, n in placed.items()) or "nothing else"
             short = sorted({s.split(" (")[0] for n in nodes for s in n.short_of(req)})
             raise UnschedulableError(
-                f"{req.stage}: {req.count} actors of {req.describe()} cannot all be placed on {where} "
-                f"beside {others}: short of {', '.join(short)} (placed {placed.get(req.stage, 0)} of {req.count})")
+                f"{req.stage}: {req.count} actor{'s' if req.count > 1 else ''} of {req.describe()} cannot all be "
+                f"placed on {where} beside the actors already placed ({others}): short of {', '.join(short)} "
+                f"(placed {placed.get(req.stage, 0)} of {req.count})")
         node.take(req)
         placed[req.stage] = placed.get(req.stage, 0) + 1
     for req in (r for r in requests.values() if not r.is_actor):
