@@ -113,14 +113,15 @@ def answer_memory_bytes(cfg: JobConfig) -> int:
     return int(weights + ANSWER_BASE_MEMORY_GIB * GIB)
 
 
-def answer_concurrency(cfg: JobConfig, answer_gpus: float, cluster_gpus: float) -> int:
+def answer_concurrency(cfg: JobConfig, answer_gpus: float, cluster_gpus: float, guidance_gpus: float) -> int:
     """`answer.concurrency`, or for `auto`: as many actors as the cluster's GPUs hold at
-    `answer.num_gpus` each (one per GPU at 1.0), and 1 when the actors use no GPU."""
+    `answer.num_gpus` each once the CLIP actors have their share (one per GPU at 1.0 and 0 for
+    CLIP; one per GPU at 0.8 beside CLIP at 0.2), and 1 when the actors use no GPU."""
     if cfg.answer.concurrency != "auto":
         return int(cfg.answer.concurrency)
     if answer_gpus <= 0 or cluster_gpus <= 0:
         return 1
-    return max(1, math.floor(cluster_gpus / answer_gpus + 1e-9))
+    return max(1, math.floor((cluster_gpus - guidance_gpus) / answer_gpus + 1e-9))
 
 
 def stage_requests(cfg: JobConfig, *, gpus_usable: bool, cluster_gpus: float) -> dict[str, StageRequest]:
@@ -131,12 +132,13 @@ def stage_requests(cfg: JobConfig, *, gpus_usable: bool, cluster_gpus: float) ->
         return requested if gpus_usable or device == "cuda" else 0.0
 
     answer_gpus = gpus(cfg.answer.num_gpus, cfg.answer.device)
+    guidance = StageRequest("guidance", cfg.guidance.num_cpus, gpus(cfg.guidance.num_gpus, cfg.guidance.device),
+                            int(cfg.guidance.memory_gib * GIB), count=cfg.guidance.concurrency)
+    concurrency = answer_concurrency(cfg, answer_gpus, cluster_gpus, guidance.gpus * guidance.count)
     return {
         "decode": StageRequest("decode", cfg.decode.num_cpus, 0.0, 0, is_actor=False),
-        "guidance": StageRequest("guidance", cfg.guidance.num_cpus, gpus(cfg.guidance.num_gpus, cfg.guidance.device),
-                                 int(cfg.guidance.memory_gib * GIB), count=cfg.guidance.concurrency),
-        "answer": StageRequest("answer", cfg.answer.num_cpus, answer_gpus, answer_memory_bytes(cfg),
-                               count=answer_concurrency(cfg, answer_gpus, cluster_gpus)),
+        "guidance": guidance,
+        "answer": StageRequest("answer", cfg.answer.num_cpus, answer_gpus, answer_memory_bytes(cfg), count=concurrency),
         "sink": StageRequest("sink", SINK_CPUS, 0.0, 0, is_actor=False),
     }
 

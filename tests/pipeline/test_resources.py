@@ -76,9 +76,14 @@ def test_actors_must_leave_room_for_decode_tasks(tmp_path):
 
 def test_answer_concurrency_auto_is_one_actor_per_gpu_share(tmp_path):
     auto = {"concurrency": "auto"}
-    assert requests(tmp_path, cluster_gpus=2, answer=auto)["answer"].count == 2
-    assert requests(tmp_path, cluster_gpus=2, answer={**auto, "num_gpus": 0.8})["answer"].count == 2
-    assert requests(tmp_path, cluster_gpus=8, answer={**auto, "num_gpus": 0.5})["answer"].count == 16
+    no_clip_gpu = {"num_gpus": 0}
+    assert requests(tmp_path, cluster_gpus=2, answer=auto, guidance=no_clip_gpu)["answer"].count == 2
+    # the CLIP actor's share comes first: 0.25 of 2 GPUs leaves room for one whole-GPU actor
+    assert requests(tmp_path, cluster_gpus=2, answer=auto)["answer"].count == 1
+    beside_clip = requests(tmp_path, cluster_gpus=2, answer={**auto, "num_gpus": 0.8}, guidance={"num_gpus": 0.2})
+    assert beside_clip["answer"].count == 2
+    place(beside_clip, {"cpus": 8, "gpus": 2, "memory_gib": 128, "max_nodes": 1})
+    assert requests(tmp_path, cluster_gpus=8, answer={**auto, "num_gpus": 0.5}, guidance=no_clip_gpu)["answer"].count == 16
     assert requests(tmp_path, cluster_gpus=0, answer=auto)["answer"].count == 1
     cpu_only = requests(tmp_path, gpus_usable=False, cluster_gpus=0, answer=auto)["answer"]
     assert (cpu_only.count, cpu_only.gpus) == (1, 0.0)
