@@ -196,14 +196,14 @@ def build_models(work: str, tiny: bool) -> dict:
 class GpuSampler:
     """`nvidia-smi` every SAMPLE_PERIOD_MS in a reader thread: (time, gpu index, util %, MiB used)."""
 
-    def __init__(self, gpus: list[int]):
-        self.samples: list[tuple[float, int, float, float]] = []
+    def __init__(self, gpus: list[str]):
+        self.samples: list[tuple[float, str, float, float]] = []
         self.proc = None
         if not gpus or shutil.which("nvidia-smi") is None:
             return
         self.proc = subprocess.Popen(
             ["nvidia-smi", "--query-gpu=index,utilization.gpu,memory.used", "--format=csv,noheader,nounits",
-             f"-lms={SAMPLE_PERIOD_MS}", f"--id={','.join(map(str, gpus))}"],
+             f"-lms={SAMPLE_PERIOD_MS}", f"--id={','.join(gpus)}"],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
@@ -212,7 +212,7 @@ class GpuSampler:
         for line in self.proc.stdout:
             parts = [p.strip() for p in line.split(",")]
             try:
-                self.samples.append((time.time(), int(parts[0]), float(parts[1]), float(parts[2])))
+                self.samples.append((time.time(), parts[0], float(parts[1]), float(parts[2])))
             except (ValueError, IndexError):
                 continue  # a header or a "[N/A]"
 
@@ -267,8 +267,11 @@ def stop_process_group(proc: subprocess.Popen) -> None:
 
 def stop_local_ray(env: dict) -> None:
     # A killed driver can leave its local Ray (raylet, workers holding GPU memory) behind.
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], env=env,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, check=False)
+    try:
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, check=False)
+    except subprocess.TimeoutExpired:
+        print("   `ray stop` did not finish in 60 s; going on", flush=True)
 
 
 def answers_stats(out: Path) -> dict:
@@ -320,9 +323,9 @@ def run_case(args, models: dict, work: Path, gpus: int, frames: int, limit_s: fl
     cfg_path.write_text(yaml.safe_dump(job_config(args, models, work, frames, gpus, name), sort_keys=False))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-    visible = list(range(gpus))
+    visible = gpu_ids()[:gpus]
     if gpus:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, visible))
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(visible)
     command = [sys.executable, "-m", "jobs.cli", "run", str(cfg_path),
                "--summary-json", str(work / f"{name}.summary.json")]
     for override in args.set:
@@ -352,6 +355,7 @@ def run_case(args, models: dict, work: Path, gpus: int, frames: int, limit_s: fl
     videos = len(completions)
     devices = max(gpus, 1)
     case["videos"] = videos
+    case["videos_planned"] = args.videos
     pairs_per_video = case["pairs"] / videos if videos else 0.0
     case["end_to_end_videos_per_gpu_hour"] = videos * 3600 / case["wall_s"] / devices
     case["startup_s"] = completions[0] - start if completions else None
@@ -420,11 +424,17 @@ def device_name(tiny: bool) -> str:
     return out[0].strip() if out else "gpu"
 
 
-def visible_gpu_count() -> int:
+def gpu_ids() -> list[str]:
+    """The GPUs this process may use, as nvidia-smi and CUDA_VISIBLE_DEVICES name them: those
+    CUDA_VISIBLE_DEVICES already lists, else every GPU nvidia-smi sees."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g.strip() for g in listed.split(",") if g.strip() and g.strip() != "-1"]
     if shutil.which("nvidia-smi") is None:
-        return 0
-    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False).stdout
-    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+        return []
+    out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                         text=True, check=False).stdout
+    return [line.strip() for line in out.splitlines() if line.strip()]
 
 
 def versions() -> dict:
@@ -457,9 +467,11 @@ def main(argv=None) -> int:
     for name, real, tiny in (("frames", "128,512", "8"), ("videos", 48, 3), ("new_tokens", 32, 4)):
         if getattr(args, name) is None:
             setattr(args, name, tiny if args.tiny else real)
-    gpu_counts = [0] if args.tiny else [int(g) for g in (args.gpus or str(visible_gpu_count())).split(",") if g]
-    if not args.tiny and (not gpu_counts or min(gpu_counts) < 1):
-        parser.error("no GPU visible: run on a GPU machine, or pass --tiny for the CPU self-check")
+    available = 0 if args.tiny else len(gpu_ids())
+    gpu_counts = [0] if args.tiny else [int(g) for g in (args.gpus or str(available)).split(",") if g]
+    if not args.tiny and (not gpu_counts or min(gpu_counts) < 1 or max(gpu_counts) > available):
+        parser.error(f"{available} GPUs visible, cases ask for {gpu_counts}: run on a GPU machine with enough "
+                     "GPUs, or pass --tiny for the CPU self-check")
     frame_counts = [int(f) for f in str(args.frames).split(",") if f]
     work, out_dir = Path(args.work) / ("tiny" if args.tiny else "real"), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -500,7 +512,11 @@ def main(argv=None) -> int:
             continue
         # An equal share of what is left; time a case does not use passes to the next.
         limit = left / (len(cases) - i) - (5 if not args.tiny else 0)
-        report["cases"].append(run_case(args, models, work, gpus, frames, limit, out_dir))
+        try:
+            report["cases"].append(run_case(args, models, work, gpus, frames, limit, out_dir))
+        except Exception as exc:  # noqa: BLE001 - record it and go on: the other cases still count
+            report["cases"].append({"case": f"g{gpus}-f{frames}", "gpus": gpus, "frames": frames,
+                                    "status": f"bench error: {type(exc).__name__}: {exc}"[:500]})
         save()
     save()
     print()
