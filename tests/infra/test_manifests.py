@@ -446,6 +446,7 @@ def test_every_job_fits_the_cluster():
     spec = of_kind("RayCluster")["spec"]
     for key, data in job_configs().items():
         assert fit_problems(parse_job_config(data), spec) == [], key
+        assert node_shape_problems(parse_job_config(data), spec) == [], key
 
 
 def test_fit_check_catches_a_job_too_big():
@@ -489,12 +490,6 @@ def node_shape_problems(cfg, spec: dict) -> list[str]:
     except UnschedulableError as exc:
         problems.append(str(exc))
     return problems
-
-
-def test_job_node_shapes_are_the_worker_groups():
-    spec = of_kind("RayCluster")["spec"]
-    for key, data in job_configs().items():
-        assert node_shape_problems(parse_job_config(data), spec) == [], key
 
 
 def test_node_shape_check_catches_drift_and_a_job_too_big():
