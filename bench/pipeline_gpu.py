@@ -410,10 +410,28 @@ def markdown(report: dict) -> str:
             f"| {_fmt(c.get('clip_frames_per_s'), '.0f')} | {_fmt(c.get('median_prefill_s'), '.2f')} "
             f"| {_fmt(c.get('median_generate_s'), '.2f')} | {_fmt(c.get('median_generate_ms_per_token'), '.1f')} "
             f"| {c['status']} |")
+    for frames, ratio in sorted(gpu_scaling(report["cases"]).items()):
+        lines += ["", f"{frames} frames: {ratio['gpus']} GPUs answer {ratio['questions_per_hour_ratio']:.2f}x the "
+                      f"questions per hour of {ratio['baseline_gpus']} (steady state)."]
     lines += ["", "Stage columns are medians over ok answers rows (decode and guidance per video, prefill and "
               "generate per question); GPU busy is nvidia-smi utilization averaged over the steady window and the "
               "case's GPUs; peak GiB is the most memory any of them had in use."]
     return "\n".join(lines) + "\n"
+
+
+def gpu_scaling(cases: list[dict]) -> dict[int, dict]:
+    """Per frame count with cases on several GPU counts: the most GPUs' questions per hour (all
+    GPUs together) over the fewest's."""
+    out = {}
+    for frames in {c["frames"] for c in cases}:
+        measured = sorted((c for c in cases if c["frames"] == frames and c.get("questions_per_gpu_hour")),
+                          key=lambda c: c["gpus"])
+        if len(measured) >= 2 and measured[0]["gpus"] >= 1 and measured[-1]["gpus"] > measured[0]["gpus"]:
+            low, high = measured[0], measured[-1]
+            out[frames] = {"gpus": high["gpus"], "baseline_gpus": low["gpus"],
+                           "questions_per_hour_ratio": (high["questions_per_gpu_hour"] * high["gpus"])
+                           / (low["questions_per_gpu_hour"] * low["gpus"])}
+    return out
 
 
 def device_name(tiny: bool) -> str:
@@ -485,6 +503,7 @@ def main(argv=None) -> int:
 
     def save():
         report["elapsed_s"] = time.time() - start
+        report["gpu_scaling"] = gpu_scaling(report["cases"])
         (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
         (out_dir / f"{stem}.md").write_text(markdown(report))
 
