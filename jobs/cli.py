@@ -30,6 +30,7 @@ def _parse_overrides(pairs: list[str]) -> dict:
 
 def cmd_run(args) -> int:
     from pipeline.config import ConfigError, load_job_config
+    from pipeline.resources import UnschedulableError
     from pipeline.runner import run_job
 
     try:
@@ -37,7 +38,11 @@ def cmd_run(args) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    summary = run_job(cfg)
+    try:
+        summary = run_job(cfg)
+    except UnschedulableError as exc:
+        print(f"error: the job can never be scheduled: {exc}", file=sys.stderr)
+        return 2
     print(summary.render())
     if args.show:
         _show_answers(cfg, args.show)

@@ -80,15 +80,38 @@ def build_tiny_clip(out_dir: str | os.PathLike, seed: int = 0) -> str:
     Returns the directory path, which `load_clip` (and
     `open_clip.create_model_and_transforms('local-dir:<path>')`) loads.
     """
+    size = TINY_CLIP_CONFIG["vision_cfg"]["image_size"]
+    return save_clip_dir(tiny_clip_model(seed), TINY_CLIP_CONFIG, size, out_dir)
+
+
+def build_random_clip(out_dir: str | os.PathLike, model_name: str, *, device: str | torch.device = "cpu",
+                      dtype: torch.dtype = torch.float32, seed: int = 0) -> str:
+    """Write a randomly initialised open_clip built-in model (e.g. 'ViT-L-14-336-quickgelu': the
+    real shapes, for benchmarks without downloads) in the local-dir layout `load_clip` reads.
+    Built directly on `device`; weights are stored in `dtype`."""
+    import open_clip
+
+    model_cfg = open_clip.get_model_config(model_name)
+    if model_cfg is None:
+        raise ValueError(f"unknown open_clip model {model_name!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = open_clip.create_model(model_name, pretrained=None, device=device)
+    size = model.visual.image_size
+    return save_clip_dir(model.to(dtype).eval(), model_cfg, size[0] if isinstance(size, tuple) else size, out_dir)
+
+
+def save_clip_dir(model: torch.nn.Module, model_cfg: dict[str, Any], image_size: int,
+                  out_dir: str | os.PathLike) -> str:
+    """Save an open_clip model and its config in open_clip's local-dir layout, OpenAI normalisation."""
     from safetensors.torch import save_file
 
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = tiny_clip_model(seed)
     config = {
-        "model_cfg": TINY_CLIP_CONFIG,
+        "model_cfg": model_cfg,
         "preprocess_cfg": {
-            "size": TINY_CLIP_CONFIG["vision_cfg"]["image_size"],
+            "size": image_size,
             "mean": list(_OPENAI_MEAN),
             "std": list(_OPENAI_STD),
             "interpolation": "bicubic",
@@ -101,7 +124,8 @@ def build_tiny_clip(out_dir: str | os.PathLike, seed: int = 0) -> str:
     return str(out)
 
 
-def load_clip(model: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> ClipBundle:
+def load_clip(model: str, pretrained: str | None = None, device: str | torch.device = "cpu",
+              dtype: torch.dtype | None = None) -> ClipBundle:
     """Load a CLIP model, its inference preprocess and tokenizer with open_clip.
 
     `model` is an open_clip built-in name (with `pretrained` a tag such as 'openai' or a weights
@@ -119,6 +143,8 @@ def load_clip(model: str, pretrained: str | None = None, device: str | torch.dev
         kwargs["force_quick_gelu"] = needs_quick_gelu(source, pretrained)
     clip_model, _, preprocess = open_clip.create_model_and_transforms(source, device=device, **kwargs)
     clip_model.eval()
+    if dtype is not None:
+        clip_model.to(dtype)
     tokenizer = open_clip.get_tokenizer(source)
     size = clip_model.visual.preprocess_cfg["size"]
     image_size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))

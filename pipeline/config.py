@@ -133,10 +133,13 @@ class GuidanceConfig(_Strict):
     frames_per_question: int = Field(default=32, ge=1, le=4096)
     prompt_fraction: float = Field(default=0.5, ge=0, le=1)  # mix: share of frames picked by the prompt
     roi_ratio: float | None = Field(default=None, gt=0, le=1)  # RoI box area / frame; None: no RoI (paper: 0.8)
-    batch_size: int = Field(default=32, ge=1)
+    batch_size: int = Field(default=128, ge=1)  # frames per image-tower forward, across videos
+    videos_per_batch: int = Field(default=4, ge=1)  # videos one guidance call takes together
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: float16 on CUDA, float32 on CPU
     num_gpus: float = Field(default=0.25, ge=0)
     num_cpus: float = Field(default=1.0, ge=0)
+    memory_gib: float = Field(default=2.0, ge=0)  # host memory each CLIP actor reserves from Ray
     concurrency: int = Field(default=1, ge=1)
 
 
@@ -175,7 +178,18 @@ class AnswerConfig(_Strict):
     max_batch_tokens: int = Field(default=131072, ge=1)
     num_gpus: float = Field(default=1.0, ge=0)
     num_cpus: float = Field(default=1.0, ge=0)
-    concurrency: int = Field(default=1, ge=1)
+    # Host memory each actor reserves from Ray. auto: the checkpoint's weight files (loading passes
+    # them through host memory) plus ANSWER_BASE_MEMORY_GIB; a hub id counts as HUB_MODEL_MEMORY_GIB.
+    memory_gib: float | Literal["auto"] = "auto"
+    # Actors; auto: one per whole GPU share of the cluster (GPUs / num_gpus), 1 without GPUs.
+    concurrency: int | Literal["auto"] = 1
+
+    @field_validator("memory_gib", "concurrency")
+    @classmethod
+    def _positive(cls, value, info):
+        if value != "auto" and (value < 0 or (info.field_name == "concurrency" and value < 1)):
+            raise ValueError(f"expected 'auto' or a number >= {1 if info.field_name == 'concurrency' else 0}")
+        return value
 
 
 # Error reasons worth another try (`output.retry_errors: true`): the storage or the process failed,
@@ -212,9 +226,22 @@ class OutputConfig(_Strict):
         return frozenset(self.retry_errors or ())
 
 
+class NodeShape(_Strict):
+    """One kind of node an autoscaling cluster can add (a KubeRay worker group, a launcher node type)."""
+
+    cpus: float = Field(gt=0)
+    gpus: int = Field(default=0, ge=0)
+    memory_gib: float = Field(gt=0)
+    max_nodes: int | None = Field(default=None, ge=1)  # None: as many as the job needs
+
+
 class RayConfig(_Strict):
     address: str | None = None  # None: $RAY_ADDRESS if set (ray job submit), else a local Ray
     num_cpus: int | None = Field(default=None, ge=1)  # local Ray only
+    # The stages' resource requests are checked against these before any work; None: against the
+    # nodes of the cluster as it is (strict on a local Ray, a warning on a joined cluster, whose
+    # autoscaler may still add nodes).
+    node_shapes: list[NodeShape] | None = None
 
 
 class JobConfig(_Strict):

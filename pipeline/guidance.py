@@ -128,21 +128,45 @@ class FrameEncoder:
         """One pass over the frames: their embeddings and, given text embeddings (Q, D), the
         patch-text cosine maps (Q, T, gh, gw). Patch embeddings never leave the device, which
         keeps memory at O(Q * T * P) instead of O(T * P * D)."""
-        frames = _as_frames(frames)
-        if text_embeddings is None:
-            return FrameEncoding(self.encode_frames(frames), None)
-        gh, gw = self.grid_size
-        text = torch.from_numpy(np.ascontiguousarray(text_embeddings, np.float32)).to(self.device)
-        embeddings = [np.zeros((0, self.embed_dim), np.float32)]
-        scores = [np.zeros((len(text), 0, gh, gw), np.float32)]
+        return self.encode_videos([frames], [text_embeddings])[0]
+
+    def encode_videos(self, videos: Sequence[np.ndarray],
+                      text_embeddings: Sequence[np.ndarray | None]) -> list[FrameEncoding]:
+        """`encode_video` for several videos at once: the image tower runs over all their frames in
+        batches of `batch_size` that span videos, so a GPU sees full batches however short each
+        video is. Video i's patch scores are computed when text_embeddings[i] is given."""
+        videos = [_as_frames(v) for v in videos]
+        if len(text_embeddings) != len(videos):
+            raise ValueError(f"{len(videos)} videos but {len(text_embeddings)} text embedding sets")
+        texts = [None if t is None else torch.from_numpy(np.ascontiguousarray(t, np.float32)).to(self.device)
+                 for t in text_embeddings]
+        embeddings: list[list[np.ndarray]] = [[np.zeros((0, self.embed_dim), np.float32)] for _ in videos]
+        scores: list[list[np.ndarray] | None] = [None] * len(videos)
+        if any(t is not None for t in texts):
+            gh, gw = self.grid_size
+            scores = [None if t is None else [np.zeros((len(t), 0, gh, gw), np.float32)] for t in texts]
         with torch.inference_mode():
-            for start in range(0, len(frames), self.batch_size):
-                pooled, patches = self._forward_with_patches(self.preprocess(frames[start : start + self.batch_size]))
-                embeddings.append(_normalised(pooled))
-                patches = F.normalize(patches.float(), dim=-1)  # (B, P, D)
-                s = torch.einsum("bpd,qd->qbp", patches, text)
-                scores.append(s.reshape(len(text), -1, gh, gw).cpu().numpy())
-        return FrameEncoding(np.concatenate(embeddings), np.concatenate(scores, axis=1))
+            for segments in _frame_batches(videos, self.batch_size):
+                x = self.preprocess(np.concatenate([videos[v][lo:hi] for v, lo, hi in segments]))
+                with_patches = any(texts[v] is not None for v, _, _ in segments)
+                if with_patches:
+                    pooled, patches = self._forward_with_patches(x)
+                else:
+                    pooled, patches = self.bundle.model.encode_image(x), None
+                pooled = _normalised(pooled)
+                offset = 0
+                for v, lo, hi in segments:
+                    n = hi - lo
+                    embeddings[v].append(pooled[offset : offset + n])
+                    if texts[v] is not None:
+                        part = F.normalize(patches[offset : offset + n].float(), dim=-1)  # (n, P, D)
+                        s = torch.einsum("bpd,qd->qbp", part, texts[v])
+                        scores[v].append(s.reshape(len(texts[v]), n, gh, gw).cpu().numpy())
+                    offset += n
+        return [
+            FrameEncoding(np.concatenate(embeddings[v]), None if scores[v] is None else np.concatenate(scores[v], axis=1))
+            for v in range(len(videos))
+        ]
 
     def _vit(self):
         from open_clip.transformer import VisionTransformer
@@ -176,6 +200,26 @@ class FrameEncoder:
                 tokens = self.bundle.tokenizer(texts[start : start + self.batch_size])
                 out.append(_normalised(self.bundle.model.encode_text(tokens.to(self.device))))
         return np.concatenate(out)
+
+
+def _frame_batches(videos: Sequence[np.ndarray], batch_size: int):
+    """Batches of at most `batch_size` frames over the videos in order, as (video, lo, hi)
+    segments; a batch never mixes frame sizes (they are stacked into one tensor)."""
+    segments: list[tuple[int, int, int]] = []
+    filled, shape = 0, None
+    for v, frames in enumerate(videos):
+        lo = 0
+        while lo < len(frames):
+            if segments and (filled == batch_size or frames.shape[1:] != shape):
+                yield segments
+                segments, filled = [], 0
+            shape = frames.shape[1:]
+            hi = min(len(frames), lo + batch_size - filled)
+            segments.append((v, lo, hi))
+            filled += hi - lo
+            lo = hi
+    if segments:
+        yield segments
 
 
 def _resize_uint8(x: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
@@ -259,7 +303,7 @@ def select_frames(
     if method not in SELECTION_METHODS:
         raise ValueError(f"unknown frame selection {method!r}; expected one of {SELECTION_METHODS}")
     k = min(k, num_frames)
-    if method == "uniform" or k == 0:
+    if method == "uniform" or k == 0 or num_questions == 0:  # no questions: nothing to score
         return np.tile(uniform_positions(num_frames, k), (num_questions, 1)).reshape(num_questions, k)
     if scores is None or np.shape(scores) != (num_questions, num_frames):
         expected = (num_questions, num_frames)
@@ -314,6 +358,13 @@ def question_roi_boxes(patch_scores: np.ndarray, positions: np.ndarray, ratio: f
 # The stage
 
 
+def clip_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """"auto": float16 on CUDA (CLIP was trained in fp16; more mantissa than bf16), float32 elsewhere."""
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
 class GuidanceStage:
     """Ray actor body: one row per video in, the same row with guidance columns out.
 
@@ -344,7 +395,8 @@ class GuidanceStage:
         if roi_ratio is not None:
             self.writes = self.writes + (Col.ROI_BOXES,)
         self.device = resolve_device(cfg.device)
-        self.bundle = load_clip(cfg.model, cfg.pretrained, self.device)
+        self.dtype = clip_dtype(cfg.dtype, self.device)
+        self.bundle = load_clip(cfg.model, cfg.pretrained, self.device, dtype=self.dtype)
         self.encoder = FrameEncoder(self.bundle, cfg.batch_size)
         self.model_name = self.bundle.name
 
@@ -354,50 +406,79 @@ class GuidanceStage:
         return {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        out = dict(row)
-        num_questions = len(as_list(row.get(Col.QUESTIONS)))
-        out.update(self._empty_outputs(num_questions))
-        if row.get(Col.STATUS) != STATUS_OK:
-            return out
+        return self.guide_rows([row])[0]
+
+    def guide_rows(self, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Guide several videos together (one image-tower pass over all their frames). If the
+        batch fails, its videos are redone one by one, so a bad video fails alone."""
+        outs = []
+        for row in rows:
+            out = dict(row)
+            out.update(self._empty_outputs(len(as_list(row.get(Col.QUESTIONS)))))
+            outs.append(out)
+        todo = [i for i, row in enumerate(rows) if row.get(Col.STATUS) == STATUS_OK]
+        if not todo:
+            return outs
         start = time.perf_counter()
         try:
-            out.update(self._guide(row))
-        except Exception as exc:  # one bad video must not fail the job
-            logger.warning("guidance failed for video %s", row.get(Col.VIDEO_ID), exc_info=True)
-            out[Col.STATUS] = STATUS_ERROR
-            out[Col.ERROR] = f"guidance_failed: {type(exc).__name__}: {exc}"
-            return out
-        out[Col.GUIDANCE_S] = time.perf_counter() - start
-        return out
+            results = self._guide([rows[i] for i in todo])
+        except Exception:  # noqa: BLE001 - find the video at fault below
+            results = None
+        if results is not None:
+            # Each video is charged its share of the batch's time, by frames.
+            elapsed = time.perf_counter() - start
+            counts = np.array([max(len(rows[i][Col.FRAMES]), 1) for i in todo], np.float64)
+            for i, result, share in zip(todo, results, counts / counts.sum()):
+                outs[i].update(result, **{Col.GUIDANCE_S: elapsed * share})
+            return outs
+        for i in todo:
+            start = time.perf_counter()
+            try:
+                outs[i].update(self._guide([rows[i]])[0])
+            except Exception as exc:  # one bad video must not fail the job
+                logger.warning("guidance failed for video %s", rows[i].get(Col.VIDEO_ID), exc_info=True)
+                outs[i][Col.STATUS] = STATUS_ERROR
+                outs[i][Col.ERROR] = f"guidance_failed: {type(exc).__name__}: {exc}"
+                continue
+            outs[i][Col.GUIDANCE_S] = time.perf_counter() - start
+        return outs
 
-    def _guide(self, row: dict[str, Any]) -> dict[str, Any]:
-        frames = _as_frames(row[Col.FRAMES])
-        questions = [str(q) for q in as_list(row.get(Col.QUESTIONS))]
-        num_frames, num_questions = len(frames), len(questions)
+    def _guide(self, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        videos = [_as_frames(row[Col.FRAMES]) for row in rows]
+        questions = [[str(q) for q in as_list(row.get(Col.QUESTIONS))] for row in rows]
         uses_text = self.cfg.selection != "uniform" or self.roi_ratio is not None
-        need_text = uses_text and num_questions > 0 and num_frames > 0
-        text = self.encoder.encode_text(questions) if need_text else None
-        encoding = self.encoder.encode_video(frames, text if self.roi_ratio is not None else None)
-        scores = frame_scores(encoding.embeddings, text) if text is not None else None
-        patch_scores = encoding.patch_scores
-        if self.cfg.selection_scope == "video" and num_questions > 1:
-            # One pick for the whole video from all its questions' scores: every question then
-            # sees the same frames and RoI, so the answer stage computes the video prefix once.
-            scores = None if scores is None else np.repeat(scores.mean(0, keepdims=True), num_questions, 0)
-            if patch_scores is not None:
-                patch_scores = np.repeat(patch_scores.mean(0, keepdims=True), num_questions, 0)
-        positions = select_frames(
-            self.cfg.selection,
-            self.cfg.frames_per_question,
-            num_frames,
-            num_questions,
-            scores=scores,
-            prompt_fraction=self.prompt_fraction,
-        )
-        result = {Col.FRAME_EMBEDDINGS: encoding.embeddings, Col.SELECTED_POSITIONS: positions}
-        if self.roi_ratio is not None and patch_scores is not None:
-            result[Col.ROI_BOXES] = question_roi_boxes(patch_scores, positions, self.roi_ratio)
-        return result
+        need_text = [uses_text and len(qs) > 0 and len(f) > 0 for f, qs in zip(videos, questions)]
+        # Every question of every video through the text tower at once, then split back.
+        asked = [q for qs, need in zip(questions, need_text) if need for q in qs]
+        all_text = self.encoder.encode_text(asked) if asked else None
+        texts, used = [], 0
+        for qs, need in zip(questions, need_text):
+            texts.append(all_text[used : used + len(qs)] if need else None)
+            used += len(qs) if need else 0
+        encodings = self.encoder.encode_videos(videos, texts if self.roi_ratio is not None else [None] * len(videos))
+        results = []
+        for frames, qs, text, encoding in zip(videos, questions, texts, encodings):
+            scores = frame_scores(encoding.embeddings, text) if text is not None else None
+            patch_scores = encoding.patch_scores
+            if self.cfg.selection_scope == "video" and len(qs) > 1:
+                # One pick for the whole video from all its questions' scores: every question then
+                # sees the same frames and RoI, so the answer stage computes the video prefix once.
+                scores = None if scores is None else np.repeat(scores.mean(0, keepdims=True), len(qs), 0)
+                if patch_scores is not None:
+                    patch_scores = np.repeat(patch_scores.mean(0, keepdims=True), len(qs), 0)
+            positions = select_frames(
+                self.cfg.selection,
+                self.cfg.frames_per_question,
+                len(frames),
+                len(qs),
+                scores=scores,
+                prompt_fraction=self.prompt_fraction,
+            )
+            result = {Col.FRAME_EMBEDDINGS: encoding.embeddings, Col.SELECTED_POSITIONS: positions}
+            if self.roi_ratio is not None and patch_scores is not None:
+                result[Col.ROI_BOXES] = question_roi_boxes(patch_scores, positions, self.roi_ratio)
+            results.append(result)
+        return results
 
     def _empty_outputs(self, num_questions: int) -> dict[str, Any]:
         empty = {

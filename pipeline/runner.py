@@ -20,7 +20,17 @@ import logging
 import os
 import time
 
+import numpy as np
+
 from pipeline.config import JobConfig
+from pipeline.resources import (
+    StageRequest,
+    UnschedulableError,
+    check_placement,
+    nodes_from_ray,
+    nodes_from_shapes,
+    stage_requests,
+)
 from pipeline.schema import STATUS_OK, Col
 from pipeline.sink import RUNS_DIR, AnswersWriter, FramesWriter, OutputStore
 from pipeline.sources import list_videos, load_questions, questions_for
@@ -129,12 +139,22 @@ def _init_ray(cfg: JobConfig) -> bool:
     return True
 
 
-def _gpus(requested: float, device: str, local_without_gpu: bool) -> float:
-    # A local Ray on a machine without GPUs can never satisfy a GPU request: run on the CPU instead
-    # of waiting forever. On a real cluster GPU nodes may still be scaling up, so keep the request.
-    if local_without_gpu and device != "cuda":
-        return 0.0
-    return requested
+def check_resources(cfg: JobConfig, requests: dict[str, StageRequest], local: bool) -> None:
+    """Fail before any work when the stages' requests can never be scheduled. Checked against
+    `ray.node_shapes` when given; else against the live nodes: strictly on a local Ray, as a warning
+    on a joined cluster (its autoscaler may add nodes the check cannot see)."""
+    import ray
+
+    if cfg.ray.node_shapes:
+        check_placement(requests, nodes_from_shapes(cfg.ray.node_shapes, requests), "ray.node_shapes")
+        return
+    where = "the local Ray" if local else "the cluster's current nodes"
+    try:
+        check_placement(requests, nodes_from_ray(ray.nodes()), where)
+    except UnschedulableError as exc:
+        if local:
+            raise
+        log.warning("%s; waiting for the autoscaler (set ray.node_shapes to check against the nodes it can add)", exc)
 
 
 def _decode_row(row: dict, cfg, storage) -> dict:
@@ -147,10 +167,11 @@ def _decode_row(row: dict, cfg, storage) -> dict:
 
 
 class _GuideThenWriteFrames:
-    """The guidance actor also writes each video's frames table. As a task of its own the writer
-    would start worker processes that import torch (for `frames_table`) only to write a Parquet
-    file: tens of seconds per worker on a small machine, and one more copy of every video's frames
-    through the object store."""
+    """The guidance actor: several videos per call (`guidance.videos_per_batch`), so the image
+    tower runs over all their frames in large batches; it also writes each video's frames table.
+    As a task of its own the writer would start worker processes that import torch (for
+    `frames_table`) only to write a Parquet file: tens of seconds per worker on a small machine,
+    and one more copy of every video's frames through the object store."""
 
     def __init__(self, cfg, output):
         from pipeline.guidance import GuidanceStage
@@ -158,42 +179,58 @@ class _GuideThenWriteFrames:
         self.guide = GuidanceStage(cfg)
         self.write = FramesWriter(output)
 
-    def __call__(self, row: dict) -> dict:
-        return self.write(self.guide(row))
+    def __call__(self, batch: dict) -> dict:
+        rows = [{name: _plain(values[i]) for name, values in batch.items()} for i in range(len(batch[Col.VIDEO_ID]))]
+        outs = [self.write(out) for out in self.guide.guide_rows(rows)]
+        names = list(dict.fromkeys(name for out in outs for name in out))
+        return {name: [out.get(name) for out in outs] for name in names}
+
+
+def _plain(value):
+    """A numpy batch cell as the row path hands it over: strings and lists of strings as Python
+    objects (numpy string arrays would come back as tensor columns), arrays as they are."""
+    if isinstance(value, np.ndarray) and value.dtype.kind in "OUS":
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def _write_answers(batch, output, run_id: str, supersede: bool):
     return AnswersWriter(output, run_id, supersede)(batch)
 
 
-def build_dataset(rows: list[dict], cfg: JobConfig, run_id: str, local_without_gpu: bool):
+def build_dataset(rows: list[dict], cfg: JobConfig, run_id: str, requests: dict[str, StageRequest]):
     import ray
     from ray.data import ActorPoolStrategy
 
     from pipeline.answer import AnswerStage
 
+    guidance, answer = requests["guidance"], requests["answer"]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))  # one video per block
     ds = ds.map(
         _decode_row,
         fn_kwargs={"cfg": cfg.decode, "storage": cfg.input.storage},
-        num_cpus=cfg.decode.num_cpus,
+        num_cpus=requests["decode"].cpus,
         max_retries=2,
     )
-    ds = ds.map(
+    ds = ds.map_batches(
         _GuideThenWriteFrames,
         fn_constructor_kwargs={"cfg": cfg.guidance, "output": cfg.output},
-        compute=ActorPoolStrategy(size=cfg.guidance.concurrency),
-        num_cpus=cfg.guidance.num_cpus,
-        num_gpus=_gpus(cfg.guidance.num_gpus, cfg.guidance.device, local_without_gpu),
+        batch_size=cfg.guidance.videos_per_batch,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=guidance.count),
+        **guidance.ray_args(),
     )
     ds = ds.map_batches(
         AnswerStage,
         fn_constructor_kwargs={"cfg": cfg.answer, "run_id": run_id},
         batch_size=1,
         batch_format="numpy",
-        compute=ActorPoolStrategy(size=cfg.answer.concurrency),
-        num_cpus=cfg.answer.num_cpus,
-        num_gpus=_gpus(cfg.answer.num_gpus, cfg.answer.device, local_without_gpu),
+        # Ray Data hands each block to the actor with the fewest tasks in flight, so with one actor
+        # per GPU the videos spread over the GPUs as they finish.
+        compute=ActorPoolStrategy(size=answer.count),
+        **answer.ray_args(),
     )
     ds = ds.map_batches(
         _write_answers,
@@ -202,7 +239,7 @@ def build_dataset(rows: list[dict], cfg: JobConfig, run_id: str, local_without_g
                    "supersede": bool(cfg.output.retry_reasons()) or not cfg.output.resume},
         batch_size=None,
         batch_format="pyarrow",
-        num_cpus=0.1,
+        num_cpus=requests["sink"].cpus,
     )
     return ds
 
@@ -224,8 +261,13 @@ def run_job(cfg: JobConfig) -> RunSummary:
             import ray
 
             local = _init_ray(cfg)
-            local_without_gpu = local and not ray.cluster_resources().get("GPU")
-            for out in build_dataset(rows, cfg, summary.run_id, local_without_gpu).iter_rows():
+            cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
+            # A local Ray without GPUs can never satisfy a GPU request: stages run on the CPU
+            # instead of waiting forever. On a cluster GPU nodes may still be scaling up.
+            requests = stage_requests(cfg, gpus_usable=not (local and not cluster_gpus), cluster_gpus=cluster_gpus)
+            check_resources(cfg, requests, local)
+            log.info("resources per actor: %s", {name: (r.describe(), r.count) for name, r in requests.items()})
+            for out in build_dataset(rows, cfg, summary.run_id, requests).iter_rows():
                 summary.processed += 1
                 if out["status"] == STATUS_OK:
                     summary.ok += 1

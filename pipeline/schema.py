@@ -1,6 +1,7 @@
 """Output tables and the columns that travel between stages: every column name is defined here once.
 
-`ANSWERS_SCHEMA` and `FRAMES_SCHEMA` are the Parquet schemas users query (DESIGN.md section 5).
+`ANSWERS_SCHEMA` and `FRAMES_SCHEMA` are the Parquet schemas users query (DESIGN.md section 5); files
+written with them read back with pyarrow >= 14 (tests/pipeline/test_old_pyarrow.py), DuckDB and Spark.
 The `Col` names are the per-video row columns the Ray stages read and write.
 """
 
@@ -59,7 +60,10 @@ ANSWERS_SCHEMA = pa.schema(
         ("frames_decoded", pa.int32()),
         ("frame_indices", pa.list_(pa.int64())),
         ("frame_times_s", pa.list_(pa.float64())),
-        ("roi_box", pa.list_(pa.float32(), 4)),
+        # A variable-size list, not list<float32>[4]: pyarrow < 26 cannot read fixed-size lists
+        # with null entries back from Parquet, and readers that bring their own pyarrow (a Ray
+        # image, Spark) may be that old. Always 4 values when set.
+        ("roi_box", pa.list_(pa.float32())),
         ("references", pa.int32()),
         ("temporal_units", pa.int32()),
         ("fusion_layer", pa.int32()),

@@ -187,14 +187,16 @@ class OutputStore:
                     removed += 1
         return removed
 
-    def _dataset(self, sub: str) -> pads.Dataset | None:
+    def _dataset(self, sub: str, schema: pa.Schema | None = None) -> pads.Dataset | None:
         files = self.list_files(sub)
         if not files:
             return None
-        return pads.dataset(files, filesystem=self.fs, format="parquet")
+        return pads.dataset(files, filesystem=self.fs, format="parquet", schema=schema)
 
     def read_answers(self, columns: list[str] | None = None) -> pa.Table:
-        ds = self._dataset(ANSWERS_DIR)
+        # The current schema, explicitly: files written before roi_box became a variable-size list
+        # hold a fixed-size one, and a dataset would otherwise take whichever type it meets first.
+        ds = self._dataset(ANSWERS_DIR, ANSWERS_SCHEMA)
         if ds is None:
             return ANSWERS_SCHEMA.empty_table().select(columns or ANSWERS_SCHEMA.names)
         return ds.to_table(columns=columns)

@@ -1,7 +1,8 @@
 """CUDA tests (tests/gpu): skipped where torch sees no CUDA device, so CI and CPU runs collect
 them without running them. On a GPU machine: `python3 -m pytest -q tests/gpu` (see
-bench/gpu_run.sh). Nothing here may import ray, av, decord, open_clip or pydantic: the GPU
-machines lack them."""
+bench/gpu_run.sh). Nothing here may import ray, av, decord, open_clip or pydantic at module level:
+the GPU image lacks them. test_pipeline_gpu.py needs them (from the carried tarball, see
+bench/pipeline_gpu.sh) and skips itself where they are missing."""
 
 from pathlib import Path
 

@@ -446,6 +446,7 @@ def test_every_job_fits_the_cluster():
     spec = of_kind("RayCluster")["spec"]
     for key, data in job_configs().items():
         assert fit_problems(parse_job_config(data), spec) == [], key
+        assert node_shape_problems(parse_job_config(data), spec) == [], key
 
 
 def test_fit_check_catches_a_job_too_big():
@@ -456,6 +457,50 @@ def test_fit_check_catches_a_job_too_big():
     data["answer"]["concurrency"] = 1
     data["answer"]["num_gpus"] = 2  # more than one pod has
     assert fit_problems(parse_job_config(data), spec)
+
+
+def _memory_gib(value) -> float:
+    """A Kubernetes memory quantity ('64Gi', '512Mi', '32G', bytes) in GiB."""
+    text = str(value)
+    for suffix, scale in (("Gi", 1), ("Mi", 2**-10), ("Ti", 2**10), ("G", 1e9 / 2**30), ("M", 1e6 / 2**30)):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * scale
+    return float(text) / 2**30
+
+
+def node_shape_problems(cfg, spec: dict) -> list[str]:
+    """Whether a job's `ray.node_shapes` are the worker groups (CPUs, GPUs, max pods, memory within
+    the pod limit), and whether the stages' requests pass the runner's check against them."""
+    from pipeline.resources import UnschedulableError, check_placement, nodes_from_shapes, stage_requests
+
+    shapes = cfg.ray.node_shapes or []
+    groups = spec["workerGroupSpecs"]
+    problems = [] if len(shapes) == len(groups) else [f"{len(shapes)} node shapes for {len(groups)} worker groups"]
+    for shape, group in zip(shapes, groups):
+        cpus, gpus = group_capacity(group)
+        limits = _container(group)["resources"].get("limits") or {}
+        pod_gib = _memory_gib(limits.get("memory", "0"))
+        if (shape.cpus, shape.gpus, shape.max_nodes) != (cpus, gpus, group["maxReplicas"]):
+            problems.append(f"{group['groupName']}: shape {shape} != group ({cpus}, {gpus}, {group['maxReplicas']})")
+        if not 0 < shape.memory_gib <= pod_gib:
+            problems.append(f"{group['groupName']}: memory_gib {shape.memory_gib} outside the pod's {pod_gib} GiB")
+    requests = stage_requests(cfg, gpus_usable=True, cluster_gpus=0)
+    try:
+        check_placement(requests, nodes_from_shapes(shapes, requests), "ray.node_shapes")
+    except UnschedulableError as exc:
+        problems.append(str(exc))
+    return problems
+
+
+def test_node_shape_check_catches_drift_and_a_job_too_big():
+    spec = of_kind("RayCluster")["spec"]
+    data = copy.deepcopy(job_configs()["job.yaml"])
+    data["ray"]["node_shapes"][1]["max_nodes"] = 4  # the gpu group says 8
+    assert any("gpu: shape" in p for p in node_shape_problems(parse_job_config(data), spec))
+    data = copy.deepcopy(job_configs()["job.yaml"])
+    data["answer"]["concurrency"] = 8  # + the CLIP actor: 9 GPU pods, the group has 8
+    assert any(p.startswith("guidance: ") and "short of GPU" in p
+               for p in node_shape_problems(parse_job_config(data), spec))
 
 
 # ---------------------------------------------------------------------------------------------

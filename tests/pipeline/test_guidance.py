@@ -18,6 +18,8 @@ from tests.paths import DEMO_VIDEOS
 from pipeline.guidance import (
     FrameEncoder,
     GuidanceStage,
+    _frame_batches,
+    clip_dtype,
     frame_scores,
     frames_table,
     mix_positions,
@@ -439,3 +441,45 @@ def test_video_scope_picks_one_selection_and_roi_for_all_questions(tiny_dir, enc
     assert len({tuple(p) for p in per_question[Col.SELECTED_POSITIONS].tolist()}) > 1  # the scope matters here
     boxes = out[Col.ROI_BOXES]
     assert boxes.shape == (3, 4) and (boxes == boxes[0]).all()
+
+
+# ---------------------------------------------------------------- several videos per call
+
+
+def test_frame_batches_span_videos_and_keep_sizes_apart():
+    small, other = np.zeros((5, 4, 4, 3), np.uint8), np.zeros((2, 6, 6, 3), np.uint8)
+    batches = list(_frame_batches([small, small[:0], small[:4], other], batch_size=4))
+    assert batches == [[(0, 0, 4)], [(0, 4, 5), (2, 0, 3)], [(2, 3, 4)], [(3, 0, 2)]]
+
+
+def test_videos_guided_together_match_one_at_a_time(tiny_dir, frames):
+    cfg = GuidanceConfig.model_construct(**{**_cfg(tiny_dir).model_dump(), "selection": "prompt", "roi_ratio": 0.8})
+    stage = GuidanceStage(cfg)  # batch_size 3: tower batches straddle the videos
+    failed = _row(frames[:0], ["q"], status=STATUS_ERROR)
+    rows = [_row(frames, ["two men arm wrestling", "a referee"]), _row(frames[2:7], ["a scoreboard"]),
+            _row(frames.astype(np.float32), ["who wins?"]),  # not uint8: fails, alone
+            {**failed, Col.ERROR: "decode_failed: corrupt", Col.FRAMES: None}, _row(frames[:3], [])]
+    together = stage.guide_rows(rows)
+    alone = [stage(row) for row in rows]
+    assert [o[Col.STATUS] for o in together] == [STATUS_OK, STATUS_OK, STATUS_ERROR, STATUS_ERROR, STATUS_OK]
+    assert together[2][Col.ERROR].startswith("guidance_failed: ValueError")
+    assert together[3][Col.ERROR] == "decode_failed: corrupt"
+    for t, a in zip(together, alone):
+        assert set(t) == set(a) and t[Col.STATUS] == a[Col.STATUS]
+        np.testing.assert_allclose(t[Col.FRAME_EMBEDDINGS], a[Col.FRAME_EMBEDDINGS], atol=1e-5)
+        np.testing.assert_array_equal(t[Col.SELECTED_POSITIONS], a[Col.SELECTED_POSITIONS])
+        np.testing.assert_allclose(t[Col.ROI_BOXES], a[Col.ROI_BOXES], atol=1e-5)
+    ok_time = [o[Col.GUIDANCE_S] for o in together if o[Col.STATUS] == STATUS_OK]
+    assert all(s > 0 for s in ok_time)
+
+
+def test_clip_dtype_half_on_gpu_float32_on_cpu(tiny_dir, frames, encoder):
+    assert clip_dtype("auto", torch.device("cpu")) == torch.float32
+    assert clip_dtype("auto", torch.device("cuda")) == torch.float16
+    assert clip_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    stage = GuidanceStage(_cfg(tiny_dir, dtype="bfloat16"))
+    assert next(stage.bundle.model.parameters()).dtype == torch.bfloat16
+    out = stage(_row(frames, ["who wins?"]))
+    assert out[Col.FRAME_EMBEDDINGS].dtype == np.float32
+    # bf16 keeps 8 bits of mantissa: close to float32, not equal
+    np.testing.assert_allclose(out[Col.FRAME_EMBEDDINGS], encoder.encode_frames(frames), atol=5e-2)

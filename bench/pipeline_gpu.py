@@ -1,0 +1,548 @@
+#!/usr/bin/env python3
+"""The whole pipeline on GPUs: videos per GPU-hour, GPU busy time, per-stage times.
+
+Builds random-weight checkpoints of the real shapes on the GPU (LLaVA-Video-7B-Qwen2 in the HF
+LlavaOnevision layout, llava_vid token layout; open_clip ViT-L-14-336-quickgelu) into --work,
+writes synthetic H.264 videos with PyAV and a questions file (5 questions per video, 6 to 60 words),
+then per case (GPUs x frames) writes a job config and runs `moref-index run` (as
+`python -m jobs.cli run`) in a child process while a thread samples `nvidia-smi` every 0.5 s.
+
+Steady state: each video's answers file is renamed into place when the video is done, so file
+mtimes are completion times. The first 20% of completions (at least one: it includes Ray start and
+model loading) are warm-up; throughput and GPU busy fraction are measured from the last warm-up
+completion to the last completion. End-to-end figures (wall clock, startup included) are recorded
+too. Per-stage medians come from the answers Parquet (ok rows).
+
+    python3 bench/pipeline_gpu.py --out DIR                       # every visible GPU, 128 and 512 frames
+    python3 bench/pipeline_gpu.py --gpus 1,2 --frames 128 --out DIR
+    python3 bench/pipeline_gpu.py --tiny --out DIR                # CPU self-check, tiny models
+
+A case that runs past its share of --budget-s is stopped; what it finished is still measured
+(status "stopped"). No case starts past the budget. Writes DIR/pipeline_gpu_<device>_<date>.json
+(rewritten after every case) and the same name with .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import multiprocessing
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+GIB = 2**30
+WARMUP_SHARE = 0.2  # share of completions counted as warm-up
+SAMPLE_PERIOD_MS = 500
+MIN_CASE_S = 60.0  # a case with less time left than this would measure only start-up: skip it
+STOP_GRACE_S = 20.0  # after SIGINT, before SIGKILL
+MIN_STEADY_VIDEOS, MIN_STEADY_WINDOW_S = 3, 5.0  # fewer, or faster: report end-to-end rates only
+CLIP_MODEL = "ViT-L-14-336-quickgelu"
+
+# Questions of many lengths, as real archives have (each new prompt length may cost a kernel warm-up).
+QUESTION_STEMS = (
+    "What happens?",
+    "What is the person doing at the start?",
+    "Describe the main moving object, its colour, its shape and where it goes during the clip.",
+    "How many times does the bright square cross the middle of the frame, and in which direction does it "
+    "move each time it does so?",
+    "Summarise the whole video in three sentences: first what the scene looks like, then what changes over "
+    "time, and finally how the video ends, mentioning any colours, objects or motion patterns you notice "
+    "along the way.",
+)
+QUESTION_FILLERS = ("", " Be brief.", " Answer in one word if you can.", " Explain your reasoning step by step.")
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs: videos, questions, models
+
+
+def write_video(args: tuple) -> str:
+    """One synthetic H.264 (or MPEG-4 Part 2 where x264 is missing) video: a drifting colour
+    gradient with a moving square, so every frame differs."""
+    import av
+    import numpy as np
+
+    path, seconds, fps, width, height, seed = args
+    rng = np.random.default_rng(seed)
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([(xx * 255 // width), (yy * 255 // height), ((xx + yy) * 255 // (width + height))], -1)
+    base = ((base + rng.integers(0, 255, 3)) % 256).astype(np.uint8)
+    side = max(8, height // 6)
+    with av.open(path, "w") as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if codec == "libx264":
+            stream.options = {"preset": "ultrafast", "tune": "zerolatency"}
+        for i in range(int(seconds * fps)):
+            frame = np.roll(base, shift=(i * 2) % width, axis=1)
+            x = int((width - side) * (0.5 + 0.5 * math.sin(i / 17 + seed)))
+            y = int((height - side) * (0.5 + 0.5 * math.cos(i / 23 + seed)))
+            frame[y:y + side, x:x + side] = 255 - frame[y:y + side, x:x + side]
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return path
+
+
+def make_videos(folder: Path, count: int, tiny: bool, workers: int) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    # Real shapes: 24-40 s at 24 fps (576-960 frames, so 512 distinct frames exist), 640x360.
+    seconds, fps, width, height = (3, 8, 96, 64) if tiny else (24, 24, 640, 360)
+    jobs = [(str(folder / f"video-{i:03d}.mp4"), seconds + (i % 5) * (0 if tiny else 4), fps, width, height, i)
+            for i in range(count)]
+    todo = [j for j in jobs if not Path(j[0]).exists()]
+    if todo:
+        with multiprocessing.get_context("spawn").Pool(max(1, min(workers, len(todo)))) as pool:
+            pool.map(write_video, todo)
+    return [j[0] for j in jobs]
+
+
+def write_questions(path: Path, videos: list[str], per_video: int) -> None:
+    lines = []
+    for v, video in enumerate(videos):
+        for q in range(per_video):
+            stem = QUESTION_STEMS[q % len(QUESTION_STEMS)]
+            text = stem + QUESTION_FILLERS[(v + q) % len(QUESTION_FILLERS)]
+            lines.append(json.dumps({"video_id": Path(video).name, "question_id": f"q{q}", "question": text}))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def build_models(work: str, tiny: bool) -> dict:
+    """Random LLaVA-Video-7B-Qwen2 (HF LlavaOnevision, llava_vid layout; bf16, built on the GPU) and
+    open_clip ViT-L-14-336 checkpoints, saved with safetensors; with `tiny`, the same code on the
+    CPU with bench_moref's tiny widths (28 layers kept) and the tiny CLIP. Runs in a child process
+    so the benchmark's own process never holds GPU memory. Reuses a finished build."""
+    import torch
+
+    from bench_moref import model_config
+    from freemoref.convert import IMAGE_TOKEN, VIDEO_TOKEN
+    from freemoref.layouts import VIDEO_LAYOUT_KEY
+    from freemoref.tiny import TinyModelShape, _grid_pinpoints, build_tiny_tokenizer, tiny_processor
+    from pipeline.clip_models import build_random_clip, build_tiny_clip
+
+    root = Path(work) / "models"
+    llava, clip, done = root / "llava-video-7b-random", root / "clip-vit-l-14-336-random", root / "DONE"
+    if done.exists():
+        return json.loads(done.read_text())
+    device, dtype = ("cpu", torch.float32) if tiny else ("cuda", torch.bfloat16)
+    timings = {}
+    t0 = time.perf_counter()
+    from transformers import GenerationConfig, LlavaOnevisionForConditionalGeneration
+
+    tokenizer = build_tiny_tokenizer()
+    config = model_config(tiny=tiny)
+    config.text_config.vocab_size = max(config.text_config.vocab_size, len(tokenizer))
+    image_id, video_id = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, VIDEO_TOKEN])
+    endoftext_id, im_end_id = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    config.image_token_index, config.video_token_index = image_id, video_id
+    config.image_grid_pinpoints = _grid_pinpoints(config.vision_config.image_size)
+    config.text_config.eos_token_id, config.text_config.pad_token_id = im_end_id, endoftext_id
+    setattr(config, VIDEO_LAYOUT_KEY, "llava_vid")
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaOnevisionForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(saved)
+    model.eval()
+    # The tokenizer knows ~1k ids of the 152k vocabulary: keep random generation inside them, so
+    # answers decode to text; EOS can never win, so every answer runs to max_new_tokens.
+    with torch.no_grad():
+        model.lm_head.weight[len(tokenizer):].zero_()
+        model.lm_head.weight[[im_end_id, endoftext_id]] = 0
+    model.generation_config = GenerationConfig(eos_token_id=im_end_id, pad_token_id=endoftext_id, do_sample=False)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    timings["llava_init_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model.save_pretrained(str(llava), max_shard_size="4GB")
+    shape = TinyModelShape(image_size=config.vision_config.image_size, patch_size=config.vision_config.patch_size)
+    tiny_processor(tokenizer, shape).save_pretrained(str(llava))
+    timings["llava_save_s"] = time.perf_counter() - t0
+    del model
+    t0 = time.perf_counter()
+    if tiny:
+        build_tiny_clip(clip)
+    else:
+        torch.cuda.empty_cache()
+        build_random_clip(clip, CLIP_MODEL, device=device, dtype=torch.float16)
+    timings["clip_build_s"] = time.perf_counter() - t0
+    result = {"llava": str(llava), "clip": str(clip), "timings": timings}
+    done.write_text(json.dumps(result))
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU sampling
+
+
+class GpuSampler:
+    """`nvidia-smi` every SAMPLE_PERIOD_MS in a reader thread: (time, gpu index, util %, MiB used)."""
+
+    def __init__(self, gpus: list[str]):
+        self.samples: list[tuple[float, str, float, float]] = []
+        self.proc = None
+        if not gpus or shutil.which("nvidia-smi") is None:
+            return
+        self.proc = subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=index,utilization.gpu,memory.used", "--format=csv,noheader,nounits",
+             f"-lms={SAMPLE_PERIOD_MS}", f"--id={','.join(gpus)}"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            parts = [p.strip() for p in line.split(",")]
+            try:
+                self.samples.append((time.time(), parts[0], float(parts[1]), float(parts[2])))
+            except (ValueError, IndexError):
+                continue  # a header or a "[N/A]"
+
+    def stop(self):
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def busy_fraction(self, start: float, end: float) -> float | None:
+        window = [s[2] for s in self.samples if start <= s[0] <= end]
+        return statistics.fmean(window) / 100 if window else None
+
+    def peak_gib(self) -> float | None:
+        return max((s[3] for s in self.samples), default=0) * 2**20 / GIB if self.samples else None
+
+
+# ------------------------------------------------------------------------------------------------
+# One case
+
+
+def job_config(args, models: dict, work: Path, frames: int, gpus: int, name: str) -> dict:
+    gpu = gpus > 0
+    return {
+        "run_id": name,
+        "input": {"videos": str(work / "videos" / "*.mp4"), **({"limit": args.videos} if args.videos else {})},
+        "questions": {"file": str(work / "questions.jsonl")},
+        "decode": {"num_frames": frames, "frame_size": 384 if not args.tiny else 64, "num_cpus": 1 if gpu else 0.5,
+                   "timeout_s": 300},
+        "guidance": {"model": models["clip"], "pretrained": None, "frames_per_question": frames,
+                     "num_gpus": args.clip_gpu_fraction if gpu else 0, "num_cpus": 1 if gpu else 0.25,
+                     "memory_gib": 1 if args.tiny else 4, "batch_size": 256 if gpu else 32},
+        "answer": {"model": models["llava"], "max_new_tokens": args.new_tokens,
+                   "num_gpus": (1 - args.clip_gpu_fraction) if gpu else 0, "num_cpus": 1 if gpu else 0.5,
+                   "concurrency": "auto" if gpu else 1,
+                   **({"memory_gib": 1, "moref": {"temporal_units": 4, "references": 2}} if args.tiny else {})},
+        "output": {"path": str(work / "out" / name)},
+        "ray": {"num_cpus": max(4, os.cpu_count() or 4)},
+    }
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """SIGINT first (the driver shuts its local Ray down), SIGKILL to the group after a grace period."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+
+
+def stop_local_ray(env: dict) -> None:
+    # A killed driver can leave its local Ray (raylet, workers holding GPU memory) behind.
+    try:
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, check=False)
+    except subprocess.TimeoutExpired:
+        print("   `ray stop` did not finish in 60 s; going on", flush=True)
+
+
+def answers_stats(out: Path) -> dict:
+    """Completion times (file mtimes) and per-stage medians from the answers files."""
+    import pyarrow.parquet as pq
+
+    columns = ["video_id", "status", "error", "frames_decoded", "output_tokens", "decode_s", "guidance_s",
+               "prefill_s", "generate_s"]
+    files = [p for p in (out / "answers").glob("*.parquet") if not p.name.startswith(("_", "."))]
+    completions = sorted(p.stat().st_mtime for p in files)
+    rows = []
+    for p in files:
+        rows.extend(pq.read_table(p, columns=columns).to_pylist())  # roi_box left out: any pyarrow reads this
+    ok = [r for r in rows if r["status"] == "ok"]
+
+    def median(key, fn=None):
+        values = [fn(r) if fn else r[key] for r in ok if r[key] is not None]
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else None
+
+    per_video = {}
+    for r in ok:
+        per_video.setdefault(r["video_id"], r)
+    clip_rates = [r["frames_decoded"] / r["guidance_s"] for r in per_video.values() if r["guidance_s"]]
+    errors: dict[str, int] = {}
+    for r in rows:
+        if r["status"] != "ok":
+            reason = (r["error"] or "unknown").split(":", 1)[0]
+            errors[reason] = errors.get(reason, 0) + 1
+    return {
+        "completions": completions, "pairs": len(rows), "ok_pairs": len(ok), "errors_by_reason": errors,
+        "videos_done": len(files),
+        "median_decode_s": median("decode_s"), "median_guidance_s": median("guidance_s"),
+        "median_prefill_s": median("prefill_s"), "median_generate_s": median("generate_s"),
+        "median_output_tokens": median("output_tokens"),
+        "median_generate_ms_per_token": median(
+            "generate_s", lambda r: 1000 * r["generate_s"] / max((r["output_tokens"] or 1) - 1, 1)),
+        "clip_frames_per_s": statistics.median(clip_rates) if clip_rates else None,
+    }
+
+
+def run_case(args, models: dict, work: Path, gpus: int, frames: int, limit_s: float, log_dir: Path) -> dict:
+    import yaml
+
+    name = f"{'tiny' if args.tiny else 'real'}-g{gpus}-f{frames}"
+    out = work / "out" / name
+    shutil.rmtree(out, ignore_errors=True)
+    cfg_path = work / f"{name}.yaml"
+    cfg_path.write_text(yaml.safe_dump(job_config(args, models, work, frames, gpus, name), sort_keys=False))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    visible = gpu_ids()[:gpus]
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(visible)
+    command = [sys.executable, "-m", "jobs.cli", "run", str(cfg_path),
+               "--summary-json", str(work / f"{name}.summary.json")]
+    for override in args.set:
+        command += ["--set", override]
+    case = {"case": name, "gpus": gpus, "frames": frames, "questions_per_video": args.questions,
+            "new_tokens": args.new_tokens, "limit_s": round(limit_s, 1), "config": str(cfg_path), "set": args.set}
+    print(f"== {name}: up to {limit_s:.0f} s", flush=True)
+    sampler = GpuSampler(visible)
+    start = time.time()
+    with open(log_dir / f"{name}.log", "w") as log:
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(limit_s)
+            case["status"] = "ok" if rc == 0 else f"failed (rc {rc})"
+        except subprocess.TimeoutExpired:
+            case["status"] = "stopped (time limit)"
+            stop_process_group(proc)
+    end = time.time()
+    sampler.stop()
+    if not args.tiny:  # never on a shared CPU machine: `ray stop` ends every Ray there
+        stop_local_ray(env)
+    case["wall_s"] = end - start
+    stats = answers_stats(out) if (out / "answers").exists() else {"completions": [], "pairs": 0, "ok_pairs": 0}
+    completions = stats.pop("completions")
+    case.update(stats)
+    videos = len(completions)
+    devices = max(gpus, 1)
+    case["videos"] = videos
+    case["videos_planned"] = args.videos
+    pairs_per_video = case["pairs"] / videos if videos else 0.0
+    case["end_to_end_videos_per_gpu_hour"] = videos * 3600 / case["wall_s"] / devices
+    case["startup_s"] = completions[0] - start if completions else None
+    warm = max(1, math.ceil(WARMUP_SHARE * videos))
+    if videos - warm >= MIN_STEADY_VIDEOS and completions[-1] - completions[warm - 1] >= MIN_STEADY_WINDOW_S:
+        t_warm, t_last = completions[warm - 1], completions[-1]
+        rate = (videos - warm) / max(t_last - t_warm, 1e-9)  # videos per second, steady state
+        case["steady_videos"] = videos - warm
+        case["steady_window_s"] = t_last - t_warm
+        case["gpu_busy_fraction"] = sampler.busy_fraction(t_warm, t_last)
+    else:  # too few completions for a steady state: fall back to end to end
+        rate = videos / case["wall_s"]
+        case["steady_videos"], case["gpu_busy_fraction"] = 0, sampler.busy_fraction(start, end)
+    case["videos_per_gpu_hour"] = rate * 3600 / devices
+    case["questions_per_gpu_hour"] = rate * pairs_per_video * 3600 / devices
+    case["peak_gib"] = sampler.peak_gib()
+    tail = (log_dir / f"{name}.log").read_text(errors="replace").splitlines()[-15:]
+    if case["status"] != "ok":
+        case["log_tail"] = tail
+    print(f"   {case['status']}: {videos} videos, {case['pairs']} pairs in {case['wall_s']:.0f} s; "
+          f"{case['videos_per_gpu_hour']:.0f} videos/GPU-h steady, busy {_fmt(case['gpu_busy_fraction'], '.2f')}",
+          flush=True)
+    return case
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"Pipeline benchmark on {report['device']} ({report['shapes']} shapes, random weights; "
+        f"{report['questions_per_video']} questions per video, {report['new_tokens']} new tokens; "
+        f"{report['date']}). Steady state after the first {int(WARMUP_SHARE * 100)}% of videos.",
+        "",
+        "| GPUs | frames | videos | pairs | wall s | videos/GPU-h | questions/GPU-h | e2e videos/GPU-h | GPU busy "
+        "| peak GiB | decode s | guidance s | CLIP frames/s | prefill s | generate s | ms/token | status |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for c in report["cases"]:
+        busy = c.get("gpu_busy_fraction")
+        lines.append(
+            f"| {c['gpus']} | {c['frames']} | {c.get('videos', '-')} | {c.get('pairs', '-')} "
+            f"| {_fmt(c.get('wall_s'), '.0f')} | {_fmt(c.get('videos_per_gpu_hour'), '.0f')} "
+            f"| {_fmt(c.get('questions_per_gpu_hour'), '.0f')} | {_fmt(c.get('end_to_end_videos_per_gpu_hour'), '.0f')} "
+            f"| {'-' if busy is None else f'{100 * busy:.0f}%'} | {_fmt(c.get('peak_gib'), '.1f')} "
+            f"| {_fmt(c.get('median_decode_s'), '.2f')} | {_fmt(c.get('median_guidance_s'), '.2f')} "
+            f"| {_fmt(c.get('clip_frames_per_s'), '.0f')} | {_fmt(c.get('median_prefill_s'), '.2f')} "
+            f"| {_fmt(c.get('median_generate_s'), '.2f')} | {_fmt(c.get('median_generate_ms_per_token'), '.1f')} "
+            f"| {c['status']} |")
+    for frames, ratio in sorted(gpu_scaling(report["cases"]).items()):
+        lines += ["", f"{frames} frames: {ratio['gpus']} GPUs answer {ratio['questions_per_hour_ratio']:.2f}x the "
+                      f"questions per hour of {ratio['baseline_gpus']} (steady state)."]
+    lines += ["", "Stage columns are medians over ok answers rows (decode and guidance per video, prefill and "
+              "generate per question); GPU busy is nvidia-smi utilization averaged over the steady window and the "
+              "case's GPUs; peak GiB is the most memory any of them had in use."]
+    return "\n".join(lines) + "\n"
+
+
+def gpu_scaling(cases: list[dict]) -> dict[int, dict]:
+    """Per frame count with cases on several GPU counts: the most GPUs' questions per hour (all
+    GPUs together) over the fewest's."""
+    out = {}
+    for frames in {c["frames"] for c in cases}:
+        measured = sorted((c for c in cases if c["frames"] == frames and c.get("questions_per_gpu_hour")),
+                          key=lambda c: c["gpus"])
+        if len(measured) >= 2 and measured[0]["gpus"] >= 1 and measured[-1]["gpus"] > measured[0]["gpus"]:
+            low, high = measured[0], measured[-1]
+            out[frames] = {"gpus": high["gpus"], "baseline_gpus": low["gpus"],
+                           "questions_per_hour_ratio": (high["questions_per_gpu_hour"] * high["gpus"])
+                           / (low["questions_per_gpu_hour"] * low["gpus"])}
+    return out
+
+
+def device_name(tiny: bool) -> str:
+    if tiny or shutil.which("nvidia-smi") is None:
+        return "cpu"
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                         text=True, check=False).stdout.strip().splitlines()
+    return out[0].strip() if out else "gpu"
+
+
+def gpu_ids() -> list[str]:
+    """The GPUs this process may use, as nvidia-smi and CUDA_VISIBLE_DEVICES name them: those
+    CUDA_VISIBLE_DEVICES already lists, else every GPU nvidia-smi sees."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g.strip() for g in listed.split(",") if g.strip() and g.strip() != "-1"]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                         text=True, check=False).stdout
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "ray", "pyarrow", "open_clip", "av"):
+        try:
+            found[name] = getattr(__import__(name), "__version__", "?")
+        except ImportError:
+            found[name] = None
+    return found
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="CPU self-check with the tiny models")
+    parser.add_argument("--gpus", default=None, help="GPU counts to run, e.g. 1,2 (default: every visible GPU)")
+    parser.add_argument("--frames", default=None, help="frame counts (default 128,512; --tiny: 8)")
+    parser.add_argument("--videos", type=int, default=None, help="videos per case (default 48; --tiny: 3)")
+    parser.add_argument("--questions", type=int, default=5, help="questions per video")
+    parser.add_argument("--new-tokens", type=int, default=None, help="default 32 (--tiny: 4)")
+    parser.add_argument("--clip-gpu-fraction", type=float, default=0.2,
+                        help="GPU share of the CLIP actor; each Video-LLM actor takes the rest of one GPU")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra job-config override for every case (passed to moref-index run --set)")
+    parser.add_argument("--budget-s", type=float, default=470.0, help="start no case after this; stop cases to fit")
+    parser.add_argument("--work", default="/tmp/moref-pipeline-gpu", help="models, videos, job outputs")
+    parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "bench" / "results"))
+    args = parser.parse_args(argv)
+    start = time.time()
+    for name, real, tiny in (("frames", "128,512", "8"), ("videos", 48, 3), ("new_tokens", 32, 4)):
+        if getattr(args, name) is None:
+            setattr(args, name, tiny if args.tiny else real)
+    available = 0 if args.tiny else len(gpu_ids())
+    gpu_counts = [0] if args.tiny else [int(g) for g in (args.gpus or str(available)).split(",") if g]
+    if not args.tiny and (not gpu_counts or min(gpu_counts) < 1 or max(gpu_counts) > available):
+        parser.error(f"{available} GPUs visible, cases ask for {gpu_counts}: run on a GPU machine with enough "
+                     "GPUs, or pass --tiny for the CPU self-check")
+    frame_counts = [int(f) for f in str(args.frames).split(",") if f]
+    work, out_dir = Path(args.work) / ("tiny" if args.tiny else "real"), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = device_name(args.tiny)
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    stem = f"pipeline_gpu_{re.sub(r'[^a-z0-9]+', '-', device.lower()).strip('-')}_{date}"
+    report = {"device": device, "date": date, "shapes": "tiny" if args.tiny else "LLaVA-Video-7B-Qwen2 + ViT-L-14-336",
+              "questions_per_video": args.questions, "new_tokens": args.new_tokens, "versions": versions(),
+              "argv": sys.argv[1:], "cases": []}
+
+    def save():
+        report["elapsed_s"] = time.time() - start
+        report["gpu_scaling"] = gpu_scaling(report["cases"])
+        (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
+        (out_dir / f"{stem}.md").write_text(markdown(report))
+
+    # Models build on the GPU in a child process while the videos are written on the CPUs.
+    spawn = multiprocessing.get_context("spawn")
+    with spawn.Pool(1) as builder:
+        pending = builder.apply_async(build_models, (str(work), args.tiny))
+        t0 = time.time()
+        videos = make_videos(work / "videos", args.videos, args.tiny, max(1, (os.cpu_count() or 2) - 2))
+        report["videos_s"] = time.time() - t0
+        write_questions(work / "questions.jsonl", videos, args.questions)
+        models = pending.get()
+    report["setup_s"] = time.time() - start
+    report["model_timings"] = models.pop("timings")
+    print(f"setup {report['setup_s']:.0f} s (videos {report['videos_s']:.0f} s, models {report['model_timings']})",
+          flush=True)
+    save()
+
+    cases = [(g, f) for g in gpu_counts for f in frame_counts]
+    for i, (gpus, frames) in enumerate(cases):
+        left = args.budget_s - (time.time() - start)
+        if left < MIN_CASE_S:
+            report["cases"].append({"case": f"g{gpus}-f{frames}", "gpus": gpus, "frames": frames,
+                                    "status": "skipped (time budget)"})
+            continue
+        # An equal share of what is left; time a case does not use passes to the next.
+        limit = left / (len(cases) - i) - (5 if not args.tiny else 0)
+        try:
+            report["cases"].append(run_case(args, models, work, gpus, frames, limit, out_dir))
+        except Exception as exc:  # noqa: BLE001 - record it and go on: the other cases still count
+            report["cases"].append({"case": f"g{gpus}-f{frames}", "gpus": gpus, "frames": frames,
+                                    "status": f"bench error: {type(exc).__name__}: {exc}"[:500]})
+        save()
+    save()
+    print()
+    print(markdown(report))
+    print(f"wrote {out_dir / stem}.json and .md; total {time.time() - start:.0f} s")
+    return 0 if all(c["status"] in ("ok", "stopped (time limit)") for c in report["cases"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

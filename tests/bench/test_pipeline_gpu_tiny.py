@@ -1,0 +1,30 @@
+"""The pipeline GPU benchmark's CPU self-check (`--tiny`): the same model builder, video writer,
+job config, pipeline run and report as on the GPU, with tiny shapes, so it never rots unnoticed."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.paths import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_pipeline_gpu_tiny_runs_and_reports(tmp_path):
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(REPO / "bench" / "pipeline_gpu.py"), "--tiny", "--videos", "3",
+                    "--frames", "8", "--work", str(tmp_path / "work"), "--out", str(out)],
+                   check=True, capture_output=True, timeout=400)
+    (report,) = out.glob("pipeline_gpu_cpu_*.json")
+    (case,) = json.loads(report.read_text())["cases"]
+    assert case["status"] == "ok" and case["errors_by_reason"] == {}
+    assert (case["gpus"], case["frames"], case["questions_per_video"]) == (0, 8, 5)
+    assert (case["videos"], case["pairs"], case["ok_pairs"]) == (3, 15, 15)
+    assert case["videos_per_gpu_hour"] > 0 and case["questions_per_gpu_hour"] == pytest.approx(
+        5 * case["videos_per_gpu_hour"])
+    for stage in ("decode", "guidance", "prefill", "generate"):
+        assert case[f"median_{stage}_s"] > 0
+    assert case["median_output_tokens"] == 4  # EOS can never win: every answer runs to max_new_tokens
+    assert report.with_suffix(".md").read_text().startswith("Pipeline benchmark on cpu")
