@@ -261,9 +261,9 @@ def search_vector(index: FramesIndex, query: np.ndarray, *, top_k: int = DEFAULT
 
     query = np.asarray(query, np.float32)
     ann = VectorIndex(index)
-    has_index = video_ids is None and ann.exists()
-    frames = None if has_index else index.count(video_ids)
-    if has_index or frames >= ann_min_frames:
+    state = ann.state() if video_ids is None else None
+    frames = state["frames"] if state else index.count(video_ids)
+    if frames >= ann_min_frames:
         state = ann.synced_state(update_index)
         frames = frames if video_ids is not None else state["frames"]
         candidates = ann.candidate_videos(query, state, min_score, max_videos=max(4 * top_k, 50),
