@@ -208,7 +208,7 @@ def test_approximate_index_matches_brute_force_and_stays_in_step(tmp_path):
     q = queries[0]
     store = OutputStore(OutputConfig(path=out))
     top_before = both(q)[0].moments[0].video_id
-    store.write_table(frames_table("new", [0.0, 0.5, 1.0], with_cosines(q, [0.1, 0.95, 0.9], rng)),
+    store.write_table(frames_table("new", [0.0, 0.5, 1.0], with_cosines(q, [0.05, 0.95, 0.9], rng)),
                       FRAMES_DIR, f"{video_key('new')}.parquet")
     store.write_table(frames_table(top_before, [0.0], with_cosines(q, [0.0], rng)),
                       FRAMES_DIR, f"{video_key(top_before)}.parquet")
