@@ -11,7 +11,7 @@ then:
   brute force  `pipeline.search.search_vector` with the approximate index off: columnar read of
                every frame + exact scores + moments, per query (a fresh reader each time, as a
                CLI call would be; the OS page cache is warm after the first query)
-  index build  `VectorIndex.sync()`: faiss IVF-SQ8 trained and filled from frames/
+  index build  `VectorIndex.sync()`: faiss IVF-Flat trained and filled from frames/
   ann          `search_vector` through the index (fresh reader per query: state, id map, mmap)
   recall@10    the index's 10 nearest frames against the exact 10 nearest, averaged over queries
   moments      share of queries whose top-10 moments are identical with and without the index
