@@ -104,7 +104,8 @@ def bench_scale(root: Path, n_frames: int, seed: int) -> dict:
     brute = [timed(lambda q=q: search_vector(FramesIndex(str(root)), q, top_k=10, min_score=MIN_SCORE,
                                              ann_min_frames=10**12)) for q in qs]
     build_s, state = timed(lambda: VectorIndex(FramesIndex(str(root))).sync())
-    ann = [timed(lambda q=q: search_vector(FramesIndex(str(root)), q, top_k=10, min_score=MIN_SCORE))
+    ann = [timed(lambda q=q: search_vector(FramesIndex(str(root)), q, top_k=10, min_score=MIN_SCORE,
+                                           ann_min_frames=0))
            for q in qs]
     index = VectorIndex(FramesIndex(str(root)))
     recalls = []
