@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.moref-installed
 
-.PHONY: demo test test-gpu setup clean
+.PHONY: demo test test-gpu setup browser clean
 
 $(STAMP): pyproject.toml tools/cpu_env/moref_torchvision_cpu_shim.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,15 @@ demo: $(STAMP)
 	$(VENV)/bin/moref-index tiny-models .cache/models
 	$(VENV)/bin/moref-index run jobs/configs/demo.yaml --show 6
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q tests --ignore=tests/gpu
+
+# The report test renders the page in Debian's headless chromium; installed when missing (as root,
+# as CI runs), else the test says what to install.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; } || \
+	  echo "chromium/chromedriver missing: apt-get install chromium chromium-driver (tests/pipeline/test_report.py needs them)"
 
 # CUDA tests (run on a GPU machine; see README "GPU tests").
 test-gpu:

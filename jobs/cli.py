@@ -5,6 +5,9 @@
     moref-index tiny-models DIR
     moref-index import-questions --format videomme|mlvu|longvideobench SRC... --out SET.jsonl
     moref-index score OUTPUT --questions SET.jsonl [--compare OTHER_OUTPUT] [--json]
+    moref-index search "TEXT" --index OUTPUT [--top-k 20] [--json]
+    moref-index index OUTPUT [--rebuild]
+    moref-index report OUTPUT [--out report.html]
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ def cmd_run(args) -> int:
         print(f"error: the job can never be scheduled: {exc}", file=sys.stderr)
         return 2
     print(summary.render())
+    _update_search_index(cfg.output.path, cfg.output.storage)
     if args.show:
         _show_answers(cfg, args.show)
     if args.summary_json:
@@ -62,6 +66,77 @@ def _show_answers(cfg, n: int) -> None:
         text = r["answer"] if r["status"] == "ok" else f"<{r['error']}>"
         print(f"  {r['video_id']} / {r['question_id']} [{r['status']}, N={r['references']}, "
               f"visual tokens {r['visual_tokens_used']}]: {text!r}"[:160])
+
+
+def _update_search_index(output: str, storage) -> None:
+    """Add a run's new frames to the output's approximate search index, when it has one."""
+    from pipeline.search import FramesIndex
+    from pipeline.vector_index import VectorIndex
+
+    index = VectorIndex(FramesIndex(output, storage))
+    if index.exists():
+        state = index.sync()
+        print(f"search index: {state['frames']} frames")
+
+
+def _storage(args):
+    from pipeline.config import StorageConfig
+
+    return StorageConfig(endpoint_url=args.endpoint_url)
+
+
+def _equals_pairs(pairs: list[str]) -> dict[str, str]:
+    where = {}
+    for pair in pairs:
+        column, sep, value = pair.partition("=")
+        if not sep or not column:
+            raise SystemExit(f"--where expects COLUMN=VALUE, got {pair!r}")
+        where[column] = value
+    return where
+
+
+def cmd_search(args) -> int:
+    from pipeline.search import SearchError, manifest_video_ids, render_moments, search_text
+
+    storage = _storage(args)
+    video_ids = list(args.video_id) or None
+    if args.where and not args.manifest:
+        raise SystemExit("--where needs --manifest (the file whose columns it filters)")
+    try:
+        if args.manifest:
+            chosen = manifest_video_ids(args.manifest, _equals_pairs(args.where), storage)
+            video_ids = [v for v in chosen if video_ids is None or v in video_ids]
+        result = search_text(args.text, args.index, storage=storage, top_k=args.top_k, min_score=args.min_score,
+                             video_ids=video_ids, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
+                             ann_min_frames=args.ann_min_frames, update_index=not args.no_index_update)
+    except SearchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"query": args.text, "clip_model": result.clip_model, "method": result.method,
+                          "frames_searched": result.frames_searched,
+                          "moments": [m.to_dict() for m in result.moments]}, indent=2))
+    else:
+        print(render_moments(result))
+    return 0
+
+
+def cmd_index(args) -> int:
+    from pipeline.search import FramesIndex
+    from pipeline.vector_index import VectorIndex
+
+    state = VectorIndex(FramesIndex(args.output, _storage(args))).sync(rebuild=args.rebuild)
+    print(f"search index: {state['frames']} frames in {state['nlist']} lists, {len(state['files'])} videos")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pipeline.report import write_report
+
+    path = write_report(args.output, args.out, storage=_storage(args), video_ids=list(args.video) or None,
+                        max_videos=args.max_videos, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained)
+    print(f"wrote {path}")
+    return 0
 
 
 def cmd_convert(args) -> int:
@@ -123,6 +198,17 @@ def cmd_score(args) -> int:
     return 0
 
 
+def _model_args(parser) -> None:
+    parser.add_argument("--clip-model", help="the CLIP model the frames were embedded with, when not loadable by "
+                        "its recorded name (a local open_clip directory, or a model name)")
+    parser.add_argument("--clip-pretrained", help="with a model name: its pretrained tag or weights file")
+
+
+def _storage_args(parser) -> None:
+    parser.add_argument("--endpoint-url", help="object store endpoint (MinIO, Ceph, R2); credentials come from "
+                        "the environment")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moref-index", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +244,40 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("--compare", metavar="OTHER_OUTPUT", help="a second run's output.path, shown side by side")
     score.add_argument("--json", action="store_true", help="print JSON instead of tables")
     score.set_defaults(func=cmd_score)
+
+    search = sub.add_parser("search", help="text search over the frames of an output: the best matching moments")
+    search.add_argument("text")
+    search.add_argument("--index", required=True, metavar="OUTPUT", help="the job's output path (local or URL)")
+    search.add_argument("--top-k", type=int, default=20, help="moments to print (default 20)")
+    search.add_argument("--min-score", type=float, default=0.2,
+                        help="a frame matches at this cosine similarity or more (default 0.2, for OpenAI CLIP)")
+    search.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    search.add_argument("--video-id", action="append", default=[], help="search only this video (repeatable)")
+    search.add_argument("--manifest", help="a manifest (.parquet/.jsonl/.csv) whose columns --where filters")
+    search.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
+                        help="search only the manifest's videos with this value (repeatable: all must hold)")
+    search.add_argument("--ann-min-frames", type=int, default=1_000_000,
+                        help="search through the approximate index from this many frames (default 1,000,000)")
+    search.add_argument("--no-index-update", action="store_true",
+                        help="use the approximate index as it is, without adding new frames first")
+    _model_args(search)
+    _storage_args(search)
+    search.set_defaults(func=cmd_search)
+
+    index = sub.add_parser("index", help="build or update the approximate search index of an output")
+    index.add_argument("output")
+    index.add_argument("--rebuild", action="store_true", help="retrain from scratch instead of adding new frames")
+    _storage_args(index)
+    index.set_defaults(func=cmd_index)
+
+    report = sub.add_parser("report", help="a self-contained HTML report of an output")
+    report.add_argument("output")
+    report.add_argument("--out", default="report.html")
+    report.add_argument("--video", action="append", default=[], help="a video to show in detail (repeatable)")
+    report.add_argument("--max-videos", type=int, default=6, help="videos shown in detail when none are chosen")
+    _model_args(report)
+    _storage_args(report)
+    report.set_defaults(func=cmd_report)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

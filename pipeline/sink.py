@@ -129,14 +129,16 @@ class OutputStore:
         return final
 
     def write_json(self, payload: dict, *parts: str) -> str:
+        return self.write_bytes(json.dumps(payload, indent=2, sort_keys=True).encode(), *parts)
+
+    def write_bytes(self, data: bytes, *parts: str) -> str:
         final = self.path(*parts)
-        text = json.dumps(payload, indent=2, sort_keys=True)
 
         def once():
             if self._local:
                 self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-            with self.fs.open(final, "w") as f:
-                f.write(text)
+            with self.fs.open(final, "wb") as f:
+                f.write(data)
             return final
 
         return self._retrying(final, once)

@@ -112,17 +112,21 @@ def _require_columns(table: pa.Table, needed: tuple[str, ...], what: str) -> Non
         raise ConfigError(f"{what}: missing column(s) {missing}; found {table.column_names}")
 
 
+def manifest_ids(table: pa.Table) -> list[str]:
+    """The video ids of a manifest's rows: its `video_id` column, else the file name of the URI."""
+    if "video_id" in table.column_names:
+        return [str(i) for i in table.column("video_id").to_pylist()]
+    uri_col = "video_uri" if "video_uri" in table.column_names else "uri"
+    return [posixpath.basename(str(u)) for u in table.column(uri_col).to_pylist()]
+
+
 def _from_manifest(cfg: InputConfig) -> list[VideoSource]:
     what = "input.manifest"
     table = read_table(cfg.manifest, cfg.storage, what)
     uri_col = "video_uri" if "video_uri" in table.column_names else "uri"
     _require_columns(table, (uri_col,), what)
     uris = [str(u) for u in table.column(uri_col).to_pylist()]
-    ids = (
-        [str(i) for i in table.column("video_id").to_pylist()]
-        if "video_id" in table.column_names
-        else [posixpath.basename(u) for u in uris]
-    )
+    ids = manifest_ids(table)
     base = posixpath.dirname(cfg.manifest)
     out = []
     for vid, uri in zip(ids, uris):

@@ -1,0 +1,91 @@
+"""`moref-index report` rendered in a real headless browser (Debian's chromium through
+chromedriver): every image loads and every plot is there, on a real run's output and on an
+output that holds error rows only."""
+
+import pathlib
+import shutil
+
+import pyarrow as pa
+import pytest
+
+from jobs.cli import main
+from pipeline.config import OutputConfig
+from pipeline.schema import ANSWERS_SCHEMA, empty_answer_row
+from pipeline.sink import ANSWERS_DIR, OutputStore
+
+BROWSER_MISSING = ("the report test needs Debian's chromium and chromium-driver "
+                   "(`apt-get install -y chromium chromium-driver`; `make test` installs them when run as root)")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver_path, BROWSER_MISSING
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+    yield driver
+    driver.quit()
+
+
+def rendered(browser, page: pathlib.Path) -> dict:
+    """What the browser made of the page: every image's load state, and the plots per section."""
+    browser.get(page.resolve().as_uri())
+    return browser.execute_script("""
+        const images = Array.from(document.images).map(i => ({ok: i.complete && i.naturalWidth > 0,
+            cls: i.className, section: i.closest('section').id}));
+        const plots = {};
+        for (const s of document.querySelectorAll('section')) plots[s.id] = s.querySelectorAll('img.plot').length;
+        return {images: images, plots: plots, thumbs: document.querySelectorAll('figure.thumb img').length,
+                external: Array.from(document.querySelectorAll('[src]')).filter(e => !e.src.startsWith('data:')).length,
+                text: document.body.innerText};
+    """)
+
+
+def test_report_of_a_real_run(small_run_output, tiny_model_dir, browser, tmp_path, capsys):
+    page = tmp_path / "report.html"
+    assert main(["report", str(small_run_output), "--out", str(page), "--clip-model", tiny_model_dir["clip"]]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {page}"
+    seen = rendered(browser, page)
+    assert seen["images"] and all(i["ok"] for i in seen["images"]), seen["images"]
+    assert seen["external"] == 0  # self-contained
+    # relevance plot per answered video, an RoI frame per question, then cost, stages, errors
+    assert seen["plots"]["videos"] == 2 + 2 * 2
+    assert sum(i["cls"] == "plot roi" for i in seen["images"]) == 4
+    assert seen["thumbs"] == 2 * 2 * 4
+    assert seen["plots"]["cost"] == seen["plots"]["stages"] == seen["plots"]["errors"] == 1
+    assert "3 video(s) in detail: all." in seen["text"]
+    assert "3 videos, 6 answers rows (4 ok, 2 errors)" in seen["text"]
+
+
+def test_report_samples_videos_and_says_so(small_run_output, browser, tmp_path, capsys):
+    page = tmp_path / "report.html"
+    assert main(["report", str(small_run_output), "--out", str(page), "--max-videos", "1"]) == 0
+    seen = rendered(browser, page)
+    assert "1 video(s) in detail: a random sample (seed 0) of 3." in seen["text"]
+    # without the CLIP model's directory the relevance plots are replaced by the reason
+    assert "CLIP relevance not shown" in seen["text"] or "broken.mp4" in seen["text"]
+    assert all(i["ok"] for i in seen["images"])
+
+
+def test_report_of_an_output_with_error_rows_only(browser, tmp_path, capsys):
+    store = OutputStore(OutputConfig(path=str(tmp_path / "out")))
+    rows = []
+    for i, reason in enumerate(["not_found", "not_found", "timeout", "no_video_stream"]):
+        row = empty_answer_row() | {"run_id": "r", "video_id": f"v{i}.mp4", "video_uri": f"/gone/v{i}.mp4",
+                                    "question_id": "q", "question": "What?", "status": "error",
+                                    "error": f"{reason}: detail"}
+        rows.append(row)
+    store.write_table(pa.Table.from_pylist(rows, schema=ANSWERS_SCHEMA), ANSWERS_DIR, "errors.parquet")
+    page = tmp_path / "report.html"
+    assert main(["report", str(tmp_path / "out"), "--out", str(page)]) == 0
+    seen = rendered(browser, page)
+    assert seen["images"] and all(i["ok"] for i in seen["images"])
+    assert seen["plots"] == {"runs": 0, "videos": 0, "cost": 0, "stages": 0, "errors": 1}
+    assert "4 videos, 4 answers rows (0 ok, 4 errors)" in seen["text"]
+    assert "no answered questions with token and FLOP counts" in seen["text"]
+    assert "not_found: detail" in seen["text"]
