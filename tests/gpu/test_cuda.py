@@ -214,9 +214,10 @@ def test_sdpa_is_the_backend_and_is_called(tiny_llava_vid_dir, monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
     moref_generate(model, prefix, refs, pos, suffix, cfg, GenerationOptions(max_new_tokens=4), eos_token_ids=())
     layers, below = TEXT["num_hidden_layers"], 2
-    prefill = [c for c in calls if c[2] > 1]
-    assert len(prefill) == layers and all(c[3] and c[4] for c in prefill)  # rows below L + fused, causal, no mask
-    assert len(calls) - len(prefill) == 3 * (layers - below)  # 3 decode steps in the fused layers
+    prefill = [c for c in calls if c[4]]
+    assert len(prefill) == layers and all(c[3] for c in prefill)  # rows below L + fused: causal, no mask
+    decode = [c for c in calls if not c[4]]  # the fused layers' steps (eager once, then recorded as a graph)
+    assert len(decode) >= layers - below and not any(c[3] for c in decode)
     assert {c[:2] for c in calls} == {("cuda", torch.bfloat16)}
 
 
