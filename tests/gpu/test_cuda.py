@@ -222,10 +222,10 @@ def test_sdpa_is_the_backend_and_is_called(tiny_llava_vid_dir, monkeypatch):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("backend", [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
-def test_causal_row_pass_runs_on_each_fast_kernel_alone(backend):
-    """The row pass (GQA, no mask, bf16) runs on the flash and the memory-efficient kernel alone,
-    and agrees with the float32 math reference."""
+def test_causal_row_pass_runs_on_the_flash_kernel_alone():
+    """The row pass (GQA, no mask, bf16) runs on the flash kernel alone (torch 2.11's
+    memory-efficient kernel takes no GQA: bench/RESULTS.md) and agrees with float32 math."""
+    backend = SDPBackend.FLASH_ATTENTION
     from freemoref.attention import causal_attention
 
     gen = torch.Generator(device=CUDA).manual_seed(0)
