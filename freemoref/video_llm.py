@@ -9,6 +9,7 @@ computed once (freemoref.engine), natively (one reference) or with Free-MoRef ov
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -171,8 +172,13 @@ class VideoLLM:
         visual tokens run once (below the fusion layer for MoRef, through every layer natively),
         then the questions in batches of at most `max_batch_tokens` fused tokens. Each answer
         equals answering its question alone."""
-        parts = [self.prepare(frame_tokens, q, system_prompt=system_prompt, roi_box=roi_box) for q in questions]
-        first = parts[0]
+        # The frames are cropped and moved to the device once; each question only adds its text.
+        first = self.prepare(frame_tokens, questions[0], system_prompt=system_prompt, roi_box=roi_box)
+        parts = [first]
+        for question in questions[1:]:
+            prefix_ids, suffix_ids = self.build_prompt(question, system_prompt)
+            parts.append(dataclasses.replace(first, prefix_ids=prefix_ids, suffix_ids=suffix_ids,
+                                             suffix_embeds=self.embed(suffix_ids)))
         if any(not torch.equal(p.prefix_ids, first.prefix_ids) for p in parts[1:]):
             raise ValueError("questions with different prompt prefixes cannot share a prefill")
         resolved = self.resolve(moref, first.frames)
