@@ -233,6 +233,18 @@ class GpuSampler:
 # One case
 
 
+DEFAULT_VARIANT = "default"
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """'clip_in_vlm:guidance.placement=answer_actor,answer.num_gpus=1' -> (name, ['key=value', ...])."""
+    name, _, overrides = text.partition(":")
+    pairs = [o for o in overrides.split(",") if o]
+    if not name or not pairs or any("=" not in o for o in pairs):
+        raise ValueError(f"--variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE]")
+    return name, pairs
+
+
 def job_config(args, models: dict, work: Path, frames: int, gpus: int, name: str) -> dict:
     gpu = gpus > 0
     return {
@@ -313,10 +325,12 @@ def answers_stats(out: Path) -> dict:
     }
 
 
-def run_case(args, models: dict, work: Path, gpus: int, frames: int, limit_s: float, log_dir: Path) -> dict:
+def run_case(args, models: dict, work: Path, gpus: int, frames: int, variant: tuple[str, list[str]],
+             limit_s: float, log_dir: Path) -> dict:
     import yaml
 
-    name = f"{'tiny' if args.tiny else 'real'}-g{gpus}-f{frames}"
+    label, overrides = variant
+    name = f"{'tiny' if args.tiny else 'real'}-g{gpus}-f{frames}" + ("" if label == DEFAULT_VARIANT else f"-{label}")
     out = work / "out" / name
     shutil.rmtree(out, ignore_errors=True)
     cfg_path = work / f"{name}.yaml"
@@ -328,10 +342,11 @@ def run_case(args, models: dict, work: Path, gpus: int, frames: int, limit_s: fl
         env["CUDA_VISIBLE_DEVICES"] = ",".join(visible)
     command = [sys.executable, "-m", "jobs.cli", "run", str(cfg_path),
                "--summary-json", str(work / f"{name}.summary.json")]
-    for override in args.set:
+    for override in [*args.set, *overrides]:
         command += ["--set", override]
-    case = {"case": name, "gpus": gpus, "frames": frames, "questions_per_video": args.questions,
-            "new_tokens": args.new_tokens, "limit_s": round(limit_s, 1), "config": str(cfg_path), "set": args.set}
+    case = {"case": name, "variant": label, "gpus": gpus, "frames": frames, "questions_per_video": args.questions,
+            "new_tokens": args.new_tokens, "limit_s": round(limit_s, 1), "config": str(cfg_path),
+            "set": [*args.set, *overrides]}
     print(f"== {name}: up to {limit_s:.0f} s", flush=True)
     sampler = GpuSampler(visible)
     start = time.time()
@@ -401,8 +416,9 @@ def markdown(report: dict) -> str:
     ]
     for c in report["cases"]:
         busy = c.get("gpu_busy_fraction")
+        variant = c.get("variant", DEFAULT_VARIANT)
         lines.append(
-            f"| {c['gpus']} | {c['frames']} | {c.get('videos', '-')} | {c.get('pairs', '-')} "
+            f"| {c['gpus']} | {c['frames']}{'' if variant == DEFAULT_VARIANT else f' ({variant})'} | {c.get('videos', '-')} | {c.get('pairs', '-')} "
             f"| {_fmt(c.get('wall_s'), '.0f')} | {_fmt(c.get('videos_per_gpu_hour'), '.0f')} "
             f"| {_fmt(c.get('questions_per_gpu_hour'), '.0f')} | {_fmt(c.get('end_to_end_videos_per_gpu_hour'), '.0f')} "
             f"| {'-' if busy is None else f'{100 * busy:.0f}%'} | {_fmt(c.get('peak_gib'), '.1f')} "
@@ -410,8 +426,8 @@ def markdown(report: dict) -> str:
             f"| {_fmt(c.get('clip_frames_per_s'), '.0f')} | {_fmt(c.get('median_prefill_s'), '.2f')} "
             f"| {_fmt(c.get('median_generate_s'), '.2f')} | {_fmt(c.get('median_generate_ms_per_token'), '.1f')} "
             f"| {c['status']} |")
-    for frames, ratio in sorted(gpu_scaling(report["cases"]).items()):
-        lines += ["", f"{frames} frames: {ratio['gpus']} GPUs answer {ratio['questions_per_hour_ratio']:.2f}x the "
+    for key, ratio in sorted(gpu_scaling(report["cases"]).items()):
+        lines += ["", f"{key} frames: {ratio['gpus']} GPUs answer {ratio['questions_per_hour_ratio']:.2f}x the "
                       f"questions per hour of {ratio['baseline_gpus']} (steady state)."]
     lines += ["", "Stage columns are medians over ok answers rows (decode and guidance per video, prefill and "
               "generate per question); GPU busy is nvidia-smi utilization averaged over the steady window and the "
@@ -419,16 +435,21 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def gpu_scaling(cases: list[dict]) -> dict[int, dict]:
-    """Per frame count with cases on several GPU counts: the most GPUs' questions per hour (all
-    GPUs together) over the fewest's."""
+def _scaling_key(case: dict) -> str:
+    variant = case.get("variant", DEFAULT_VARIANT)
+    return str(case["frames"]) + ("" if variant == DEFAULT_VARIANT else f" ({variant})")
+
+
+def gpu_scaling(cases: list[dict]) -> dict[str, dict]:
+    """Per frame count (and variant) with cases on several GPU counts: the most GPUs' questions
+    per hour (all GPUs together) over the fewest's."""
     out = {}
-    for frames in {c["frames"] for c in cases}:
-        measured = sorted((c for c in cases if c["frames"] == frames and c.get("questions_per_gpu_hour")),
+    for key in {_scaling_key(c) for c in cases}:
+        measured = sorted((c for c in cases if _scaling_key(c) == key and c.get("questions_per_gpu_hour")),
                           key=lambda c: c["gpus"])
         if len(measured) >= 2 and measured[0]["gpus"] >= 1 and measured[-1]["gpus"] > measured[0]["gpus"]:
             low, high = measured[0], measured[-1]
-            out[frames] = {"gpus": high["gpus"], "baseline_gpus": low["gpus"],
+            out[key] = {"gpus": high["gpus"], "baseline_gpus": low["gpus"],
                            "questions_per_hour_ratio": (high["questions_per_gpu_hour"] * high["gpus"])
                            / (low["questions_per_gpu_hour"] * low["gpus"])}
     return out
@@ -477,6 +498,8 @@ def main(argv=None) -> int:
                         help="GPU share of the CLIP actor; each Video-LLM actor takes the rest of one GPU")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra job-config override for every case (passed to moref-index run --set)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                        help="run every case once per variant, with these overrides (default: one run as configured)")
     parser.add_argument("--budget-s", type=float, default=470.0, help="start no case after this; stop cases to fit")
     parser.add_argument("--work", default="/tmp/moref-pipeline-gpu", help="models, videos, job outputs")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "bench" / "results"))
@@ -522,19 +545,21 @@ def main(argv=None) -> int:
           flush=True)
     save()
 
-    cases = [(g, f) for g in gpu_counts for f in frame_counts]
-    for i, (gpus, frames) in enumerate(cases):
+    variants = [parse_variant(v) for v in args.variant] or [(DEFAULT_VARIANT, [])]
+    cases = [(g, f, v) for g in gpu_counts for f in frame_counts for v in variants]
+    for i, (gpus, frames, variant) in enumerate(cases):
         left = args.budget_s - (time.time() - start)
         if left < MIN_CASE_S:
-            report["cases"].append({"case": f"g{gpus}-f{frames}", "gpus": gpus, "frames": frames,
-                                    "status": "skipped (time budget)"})
+            report["cases"].append({"case": f"g{gpus}-f{frames}-{variant[0]}", "variant": variant[0], "gpus": gpus,
+                                    "frames": frames, "status": "skipped (time budget)"})
             continue
         # An equal share of what is left; time a case does not use passes to the next.
         limit = left / (len(cases) - i) - (5 if not args.tiny else 0)
         try:
-            report["cases"].append(run_case(args, models, work, gpus, frames, limit, out_dir))
+            report["cases"].append(run_case(args, models, work, gpus, frames, variant, limit, out_dir))
         except Exception as exc:  # noqa: BLE001 - record it and go on: the other cases still count
-            report["cases"].append({"case": f"g{gpus}-f{frames}", "gpus": gpus, "frames": frames,
+            report["cases"].append({"case": f"g{gpus}-f{frames}-{variant[0]}", "variant": variant[0], "gpus": gpus,
+                                    "frames": frames,
                                     "status": f"bench error: {type(exc).__name__}: {exc}"[:500]})
         save()
     save()

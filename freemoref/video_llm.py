@@ -107,9 +107,19 @@ class VideoLLM:
     def encode_frames(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 frames (T, H, W, 3) -> per-frame visual tokens (T, t, D), via the HF video
         processor and `layouts.frame_tokens`. Run once per video; questions reuse the result."""
+        return self.encode_pixels(self.preprocess_frames(frames))
+
+    def preprocess_frames(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 frames (T, H, W, 3) -> the vision tower's input (1, T, C, H, W), on the host.
+        Host work only, so a caller can prepare one video while another holds the device."""
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
         pixels = self.processor.video_processor(videos=[frames], return_tensors="pt")["pixel_values_videos"]
+        # Page-locked memory makes the later copy to the GPU a DMA at full bus speed.
+        return pixels.pin_memory() if self.device.type == "cuda" else pixels
+
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`preprocess_frames`' output -> per-frame visual tokens (T, t, D) on the device."""
         return layouts.frame_tokens(self.model, pixels, self.layout)
 
     def assemble(self, frame_tokens: torch.Tensor) -> torch.Tensor:

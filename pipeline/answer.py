@@ -1,4 +1,4 @@
-"""The answer stage: a Video-LLM actor that answers every question of one video.
+"""The answer stage: a Video-LLM actor that answers every question of a video, several videos in flight.
 
 Vision features are computed once per video; questions that picked the same frames and RoI (from
 guidance) are answered together, sharing the video prefix's prefill (Free-MoRef or native). Every question yields exactly one answers
@@ -8,6 +8,7 @@ row: 'ok' with the answer and statistics, or 'error' with a reason.
 from __future__ import annotations
 
 import pathlib
+import threading
 
 import numpy as np
 
@@ -41,6 +42,9 @@ class AnswerStage:
 
         self.cfg = cfg
         self.run_id = run_id
+        # One video on the model at a time; with answer.videos_in_flight > 1 the other calls do
+        # their host work meanwhile. A guidance stage in the same actor takes it too.
+        self.device_lock = threading.Lock()
         self.resources = {"num_gpus": cfg.num_gpus, "num_cpus": cfg.num_cpus}
         self.llm = load_video_llm(
             cfg.model,
@@ -64,52 +68,33 @@ class AnswerStage:
         self.moref = MoRefConfig(**cfg.moref.model_dump()) if cfg.moref.enabled else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        return self.answer_rows([{k: v[i] for k, v in batch.items()} for i in range(len(batch[Col.VIDEO_ID]))])
+
+    def answer_rows(self, videos: list[dict]) -> dict[str, list]:
+        """Answer each video; every question's row, as columns."""
         out: dict[str, list] = {name: [] for name in ANSWER_COLUMNS}
-        for i in range(len(batch[Col.VIDEO_ID])):
-            for row in self.answer_video({k: v[i] for k, v in batch.items()}):
+        for video in videos:
+            for row in self.answer_video(video):
                 for name in ANSWER_COLUMNS:
                     out[name].append(row[name])
         return out
 
     def answer_video(self, video: dict) -> list[dict]:
-        question_ids = [str(q) for q in as_list(video[Col.QUESTION_IDS])]
-        questions = [str(q) for q in as_list(video[Col.QUESTIONS])]
-        frames = video.get(Col.FRAMES)
-        times = np.asarray(video.get(Col.FRAME_TIMES_S, []), dtype=np.float64)
-        indices = np.asarray(video.get(Col.FRAME_INDICES, []), dtype=np.int64)
-        base = {
-            "run_id": self.run_id,
-            "video_id": str(video[Col.VIDEO_ID]),
-            "video_uri": str(video[Col.VIDEO_URI]),
-            "model": self.model_name,
-            "frames_decoded": int(len(times)),
-            "decode_s": _float_or_none(video.get(Col.DECODE_S)),
-            "guidance_s": _float_or_none(video.get(Col.GUIDANCE_S)),
-        }
-        rows = []
-        for qid, question in zip(question_ids, questions):
-            row = empty_answer_row()
-            row.update(base, question_id=qid, question=question, status=STATUS_ERROR)
-            rows.append(row)
-
+        """One video's rows. Several calls may run at once (`answer.videos_in_flight`, one thread
+        each): the host work (frame preprocessing, rows) runs outside `device_lock`, the model
+        inside it, so one video's host work overlaps another's GPU work."""
+        rows = self._question_rows(video)
         if video.get(Col.STATUS) != STATUS_OK:
             for row in rows:
                 row["error"] = str(video.get(Col.ERROR) or "failed before the answer stage")
             return rows
+        times = np.asarray(video.get(Col.FRAME_TIMES_S, []), dtype=np.float64)
+        indices = np.asarray(video.get(Col.FRAME_INDICES, []), dtype=np.int64)
         selected = video.get(Col.SELECTED_POSITIONS)
         per_question = [
             np.arange(len(times)) if selected is None else np.asarray(selected[q], dtype=np.int64)
             for q in range(len(rows))
         ]
-        # The vision tower runs once per video, on the frames some question selected only.
-        used = np.unique(np.concatenate(per_question)) if per_question else np.arange(0)
-        try:
-            frame_tokens = self.llm.encode_frames(np.asarray(frames)[used])
-        except Exception as exc:  # a model failure for one video must not fail the job
-            for row in rows:
-                row["error"] = _error_reason("vision_failed", exc)
-            return rows
-
         roi_boxes = video.get(Col.ROI_BOXES)
         rois = [None if roi_boxes is None or len(roi_boxes) == 0 else [float(x) for x in roi_boxes[q]]
                 for q in range(len(rows))]
@@ -118,23 +103,36 @@ class AnswerStage:
         groups: dict[tuple, list[int]] = {}
         for q in range(len(rows)):
             groups.setdefault((tuple(per_question[q].tolist()), None if rois[q] is None else tuple(rois[q])), []).append(q)
+        # The vision tower runs once per video, on the frames some question selected only.
+        used = np.unique(np.concatenate(per_question)) if per_question else np.arange(0)
+        try:
+            pixels = self.llm.preprocess_frames(np.asarray(video.get(Col.FRAMES))[used])
+        except Exception as exc:  # a bad frame array fails this video only
+            return self._fail(rows, range(len(rows)), "vision_failed", exc)
+        with self.device_lock:
+            try:
+                frame_tokens = self.llm.encode_pixels(pixels)
+            except Exception as exc:  # a model failure for one video must not fail the job
+                return self._fail(rows, range(len(rows)), "vision_failed", exc)
+            answered = {}
+            for members in groups.values():
+                positions, roi = per_question[members[0]], rois[members[0]]
+                try:
+                    answered[members[0]] = self.llm.answer_many(
+                        frame_tokens[np.searchsorted(used, positions)],
+                        [rows[q]["question"] for q in members],
+                        system_prompt=self.cfg.system_prompt,
+                        generation=self.generation,
+                        moref=self.moref,
+                        roi_box=roi,
+                        max_batch_tokens=self.cfg.max_batch_tokens,
+                    )
+                except Exception as exc:
+                    self._fail(rows, members, "answer_failed", exc)
+            del frame_tokens
         for members in groups.values():
             positions, roi = per_question[members[0]], rois[members[0]]
-            try:
-                results = self.llm.answer_many(
-                    frame_tokens[np.searchsorted(used, positions)],
-                    [rows[q]["question"] for q in members],
-                    system_prompt=self.cfg.system_prompt,
-                    generation=self.generation,
-                    moref=self.moref,
-                    roi_box=roi,
-                    max_batch_tokens=self.cfg.max_batch_tokens,
-                )
-            except Exception as exc:
-                for q in members:
-                    rows[q]["error"] = _error_reason("answer_failed", exc)
-                continue
-            for q, result in zip(members, results):
+            for q, result in zip(members, answered.get(members[0], ())):
                 rows[q].update(
                     status=STATUS_OK,
                     answer=result.text,
@@ -155,6 +153,30 @@ class AnswerStage:
                     generate_s=result.generate_s,
                     prefix_shared_with=result.shared_with,
                 )
+        return rows
+
+    def _question_rows(self, video: dict) -> list[dict]:
+        """One error row per question (status set to ok as answers arrive)."""
+        base = {
+            "run_id": self.run_id,
+            "video_id": str(video[Col.VIDEO_ID]),
+            "video_uri": str(video[Col.VIDEO_URI]),
+            "model": self.model_name,
+            "frames_decoded": int(len(video.get(Col.FRAME_TIMES_S, []))),
+            "decode_s": _float_or_none(video.get(Col.DECODE_S)),
+            "guidance_s": _float_or_none(video.get(Col.GUIDANCE_S)),
+        }
+        rows = []
+        for qid, question in zip(as_list(video[Col.QUESTION_IDS]), as_list(video[Col.QUESTIONS])):
+            row = empty_answer_row()
+            row.update(base, question_id=str(qid), question=str(question), status=STATUS_ERROR)
+            rows.append(row)
+        return rows
+
+    @staticmethod
+    def _fail(rows: list[dict], which, prefix: str, exc: BaseException) -> list[dict]:
+        for q in which:
+            rows[q]["error"] = _error_reason(prefix, exc)
         return rows
 
 

@@ -141,6 +141,9 @@ class GuidanceConfig(_Strict):
     num_cpus: float = Field(default=1.0, ge=0)
     memory_gib: float = Field(default=2.0, ge=0)  # host memory each CLIP actor reserves from Ray
     concurrency: int = Field(default=1, ge=1)
+    # separate: CLIP actors of their own (num_gpus, concurrency, memory_gib above); answer_actor:
+    # CLIP runs inside each Video-LLM actor, on its GPU, between its videos (README "GPU placement").
+    placement: Literal["separate", "answer_actor"] = "separate"
 
 
 class MoRefOptions(_Strict):
@@ -183,6 +186,9 @@ class AnswerConfig(_Strict):
     memory_gib: float | Literal["auto"] = "auto"
     # Actors; auto: one per whole GPU share of the cluster (GPUs / num_gpus), 1 without GPUs.
     concurrency: int | Literal["auto"] = 1
+    # Videos each actor holds at once: one on the model, the others preparing frames or rows on
+    # the host meanwhile, so the GPU does not wait for host work between videos.
+    videos_in_flight: int = Field(default=2, ge=1, le=16)
 
     @field_validator("memory_gib", "concurrency")
     @classmethod

@@ -132,13 +132,19 @@ def stage_requests(cfg: JobConfig, *, gpus_usable: bool, cluster_gpus: float) ->
         return requested if gpus_usable or device == "cuda" else 0.0
 
     answer_gpus = gpus(cfg.answer.num_gpus, cfg.answer.device)
-    guidance = StageRequest("guidance", cfg.guidance.num_cpus, gpus(cfg.guidance.num_gpus, cfg.guidance.device),
-                            int(cfg.guidance.memory_gib * GIB), count=cfg.guidance.concurrency)
+    answer_memory = answer_memory_bytes(cfg)
+    if cfg.guidance.placement == "answer_actor":
+        # CLIP lives in each answer actor: no CLIP actors; each answer actor holds CLIP's host memory too.
+        guidance = StageRequest("guidance", 0.0, 0.0, 0, count=0)
+        answer_memory += int(cfg.guidance.memory_gib * GIB)
+    else:
+        guidance = StageRequest("guidance", cfg.guidance.num_cpus, gpus(cfg.guidance.num_gpus, cfg.guidance.device),
+                                int(cfg.guidance.memory_gib * GIB), count=cfg.guidance.concurrency)
     concurrency = answer_concurrency(cfg, answer_gpus, cluster_gpus, guidance.gpus * guidance.count)
     return {
         "decode": StageRequest("decode", cfg.decode.num_cpus, 0.0, 0, is_actor=False),
         "guidance": guidance,
-        "answer": StageRequest("answer", cfg.answer.num_cpus, answer_gpus, answer_memory_bytes(cfg), count=concurrency),
+        "answer": StageRequest("answer", cfg.answer.num_cpus, answer_gpus, answer_memory, count=concurrency),
         "sink": StageRequest("sink", SINK_CPUS, 0.0, 0, is_actor=False),
     }
 

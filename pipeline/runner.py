@@ -180,10 +180,33 @@ class _GuideThenWriteFrames:
         self.write = FramesWriter(output)
 
     def __call__(self, batch: dict) -> dict:
-        rows = [{name: _plain(values[i]) for name, values in batch.items()} for i in range(len(batch[Col.VIDEO_ID]))]
-        outs = [self.write(out) for out in self.guide.guide_rows(rows)]
+        outs = [self.write(out) for out in self.guide.guide_rows(_rows(batch))]
         names = list(dict.fromkeys(name for out in outs for name in out))
         return {name: [out.get(name) for out in outs] for name in names}
+
+
+class _GuideThenAnswer:
+    """`guidance.placement: answer_actor`: one actor per GPU runs CLIP and the Video-LLM. CLIP
+    takes the answer stage's device lock, so it never competes with the Video-LLM for the GPU;
+    with several videos in flight one video's CLIP pass waits while another is answered."""
+
+    def __init__(self, guidance, output, answer, run_id: str):
+        from pipeline.answer import AnswerStage
+        from pipeline.guidance import GuidanceStage
+
+        self.answer = AnswerStage(answer, run_id)
+        self.guide = GuidanceStage(guidance)
+        self.write = FramesWriter(output)
+
+    def __call__(self, batch: dict) -> dict:
+        rows = _rows(batch)
+        with self.answer.device_lock:
+            guided = self.guide.guide_rows(rows)
+        return self.answer.answer_rows([self.write(row) for row in guided])
+
+
+def _rows(batch: dict) -> list[dict]:
+    return [{name: _plain(values[i]) for name, values in batch.items()} for i in range(len(batch[Col.VIDEO_ID]))]
 
 
 def _plain(value):
@@ -214,6 +237,21 @@ def build_dataset(rows: list[dict], cfg: JobConfig, run_id: str, requests: dict[
         num_cpus=requests["decode"].cpus,
         max_retries=2,
     )
+    # Several videos in flight per answer actor, each call on its own thread; the stage's device
+    # lock keeps one on the model at a time (pipeline/answer.py).
+    in_flight = cfg.answer.videos_in_flight
+    answer_pool = ActorPoolStrategy(size=answer.count, max_concurrent_calls_per_actor=in_flight,
+                                    enable_true_multi_threading=in_flight > 1)
+    if cfg.guidance.placement == "answer_actor":
+        return _then_write_answers(ds.map_batches(
+            _GuideThenAnswer,
+            fn_constructor_kwargs={"guidance": cfg.guidance, "output": cfg.output, "answer": cfg.answer,
+                                   "run_id": run_id},
+            batch_size=1,
+            batch_format="numpy",
+            compute=answer_pool,
+            **answer.ray_args(),
+        ), cfg, run_id, requests)
     ds = ds.map_batches(
         _GuideThenWriteFrames,
         fn_constructor_kwargs={"cfg": cfg.guidance, "output": cfg.output},
@@ -229,9 +267,13 @@ def build_dataset(rows: list[dict], cfg: JobConfig, run_id: str, requests: dict[
         batch_format="numpy",
         # Ray Data hands each block to the actor with the fewest tasks in flight, so with one actor
         # per GPU the videos spread over the GPUs as they finish.
-        compute=ActorPoolStrategy(size=answer.count),
+        compute=answer_pool,
         **answer.ray_args(),
     )
+    return _then_write_answers(ds, cfg, run_id, requests)
+
+
+def _then_write_answers(ds, cfg: JobConfig, run_id: str, requests: dict[str, StageRequest]):
     ds = ds.map_batches(
         _write_answers,
         # rows of these pairs may exist already (retried errors, or resume off): replace them

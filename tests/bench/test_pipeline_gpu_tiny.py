@@ -15,10 +15,15 @@ pytestmark = pytest.mark.slow
 def test_pipeline_gpu_tiny_runs_and_reports(tmp_path):
     out = tmp_path / "out"
     subprocess.run([sys.executable, str(REPO / "bench" / "pipeline_gpu.py"), "--tiny", "--videos", "3",
-                    "--frames", "8", "--work", str(tmp_path / "work"), "--out", str(out)],
-                   check=True, capture_output=True, timeout=400)
+                    "--frames", "8", "--work", str(tmp_path / "work"), "--out", str(out),
+                    "--variant", "serial:answer.videos_in_flight=1",
+                    "--variant", "clip_in_vlm:guidance.placement=answer_actor"],
+                   check=True, capture_output=True, timeout=600)
     (report,) = out.glob("pipeline_gpu_cpu_*.json")
-    (case,) = json.loads(report.read_text())["cases"]
+    serial, case = json.loads(report.read_text())["cases"]
+    assert (serial["variant"], case["variant"]) == ("serial", "clip_in_vlm")
+    assert serial["set"][-1] == "answer.videos_in_flight=1" and serial["status"] == "ok"
+    assert (serial["videos"], serial["pairs"], serial["ok_pairs"]) == (3, 15, 15)
     assert case["status"] == "ok" and case["errors_by_reason"] == {}
     assert (case["gpus"], case["frames"], case["questions_per_video"]) == (0, 8, 5)
     assert (case["videos"], case["pairs"], case["ok_pairs"]) == (3, 15, 15)
@@ -27,4 +32,5 @@ def test_pipeline_gpu_tiny_runs_and_reports(tmp_path):
     for stage in ("decode", "guidance", "prefill", "generate"):
         assert case[f"median_{stage}_s"] > 0
     assert case["median_output_tokens"] == 4  # EOS can never win: every answer runs to max_new_tokens
-    assert report.with_suffix(".md").read_text().startswith("Pipeline benchmark on cpu")
+    markdown = report.with_suffix(".md").read_text()
+    assert markdown.startswith("Pipeline benchmark on cpu") and "| 0 | 8 (clip_in_vlm) |" in markdown

@@ -41,7 +41,7 @@ def archive(tmp_path_factory) -> pathlib.Path:
 
 
 def job(videos: str, questions: str, output: str, moref: bool = True, storage: dict | None = None,
-        scope: str = "question"):
+        scope: str = "question", in_flight: int = 2, placement: str = "separate"):
     storage = storage or {}
     return parse_job_config(
         {
@@ -50,8 +50,10 @@ def job(videos: str, questions: str, output: str, moref: bool = True, storage: d
             "questions": {"file": questions, "prompts": [{"question_id": "caption", "question": "Describe it."}]},
             "decode": {"num_frames": NUM_FRAMES, "frame_size": 64, "num_cpus": 0.5, "timeout_s": 120},
             "guidance": {"model": TINY["clip"], "pretrained": None, "frames_per_question": NUM_FRAMES,
-                         "num_cpus": 0.25, "num_gpus": 0, "selection": "prompt", "selection_scope": scope},
+                         "num_cpus": 0.25, "num_gpus": 0, "selection": "prompt", "selection_scope": scope,
+                         "placement": placement},
             "answer": {"model": TINY["llava"], "max_new_tokens": 5, "num_cpus": 0.5, "num_gpus": 0,
+                       "videos_in_flight": in_flight,
                        "moref": {"enabled": moref, "temporal_units": 4, "references": 2}},
             "output": {"path": output, "storage": storage},
         }
@@ -156,3 +158,39 @@ def test_video_scope_shares_each_video_prefill(archive, tmp_path, ray_local):
     assert sorted(r["question_id"] for r in rows) == ["caption", "q-what", "q-who"]
     assert len({tuple(r["frame_indices"]) for r in rows}) == 1 and len(rows[0]["frame_indices"]) == NUM_FRAMES // 2
     assert all(r["prefix_shared_with"] == 3 for r in rows)
+
+
+# Columns that depend on timing or the run, not on what was answered.
+_TIMING = {"decode_s", "guidance_s", "prefill_s", "generate_s", "written_at"}
+
+
+def _answers_by_pair(out: pathlib.Path) -> dict:
+    rows = OutputStore(job("", "", str(out)).output).read_answers().to_pylist()
+    return {(r["video_id"], r["question_id"]): {k: v for k, v in r.items() if k not in _TIMING} for r in rows}
+
+
+def _frames(out: pathlib.Path) -> list:
+    table = pq.read_table(out / "frames").sort_by([("video_id", "ascending"), ("frame_index", "ascending")])
+    return table.select(["video_id", "frame_index", "time_s"]).to_pylist(), np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+
+
+def test_videos_in_flight_and_clip_in_the_answer_actor_give_the_same_rows(archive, tmp_path, ray_local):
+    """Three videos through one answer actor one at a time, three at once (threads sharing the
+    model under its device lock), and with CLIP inside the answer actor: the same answers, the
+    same statistics, the same frames table."""
+    runs = {}
+    for name, in_flight, placement in [("serial", 1, "separate"), ("in_flight", 3, "separate"),
+                                       ("clip_in_answer_actor", 3, "answer_actor")]:
+        out = tmp_path / name
+        summary = run_job(job(f"{archive}/*.m*", str(archive / "questions.jsonl"), str(out),
+                              in_flight=in_flight, placement=placement))
+        assert summary.processed == summary.inputs == 6 and summary.errors == 2, name
+        runs[name] = out
+    serial = _answers_by_pair(runs["serial"])
+    assert sum(r["status"] == "ok" for r in serial.values()) == 4
+    serial_frames, serial_embeddings = _frames(runs["serial"])
+    for name in ("in_flight", "clip_in_answer_actor"):
+        assert _answers_by_pair(runs[name]) == serial, name
+        frames, embeddings = _frames(runs[name])
+        assert frames == serial_frames, name
+        np.testing.assert_allclose(embeddings, serial_embeddings, atol=1e-5)

@@ -128,3 +128,17 @@ def test_unschedulable_jobs_fail_before_any_work(tmp_path, ray_local, sections, 
     with pytest.raises(UnschedulableError, match=rf"^{stage}: .*{resource}"):
         run_job(cfg)
     assert not (tmp_path / "out" / "answers").exists() and not (tmp_path / "out" / "frames").exists()
+
+
+def test_clip_in_the_answer_actor_asks_for_no_clip_actors(tmp_path):
+    """guidance.placement answer_actor: the whole GPU goes to one actor per GPU, which also holds
+    CLIP's host memory; the 0.25 + 1.0 split that cannot fit one GPU is not asked for."""
+    reqs = requests(tmp_path, cluster_gpus=2.0, guidance={"num_gpus": 0.25, "memory_gib": 3, "placement": "answer_actor"},
+                    answer={"num_gpus": 1, "memory_gib": 20, "concurrency": "auto"})
+    assert reqs["guidance"].count == 0
+    assert reqs["answer"].count == 2 and reqs["answer"].gpus == 1
+    assert reqs["answer"].memory_bytes == 23 * GIB
+    place(reqs, {**GPU_NODE, "gpus": 2, "max_nodes": 1})
+    with pytest.raises(UnschedulableError, match=r"^answer: 3 actors .*short of GPU"):
+        place(requests(tmp_path, guidance={"placement": "answer_actor"},
+                       answer={"num_gpus": 1, "memory_gib": 20, "concurrency": 3}), {**GPU_NODE, "gpus": 2, "max_nodes": 1})
