@@ -137,7 +137,8 @@ class GuidanceConfig(_Strict):
     videos_per_batch: int = Field(default=4, ge=1)  # videos one guidance call takes together
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: float16 on CUDA, float32 on CPU
-    num_gpus: float = Field(default=0.25, ge=0)
+    # 0.2 beside answer.num_gpus 0.8: the defaults fill one GPU exactly (a one-GPU machine runs them).
+    num_gpus: float = Field(default=0.2, ge=0)
     num_cpus: float = Field(default=1.0, ge=0)
     memory_gib: float = Field(default=2.0, ge=0)  # host memory each CLIP actor reserves from Ray
     concurrency: int = Field(default=1, ge=1)
@@ -179,7 +180,7 @@ class AnswerConfig(_Strict):
     # Questions answered together per batch (sharing the video's prefill): their sequences in the
     # layers from the fusion layer on, summed, stay under this many tokens. Bounds GPU memory.
     max_batch_tokens: int = Field(default=131072, ge=1)
-    num_gpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.8, ge=0)  # the rest of the GPU beside CLIP's 0.2
     num_cpus: float = Field(default=1.0, ge=0)
     # Host memory each actor reserves from Ray. auto: the checkpoint's weight files (loading passes
     # them through host memory) plus ANSWER_BASE_MEMORY_GIB; a hub id counts as HUB_MODEL_MEMORY_GIB.

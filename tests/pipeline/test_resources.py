@@ -79,7 +79,7 @@ def test_answer_concurrency_auto_is_one_actor_per_gpu_share(tmp_path):
     no_clip_gpu = {"num_gpus": 0}
     assert requests(tmp_path, cluster_gpus=2, answer=auto, guidance=no_clip_gpu)["answer"].count == 2
     # the CLIP actor's share comes first: 0.25 of 2 GPUs leaves room for one whole-GPU actor
-    assert requests(tmp_path, cluster_gpus=2, answer=auto)["answer"].count == 1
+    assert requests(tmp_path, cluster_gpus=2, answer={**auto, "num_gpus": 1}, guidance={"num_gpus": 0.25})["answer"].count == 1
     beside_clip = requests(tmp_path, cluster_gpus=2, answer={**auto, "num_gpus": 0.8}, guidance={"num_gpus": 0.2})
     assert beside_clip["answer"].count == 2
     place(beside_clip, {"cpus": 8, "gpus": 2, "memory_gib": 128, "max_nodes": 1})
@@ -142,3 +142,14 @@ def test_clip_in_the_answer_actor_asks_for_no_clip_actors(tmp_path):
     with pytest.raises(UnschedulableError, match=r"^answer: 3 actors .*short of GPU"):
         place(requests(tmp_path, guidance={"placement": "answer_actor"},
                        answer={"num_gpus": 1, "memory_gib": 20, "concurrency": 3}), {**GPU_NODE, "gpus": 2, "max_nodes": 1})
+
+
+def test_the_default_shares_fill_one_gpu(tmp_path):
+    """Out of the box a one-GPU node holds the CLIP actor and one Video-LLM actor; `auto` puts
+    one Video-LLM actor on each GPU of a larger node beside the one CLIP actor."""
+    reqs = requests(tmp_path, cluster_gpus=1.0, answer={"memory_gib": 20})
+    assert (reqs["guidance"].gpus, reqs["answer"].gpus) == (0.2, 0.8)
+    place(reqs, {**GPU_NODE, "max_nodes": 1})
+    reqs = requests(tmp_path, cluster_gpus=4.0, answer={"memory_gib": 20, "concurrency": "auto"})
+    assert reqs["answer"].count == 4
+    place(reqs, {**GPU_NODE, "gpus": 4, "memory_gib": 128, "max_nodes": 1})
