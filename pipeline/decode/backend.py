@@ -13,6 +13,8 @@ from pipeline.config import DecodeConfig
 
 @dataclass(frozen=True)
 class Limits:
+    """What the probe refuses before any frame is decoded (from DecodeConfig)."""
+
     max_duration_s: float = math.inf
     max_pixels: int = 2**62
 

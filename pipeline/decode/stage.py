@@ -139,10 +139,8 @@ def _decode_in_child(uri: str, cfg: DecodeConfig, storage_options: dict | None, 
         raise DecodeError(ErrorReason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}") from None
 
 
+# the forkserver imports the package (every backend) once, not each isolated child
 isolation.add_preload("pipeline.decode")
-
-
-# ------------------------------------------------------------------------------------------- stage
 
 
 def _empty_decode_columns(frame_size: int) -> dict[str, Any]:
