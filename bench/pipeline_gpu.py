@@ -290,7 +290,7 @@ def answers_stats(out: Path) -> dict:
     """Completion times (file mtimes) and per-stage medians from the answers files."""
     import pyarrow.parquet as pq
 
-    columns = ["video_id", "status", "error", "frames_decoded", "output_tokens", "decode_s", "guidance_s",
+    columns = ["video_id", "status", "error_reason", "frames_decoded", "output_tokens", "decode_s", "guidance_s",
                "prefill_s", "generate_s"]
     files = [p for p in (out / "answers").glob("*.parquet") if not p.name.startswith(("_", "."))]
     completions = sorted(p.stat().st_mtime for p in files)
@@ -311,7 +311,7 @@ def answers_stats(out: Path) -> dict:
     errors: dict[str, int] = {}
     for r in rows:
         if r["status"] != "ok":
-            reason = (r["error"] or "unknown").split(":", 1)[0]
+            reason = r["error_reason"] or "unknown"
             errors[reason] = errors.get(reason, 0) + 1
     return {
         "completions": completions, "pairs": len(rows), "ok_pairs": len(ok), "errors_by_reason": errors,

@@ -56,14 +56,16 @@ def cmd_run(args) -> int:
 
 
 def _show_answers(cfg, n: int) -> None:
+    from pipeline.schema import Col
     from pipeline.sink import OutputStore
 
     rows = OutputStore(cfg.output).read_answers(
-        columns=["video_id", "question_id", "status", "answer", "error", "references", "visual_tokens_used"]
+        columns=["video_id", "question_id", "status", "answer", Col.ERROR_REASON, Col.ERROR_DETAIL, "references",
+                 "visual_tokens_used"]
     ).slice(0, n).to_pylist()
     print(f"first {len(rows)} answers rows:")
     for r in rows:
-        text = r["answer"] if r["status"] == "ok" else f"<{r['error']}>"
+        text = r["answer"] if r["status"] == "ok" else f"<{r[Col.ERROR_REASON]}: {r[Col.ERROR_DETAIL]}>"
         print(f"  {r['video_id']} / {r['question_id']} [{r['status']}, N={r['references']}, "
               f"visual tokens {r['visual_tokens_used']}]: {text!r}"[:160])
 

@@ -13,6 +13,7 @@ import threading
 import numpy as np
 
 from pipeline.config import AnswerConfig
+from pipeline.errors import ErrorReason
 from pipeline.schema import ANSWER_COLUMNS, STATUS_ERROR, STATUS_OK, Col, as_list, empty_answer_row
 
 
@@ -22,15 +23,11 @@ def model_label(model: str) -> str:
     return path.name if path.exists() else model
 
 
-def _error_reason(prefix: str, exc: BaseException) -> str:
-    return f"{prefix}: {type(exc).__name__}: {exc}"[:500]
-
-
 class AnswerStage:
     """Ray actor body (map_batches over one video per batch); usable without Ray."""
 
     reads = (
-        Col.VIDEO_ID, Col.VIDEO_URI, Col.QUESTION_IDS, Col.QUESTIONS, Col.STATUS, Col.ERROR,
+        Col.VIDEO_ID, Col.VIDEO_URI, Col.QUESTION_IDS, Col.QUESTIONS, Col.STATUS, Col.ERROR_REASON, Col.ERROR_DETAIL,
         Col.FRAMES, Col.FRAME_TIMES_S, Col.FRAME_INDICES, Col.SELECTED_POSITIONS, Col.ROI_BOXES,
         Col.DECODE_S, Col.GUIDANCE_S,
     )
@@ -85,8 +82,12 @@ class AnswerStage:
         inside it, so one video's host work overlaps another's GPU work."""
         rows = self._question_rows(video)
         if video.get(Col.STATUS) != STATUS_OK:
+            reason, detail = video.get(Col.ERROR_REASON), video.get(Col.ERROR_DETAIL)
+            if not reason:
+                reason, detail = ErrorReason.FAILED_BEFORE_ANSWER.value, "failed before the answer stage"
             for row in rows:
-                row["error"] = str(video.get(Col.ERROR) or "failed before the answer stage")
+                row[Col.ERROR_REASON] = str(reason)
+                row[Col.ERROR_DETAIL] = None if detail is None else str(detail)
             return rows
         times = np.asarray(video.get(Col.FRAME_TIMES_S, []), dtype=np.float64)
         indices = np.asarray(video.get(Col.FRAME_INDICES, []), dtype=np.int64)
@@ -108,12 +109,12 @@ class AnswerStage:
         try:
             pixels = self.llm.preprocess_frames(np.asarray(video.get(Col.FRAMES))[used])
         except Exception as exc:  # a bad frame array fails this video only
-            return self._fail(rows, range(len(rows)), "vision_failed", exc)
+            return self._fail(rows, range(len(rows)), ErrorReason.VISION_FAILED, exc)
         with self.device_lock:
             try:
                 frame_tokens = self.llm.encode_pixels(pixels)
             except Exception as exc:  # a model failure for one video must not fail the job
-                return self._fail(rows, range(len(rows)), "vision_failed", exc)
+                return self._fail(rows, range(len(rows)), ErrorReason.VISION_FAILED, exc)
             answered = {}
             for members in groups.values():
                 positions, roi = per_question[members[0]], rois[members[0]]
@@ -128,7 +129,7 @@ class AnswerStage:
                         max_batch_tokens=self.cfg.max_batch_tokens,
                     )
                 except Exception as exc:
-                    self._fail(rows, members, "answer_failed", exc)
+                    self._fail(rows, members, ErrorReason.ANSWER_FAILED, exc)
             del frame_tokens
         for members in groups.values():
             positions, roi = per_question[members[0]], rois[members[0]]
@@ -174,9 +175,10 @@ class AnswerStage:
         return rows
 
     @staticmethod
-    def _fail(rows: list[dict], which, prefix: str, exc: BaseException) -> list[dict]:
+    def _fail(rows: list[dict], which, reason: ErrorReason, exc: BaseException) -> list[dict]:
         for q in which:
-            rows[q]["error"] = _error_reason(prefix, exc)
+            rows[q][Col.ERROR_REASON] = reason.value
+            rows[q][Col.ERROR_DETAIL] = f"{type(exc).__name__}: {exc}"[:500]
         return rows
 
 

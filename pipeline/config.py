@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.errors import TRANSIENT_REASONS, ErrorReason
+
 
 class ConfigError(ValueError):
     """A job config that cannot run; the message names the key and what was expected."""
@@ -199,14 +201,6 @@ class AnswerConfig(_Strict):
         return value
 
 
-# Error reasons worth another try (`output.retry_errors: true`): the storage or the process failed,
-# not the input. Decode reasons are defined in pipeline/decode.py; *_failed come from the models.
-TRANSIENT_REASONS = (
-    "timeout", "crashed", "read_failed", "internal_error",
-    "guidance_failed", "vision_failed", "answer_failed",
-)  # fmt: skip
-
-
 class OutputConfig(_Strict):
     """Where answers/ and frames/ Parquet tables go (local dir or fsspec URL)."""
 
@@ -214,7 +208,7 @@ class OutputConfig(_Strict):
     storage: StorageConfig = StorageConfig()
     resume: bool = True  # skip (video_id, question_id) pairs already written
     # Rerun pairs whose row is an error with one of these reasons (the new row replaces the old):
-    # false / [] = errors are final; true = TRANSIENT_REASONS; or a list of reasons.
+    # false / [] = errors are final; true = the transient ErrorReasons; or a list of reasons.
     retry_errors: bool | list[str] = False
     write_retries: int = Field(default=6, ge=0, le=20)  # retries of a failed write, with backoff
 
@@ -222,15 +216,15 @@ class OutputConfig(_Strict):
     @classmethod
     def _reasons(cls, value):
         if isinstance(value, list):
-            bad = [r for r in value if not r or not r.replace("_", "").isalnum() or r != r.lower()]
+            bad = [r for r in value if r not in ErrorReason._value2member_map_]
             if bad:
-                raise ValueError(f"retry_errors: reasons are lowercase words like 'read_failed', got {bad}")
+                raise ValueError(f"retry_errors: unknown reasons {bad}; known: {[r.value for r in ErrorReason]}")
         return value
 
-    def retry_reasons(self) -> frozenset[str]:
+    def retry_reasons(self) -> frozenset[ErrorReason]:
         if self.retry_errors is True:
-            return frozenset(TRANSIENT_REASONS)
-        return frozenset(self.retry_errors or ())
+            return TRANSIENT_REASONS
+        return frozenset(ErrorReason(r) for r in self.retry_errors or ())
 
 
 class NodeShape(_Strict):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from pipeline.clip_models import ClipBundle, load_clip
 from pipeline.config import GuidanceConfig
+from pipeline.errors import ErrorReason
 from freemoref.loading import resolve_device
 from pipeline.schema import STATUS_ERROR, STATUS_OK, Col, as_list, frames_schema
 
@@ -370,7 +371,7 @@ class GuidanceStage:
 
     Rows whose status is not 'ok' pass through with empty outputs of the right type, so every
     row of the dataset has the same columns; a failure inside guidance turns the row into an
-    error row ('guidance_failed: ...') instead of failing the job.
+    error row (reason `guidance_failed`) instead of failing the job.
     """
 
     reads: tuple[str, ...] = (Col.VIDEO_ID, Col.STATUS, Col.FRAMES, Col.QUESTIONS)
@@ -380,7 +381,8 @@ class GuidanceStage:
         Col.SELECTED_POSITIONS,
         Col.GUIDANCE_S,
         Col.STATUS,
-        Col.ERROR,
+        Col.ERROR_REASON,
+        Col.ERROR_DETAIL,
     )
 
     def __init__(self, cfg: GuidanceConfig):
@@ -438,7 +440,8 @@ class GuidanceStage:
             except Exception as exc:  # one bad video must not fail the job
                 logger.warning("guidance failed for video %s", rows[i].get(Col.VIDEO_ID), exc_info=True)
                 outs[i][Col.STATUS] = STATUS_ERROR
-                outs[i][Col.ERROR] = f"guidance_failed: {type(exc).__name__}: {exc}"
+                outs[i][Col.ERROR_REASON] = ErrorReason.GUIDANCE_FAILED.value
+                outs[i][Col.ERROR_DETAIL] = f"{type(exc).__name__}: {exc}"
                 continue
             outs[i][Col.GUIDANCE_S] = time.perf_counter() - start
         return outs

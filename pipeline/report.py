@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import DecodeConfig, StorageConfig
-from pipeline.schema import STATUS_OK
+from pipeline.schema import STATUS_OK, Col
 from pipeline.search import FrameRows, FramesIndex, QueryEncoder, SearchError, the_clip_model
 from pipeline.sink import RUNS_DIR
 
@@ -39,8 +39,8 @@ THUMBNAIL_SIZE = 128
 MAX_SCATTER_POINTS = 5000  # beyond this, per-answer plots show a random sample (and say so)
 STAGES = ("decode_s", "guidance_s", "prefill_s", "generate_s")
 PER_VIDEO_STAGES = ("decode_s", "guidance_s")  # recorded once per video, repeated on its rows
-ANSWER_COLUMNS = ("video_id", "video_uri", "question_id", "question", "status", "error", "frame_times_s",
-                  "roi_box", "visual_tokens_native", "visual_tokens_used", "total_flops", "total_flops_native",
+ANSWER_COLUMNS = ("video_id", "video_uri", "question_id", "question", "status", Col.ERROR_REASON, Col.ERROR_DETAIL,
+                  "frame_times_s", "roi_box", "visual_tokens_native", "visual_tokens_used", "total_flops", "total_flops_native",
                   *STAGES)
 
 
@@ -92,7 +92,9 @@ def decode_at(uri: str, times_s: Sequence[float], storage: StorageConfig, size: 
     """Frames (T, size, size, 3) of a video at the given times, with the pipeline's PyAV decoder."""
     import fsspec
 
-    from pipeline.decode import Limits, PyAVBackend, open_source
+    from pipeline.decode.backend import Limits
+    from pipeline.decode.pyav_backend import PyAVBackend
+    from pipeline.decode.source import open_source
 
     cfg = DecodeConfig(frame_size=size)
     backend = PyAVBackend(size)
@@ -182,8 +184,8 @@ def stages_section(answers: pa.Table) -> Section:
 
 
 def errors_section(answers: pa.Table) -> Section:
-    errors = [str(e).split(":", 1)[0] for s, e in zip(answers.column("status").to_pylist(),
-                                                        answers.column("error").to_pylist()) if s != STATUS_OK]
+    errors = [reason or "unknown" for s, reason in zip(answers.column(Col.STATUS).to_pylist(),
+                                                       answers.column(Col.ERROR_REASON).to_pylist()) if s != STATUS_OK]
     if not errors:
         return Section("Errors", _note(f"no errors in {answers.num_rows} answers"), "errors")
     reasons, counts = np.unique(errors, return_counts=True)
@@ -214,7 +216,7 @@ def video_section(video_id: str, rows: list[dict], frames: FrameRows | None, enc
     answered = [r for r in rows if r["status"] == STATUS_OK]
     for r in rows:
         if r["status"] != STATUS_OK:
-            parts.append(_note(f"{r['question_id']}: {r['error']}"))
+            parts.append(_note(f"{r[Col.QUESTION_ID]}: {r[Col.ERROR_REASON]}: {r[Col.ERROR_DETAIL]}"))
     if not answered:
         return "".join(parts) + "</div>"
     if frames is not None and encoder is not None:

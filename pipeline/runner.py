@@ -8,7 +8,7 @@ and retries its tasks (its defaults: max_restarts=-1, max_task_retries=-1). Outp
 deterministic, so a retried write replaces, never duplicates. Storage errors are retried inside the
 stages (decode.read_retries, output.write_retries).
 
-Stages are plain classes (pipeline/decode.py, guidance.py, answer.py, sink.py); this module only
+Stages are plain classes (pipeline/decode/stage.py, guidance.py, answer.py, sink.py); this module only
 decides where and with what resources they run.
 """
 
@@ -76,11 +76,6 @@ class RunSummary:
         return "\n".join(lines)
 
 
-def reason_of(error: str | None) -> str:
-    """The machine-friendly prefix of an error message ('no_video_stream: ...' -> 'no_video_stream')."""
-    return (error or "unknown").split(":", 1)[0].strip() or "unknown"
-
-
 def plan_work(cfg: JobConfig, store: OutputStore) -> tuple[list[dict], RunSummary]:
     """One row per video with the questions still to answer, and the summary so far."""
     run_id = cfg.resolved_run_id()
@@ -91,8 +86,8 @@ def plan_work(cfg: JobConfig, store: OutputStore) -> tuple[list[dict], RunSummar
     retry: set[tuple[str, str]] = set()
     if cfg.output.resume:
         reasons = cfg.output.retry_reasons()
-        for pair, (status, error) in store.answer_status().items():
-            if status != STATUS_OK and reason_of(error) in reasons:
+        for pair, (status, reason) in store.answer_status().items():
+            if status != STATUS_OK and reason in reasons:
                 retry.add(pair)
             else:
                 done.add(pair)
@@ -311,11 +306,11 @@ def run_job(cfg: JobConfig) -> RunSummary:
             log.info("resources per actor: %s", {name: (r.describe(), r.count) for name, r in requests.items()})
             for out in build_dataset(rows, cfg, summary.run_id, requests).iter_rows():
                 summary.processed += 1
-                if out["status"] == STATUS_OK:
+                if out[Col.STATUS] == STATUS_OK:
                     summary.ok += 1
                 else:
                     summary.errors += 1
-                    reasons[reason_of(out["error"])] += 1
+                    reasons[out[Col.ERROR_REASON]] += 1
     except BaseException as exc:
         summary.status = "failed"
         summary.failure = f"{type(exc).__name__}: {exc}"[:2000]

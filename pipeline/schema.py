@@ -22,10 +22,12 @@ class Col:
     VIDEO_URI = "video_uri"
     SIZE_BYTES = "size_bytes"
     QUESTION_IDS = "question_ids"
+    QUESTION_ID = "question_id"  # of an answers row (one per question)
     QUESTIONS = "questions"
-    # per-row status: the first stage that fails sets error; later stages pass the row through
+    # per-row status: the first stage that fails sets the error; later stages pass the row through
     STATUS = "status"
-    ERROR = "error"
+    ERROR_REASON = "error_reason"  # an ErrorReason value (pipeline/errors.py); null when ok
+    ERROR_DETAIL = "error_detail"  # the message for people; null when ok
     # decode
     FRAMES = "frames"  # uint8 (T, S, S, 3)
     FRAME_TIMES_S = "frame_times_s"  # float64 (T,)
@@ -49,13 +51,14 @@ class Col:
 ANSWERS_SCHEMA = pa.schema(
     [
         ("run_id", pa.string()),
-        ("video_id", pa.string()),
-        ("video_uri", pa.string()),
-        ("question_id", pa.string()),
+        (Col.VIDEO_ID, pa.string()),
+        (Col.VIDEO_URI, pa.string()),
+        (Col.QUESTION_ID, pa.string()),
         ("question", pa.string()),
         ("answer", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
+        (Col.STATUS, pa.string()),
+        (Col.ERROR_REASON, pa.string()),
+        (Col.ERROR_DETAIL, pa.string()),
         ("model", pa.string()),
         ("frames_decoded", pa.int32()),
         ("frame_indices", pa.list_(pa.int64())),

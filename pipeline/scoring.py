@@ -18,10 +18,10 @@ import pyarrow as pa
 
 from pipeline.choice_extraction import extract_choice
 from pipeline.question_sets import MultipleChoiceQuestion
-from pipeline.schema import STATUS_OK
+from pipeline.schema import STATUS_OK, Col
 
 SCORE_COLUMNS = [
-    "video_id", "question_id", "status", "error", "answer", "run_id", "model", "frame_indices", "references",
+    "video_id", "question_id", "status", Col.ERROR_REASON, "answer", "run_id", "model", "frame_indices", "references",
     "prompt_tokens", "output_tokens", "visual_tokens_used", "total_flops", "total_flops_native", "attn_flops_ratio",
 ]
 NO_GROUP = "(none)"
@@ -128,7 +128,7 @@ def score_answers(answers: pa.Table, questions: list[MultipleChoiceQuestion]) ->
             outcome = MISSING
         elif row["status"] != STATUS_OK:
             outcome = ERROR
-            errors[(row["error"] or "unknown").split(":", 1)[0]] += 1
+            errors[row[Col.ERROR_REASON] or "unknown"] += 1
         else:
             spend.add(row)
             choice = extract_choice(row["answer"], list(q.options))

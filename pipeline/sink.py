@@ -38,6 +38,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline.config import OutputConfig
+from pipeline.errors import ErrorReason, reason_from_old_error_column
 from pipeline.schema import ANSWERS_SCHEMA, Col
 from pipeline.sources import filesystem
 
@@ -53,6 +54,14 @@ WRITE_RETRY_MAX_WAIT_S = 30.0
 log = logging.getLogger("moref_index")
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+# What resuming reads of every answers row; `error` is the single error column of files written
+# before error_reason/error_detail (null in newer files, as error_reason is in older ones).
+_OLD_ERROR_COLUMN = "error"
+_STATUS_SCHEMA = pa.schema(
+    [ANSWERS_SCHEMA.field(c) for c in (Col.VIDEO_ID, Col.QUESTION_ID, Col.STATUS, Col.ERROR_REASON)]
+    + [pa.field(_OLD_ERROR_COLUMN, pa.string())]
+)
 
 
 def video_key(video_id: str) -> str:
@@ -211,11 +220,16 @@ class OutputStore:
         table = self.read_answers(columns=["video_id", "question_id"])
         return set(zip(table.column("video_id").to_pylist(), table.column("question_id").to_pylist()))
 
-    def answer_status(self) -> dict[tuple[str, str], tuple[str, str | None]]:
-        """(video_id, question_id) -> (status, error) of every row in the answers table."""
-        t = self.read_answers(columns=["video_id", "question_id", "status", "error"])
-        cols = [t.column(c).to_pylist() for c in ("video_id", "question_id", "status", "error")]
-        return {(v, q): (st, err) for v, q, st, err in zip(*cols)}
+    def answer_status(self) -> dict[tuple[str, str], tuple[str, ErrorReason | None]]:
+        """(video_id, question_id) -> (status, error reason) of every row in the answers table. Rows
+        of files written before `error_reason` existed get theirs from the old `error` column."""
+        ds = self._dataset(ANSWERS_DIR, _STATUS_SCHEMA)
+        t = _STATUS_SCHEMA.empty_table() if ds is None else ds.to_table()
+        cols = [t.column(c).to_pylist() for c in _STATUS_SCHEMA.names]
+        return {
+            (v, q): (st, ErrorReason(reason) if reason else reason_from_old_error_column(old_error))
+            for v, q, st, reason, old_error in zip(*cols)
+        }
 
     def _read_file(self, path: str) -> pa.Table:
         return self._retrying(path, lambda: pq.read_table(path, filesystem=self.fs))
@@ -262,7 +276,7 @@ class FramesWriter:
 
 class AnswersWriter:
     """Writes answers rows, one file per video group in the batch, and returns a small summary
-    table (video_id, question_id, status, error) for the driver's run summary. With `supersede`,
+    table (video_id, question_id, status, error_reason) for the driver's run summary. With `supersede`,
     rows of the same pairs already in the table are replaced (see the module docstring)."""
 
     def __init__(self, output: OutputConfig, run_id: str, supersede: bool = False):
@@ -285,4 +299,4 @@ class AnswersWriter:
             final = self.store.path(ANSWERS_DIR, name)
             self.store.supersede(vid, set(qids), keep=pending)
             self.store.move(pending, final)
-        return table.select(["video_id", "question_id", "status", "error"])
+        return table.select([Col.VIDEO_ID, Col.QUESTION_ID, Col.STATUS, Col.ERROR_REASON])

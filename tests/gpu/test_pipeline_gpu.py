@@ -49,7 +49,7 @@ def test_pipeline_on_gpu_answers_every_pair(tmp_path, tiny_model_dir):
     assert len({(r["video_id"], r["question_id"]) for r in rows}) == pairs
     for r in rows:
         if r["video_id"] == "broken.mp4":
-            assert r["status"] == "error" and r["error"].split(":")[0] in ("not_a_video", "unreadable_container")
+            assert r["status"] == "error" and r["error_reason"] in ("not_a_video", "unreadable_container")
             continue
         assert r["status"] == "ok" and r["answer"] is not None and 1 <= r["output_tokens"] <= 6
         assert len(r["frame_indices"]) == 16 and len(r["roi_box"]) == 4

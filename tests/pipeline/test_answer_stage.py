@@ -10,11 +10,12 @@ from pipeline.schema import ANSWER_COLUMNS, Col
 from pipeline.sink import OutputStore
 
 
-def _video(frames, selected, status="ok", error=None):
+def _video(frames, selected, status="ok", reason=None, detail=None):
     t = len(frames)
     return {
         Col.VIDEO_ID: "v", Col.VIDEO_URI: "/v.mp4", Col.QUESTION_IDS: ["q0", "q1"],
-        Col.QUESTIONS: ["Who?", "Where?"], Col.STATUS: status, Col.ERROR: error, Col.FRAMES: frames,
+        Col.QUESTIONS: ["Who?", "Where?"], Col.STATUS: status, Col.ERROR_REASON: reason,
+        Col.ERROR_DETAIL: detail, Col.FRAMES: frames,
         Col.FRAME_TIMES_S: np.arange(t) * 0.5, Col.FRAME_INDICES: np.arange(t) * 15,
         Col.SELECTED_POSITIONS: np.asarray(selected), Col.DECODE_S: 0.1, Col.GUIDANCE_S: 0.2,
     }
@@ -55,8 +56,14 @@ def test_questions_with_the_same_frames_share_the_prefill(tiny_model_dir):
 def test_upstream_errors_become_one_row_per_question(tiny_model_dir):
     stage = AnswerStage(AnswerConfig(model=tiny_model_dir["llava"]), run_id="r")
     empty = np.zeros((0, 32, 32, 3), np.uint8)
-    rows = stage.answer_video(_video(empty, np.zeros((2, 0), np.int64), status="error", error="truncated: cut"))
-    assert [(r["status"], r["error"], r["answer"]) for r in rows] == [("error", "truncated: cut", None)] * 2
+    rows = stage.answer_video(_video(empty, np.zeros((2, 0), np.int64), status="error", reason="truncated",
+                                     detail="cut"))
+    assert [(r[Col.STATUS], r[Col.ERROR_REASON], r[Col.ERROR_DETAIL], r["answer"]) for r in rows] == [
+        ("error", "truncated", "cut", None)] * 2
+    # a failed row that arrives without a reason still gets one
+    rows = stage.answer_video(_video(empty, np.zeros((2, 0), np.int64), status="error"))
+    assert [(r[Col.ERROR_REASON], r[Col.ERROR_DETAIL]) for r in rows] == [
+        ("failed_before_answer", "failed before the answer stage")] * 2
 
 
 def test_questions_for_unlisted_videos_are_counted(tmp_path):

@@ -46,6 +46,7 @@ def test_minimal_config_gets_defaults():
         ({"answer__prompt_template": "vicuna"}, "answer.prompt_template"),
         ({"questions__multiple_choice_prompt": "mmlu"}, "questions.multiple_choice_prompt"),
         ({"nonsense": {}}, "nonsense: unknown key"),
+        ({"output__retry_errors": ["read_failed", "timed_out"]}, "output.retry_errors"),
     ],
 )
 def test_bad_values_fail_naming_the_key(changes, key):

@@ -13,27 +13,10 @@ import numpy as np
 import pytest
 
 from pipeline.config import DecodeConfig
-from pipeline.decode import (
-    CRASHED,
-    DECODE_FAILED,
-    EMPTY_FILE,
-    NO_VIDEO_STREAM,
-    NOT_A_VIDEO,
-    NOT_FOUND,
-    PERMISSION_DENIED,
-    TIMEOUT,
-    TOO_LARGE,
-    TOO_LONG,
-    TRUNCATED,
-    UNREADABLE_CONTAINER,
-    UNSUPPORTED,
-    DecodedVideo,
-    DecodeError,
-    DecodeStage,
-    PyAVBackend,
-    decode_video,
-    sample_times,
-)
+from pipeline.decode import DecodedVideo, DecodeError, DecodeStage, decode_video
+from pipeline.decode.pyav_backend import PyAVBackend
+from pipeline.decode.sampling import sample_times
+from pipeline.errors import ErrorReason
 from pipeline.schema import STATUS_ERROR, STATUS_OK, Col
 
 from tests.paths import SHARED_VIDEOS as VIDEOS
@@ -275,7 +258,7 @@ def test_decord_refuses_webm_without_duration():
     c = cfg()
     with pytest.raises(DecodeError) as exc_info:
         decode_video(str(VIDEOS / "webm_noduration_vp9_opus.webm"), c, backend="decord")
-    assert_error(exc_info, UNSUPPORTED)
+    assert_error(exc_info, ErrorReason.UNSUPPORTED)
 
 
 def test_sparse_sampling_seeks_instead_of_decoding_everything():
@@ -441,17 +424,17 @@ def hostile(tmp_path):
 @pytest.mark.parametrize(
     ("name", "reason"),
     [
-        ("empty.mp4", EMPTY_FILE),
-        ("random.mp4", NOT_A_VIDEO),
-        ("text.mp4", NOT_A_VIDEO),
-        ("cut_faststart.mp4", TRUNCATED),
-        ("cut_moov_at_end.mp4", TRUNCATED),
-        ("no_moov.mp4", UNREADABLE_CONTAINER),
-        ("cut_mkv.mkv", UNREADABLE_CONTAINER),
-        ("cut_half.mkv", TRUNCATED),
-        ("garbage_samples.mp4", DECODE_FAILED),
-        ("audio_only.m4a", NO_VIDEO_STREAM),
-        ("missing.mp4", NOT_FOUND),
+        ("empty.mp4", ErrorReason.EMPTY_FILE),
+        ("random.mp4", ErrorReason.NOT_A_VIDEO),
+        ("text.mp4", ErrorReason.NOT_A_VIDEO),
+        ("cut_faststart.mp4", ErrorReason.TRUNCATED),
+        ("cut_moov_at_end.mp4", ErrorReason.TRUNCATED),
+        ("no_moov.mp4", ErrorReason.UNREADABLE_CONTAINER),
+        ("cut_mkv.mkv", ErrorReason.UNREADABLE_CONTAINER),
+        ("cut_half.mkv", ErrorReason.TRUNCATED),
+        ("garbage_samples.mp4", ErrorReason.DECODE_FAILED),
+        ("audio_only.m4a", ErrorReason.NO_VIDEO_STREAM),
+        ("missing.mp4", ErrorReason.NOT_FOUND),
     ],
 )
 @pytest.mark.parametrize("backend", ["pyav", "decord"])
@@ -464,7 +447,7 @@ def test_hostile_input_reason(hostile, name, reason, backend):
 def test_directory_is_not_a_video(tmp_path):
     with pytest.raises(DecodeError) as exc_info:
         decode_video(str(tmp_path), cfg(), backend="pyav")
-    assert_error(exc_info, NOT_A_VIDEO)
+    assert_error(exc_info, ErrorReason.NOT_A_VIDEO)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
@@ -474,15 +457,15 @@ def test_unreadable_file_is_permission_denied(tmp_path):
     path.chmod(0)
     with pytest.raises(DecodeError) as exc_info:
         decode_video(str(path), cfg(), backend="pyav")
-    assert_error(exc_info, PERMISSION_DENIED)
+    assert_error(exc_info, ErrorReason.PERMISSION_DENIED)
 
 
 @pytest.mark.parametrize(
     ("limits", "reason", "text"),
     [
-        ({"max_duration_s": 5.0}, TOO_LONG, "limit is 5 s"),
-        ({"max_bytes": 1000}, TOO_LARGE, "bytes"),
-        ({"max_pixels": 320 * 240}, TOO_LARGE, "pixels"),
+        ({"max_duration_s": 5.0}, ErrorReason.TOO_LONG, "limit is 5 s"),
+        ({"max_bytes": 1000}, ErrorReason.TOO_LARGE, "bytes"),
+        ({"max_pixels": 320 * 240}, ErrorReason.TOO_LARGE, "pixels"),
     ],
 )
 def test_limits_refuse_before_decoding(limits, reason, text):
@@ -495,7 +478,7 @@ def test_limits_refuse_before_decoding(limits, reason, text):
 def test_too_long_without_container_duration_stops_the_packet_scan():
     with pytest.raises(DecodeError) as exc_info:
         decode_video(str(VIDEOS / "webm_noduration_vp9_opus.webm"), cfg(max_duration_s=2.0), backend="pyav")
-    assert_error(exc_info, TOO_LONG)
+    assert_error(exc_info, ErrorReason.TOO_LONG)
 
 
 # ------------------------------------------------------------------------------------------- S3
@@ -512,10 +495,10 @@ def test_decode_from_s3_streams_with_pyav_and_downloads_for_decord(s3_bucket):
         assert np.abs(remote.frames.astype(int) - local.frames.astype(int)).mean() < 4.0
     with pytest.raises(DecodeError) as exc_info:
         decode_video(f"s3://{bucket}/v/missing.mp4", cfg(), options, backend="pyav")
-    assert_error(exc_info, NOT_FOUND)
+    assert_error(exc_info, ErrorReason.NOT_FOUND)
     with pytest.raises(DecodeError) as exc_info:
         decode_video(uri, cfg(max_bytes=1000), options, backend="decord")
-    assert_error(exc_info, TOO_LARGE)
+    assert_error(exc_info, ErrorReason.TOO_LARGE)
 
 
 def test_stage_reads_s3_in_the_isolated_child(s3_bucket):
@@ -523,10 +506,10 @@ def test_stage_reads_s3_in_the_isolated_child(s3_bucket):
     fs.put_file(str(VIDEOS / "hevc_foreman_cif.mp4"), f"{bucket}/foreman.mp4")
     stage = DecodeStage(cfg(), options)
     ok = stage({Col.VIDEO_URI: f"s3://{bucket}/foreman.mp4"})
-    assert ok[Col.STATUS] == STATUS_OK, ok[Col.ERROR]
+    assert ok[Col.STATUS] == STATUS_OK, ok[Col.ERROR_DETAIL]
     assert ok[Col.FRAMES].shape == (8, S, S, 3) and ok[Col.CODEC] == "hevc"
     missing = stage({Col.VIDEO_URI: f"s3://{bucket}/nope.mp4"})
-    assert missing[Col.STATUS] == STATUS_ERROR and missing[Col.ERROR].startswith(NOT_FOUND + ": ")
+    assert missing[Col.STATUS] == STATUS_ERROR and missing[Col.ERROR_REASON] == ErrorReason.NOT_FOUND
 
 
 # ------------------------------------------------------------------------------------ the stage
@@ -535,14 +518,14 @@ def test_stage_reads_s3_in_the_isolated_child(s3_bucket):
 def test_stage_declares_columns_and_resources():
     stage = DecodeStage(cfg(num_cpus=0.5), None)
     assert Col.VIDEO_URI in stage.reads
-    assert {Col.FRAMES, Col.STATUS, Col.ERROR, Col.DECODE_S}.issubset(stage.writes)
+    assert {Col.FRAMES, Col.STATUS, Col.ERROR_REASON, Col.ERROR_DETAIL, Col.DECODE_S}.issubset(stage.writes)
     assert stage.resources == {"num_cpus": 0.5}
 
 
 def test_stage_ok_row():
     stage = DecodeStage(cfg(), None)
     row = stage({Col.VIDEO_ID: "v1", Col.VIDEO_URI: str(VIDEOS / "iphone4s_rot90.mov")})
-    assert row[Col.STATUS] == STATUS_OK and row[Col.ERROR] is None
+    assert row[Col.STATUS] == STATUS_OK and row[Col.ERROR_REASON] is None and row[Col.ERROR_DETAIL] is None
     assert row[Col.VIDEO_ID] == "v1"
     assert row[Col.FRAMES].shape == (8, S, S, 3) and row[Col.FRAMES].dtype == np.uint8
     assert row[Col.FRAME_TIMES_S].dtype == np.float64 and row[Col.FRAME_INDICES].dtype == np.int64
@@ -555,7 +538,8 @@ def test_stage_ok_row():
 def test_stage_error_row_keeps_the_schema(hostile):
     stage = DecodeStage(cfg(), None)
     row = stage({Col.VIDEO_URI: str(hostile / "text.mp4")})
-    assert row[Col.STATUS] == STATUS_ERROR and row[Col.ERROR].startswith(NOT_A_VIDEO + ": ")
+    assert row[Col.STATUS] == STATUS_ERROR and row[Col.ERROR_REASON] == ErrorReason.NOT_A_VIDEO
+    assert type(row[Col.ERROR_REASON]) is str and "no known container signature" in row[Col.ERROR_DETAIL]
     assert row[Col.FRAMES].shape == (0, S, S, 3) and row[Col.FRAMES].dtype == np.uint8
     assert row[Col.FRAME_TIMES_S].shape == (0,) and row[Col.FRAME_INDICES].dtype == np.int64
     assert set(DecodeStage.writes).issubset(row)
@@ -564,27 +548,30 @@ def test_stage_error_row_keeps_the_schema(hostile):
 def test_stage_error_row_reports_what_the_probe_learned():
     stage = DecodeStage(cfg(max_duration_s=5.0), None)
     row = stage({Col.VIDEO_URI: str(VIDEOS / "vllava_demo1.mp4")})
-    assert row[Col.ERROR].startswith(TOO_LONG + ": ")
+    assert row[Col.ERROR_REASON] == ErrorReason.TOO_LONG and "limit is 5 s" in row[Col.ERROR_DETAIL]
     assert row[Col.DURATION_S] == pytest.approx(9.72) and row[Col.WIDTH] == 640
 
 
 def test_stage_passes_error_rows_through():
     stage = DecodeStage(cfg(), None)
-    row = {Col.VIDEO_URI: str(VIDEOS / "vllava_demo1.mp4"), Col.STATUS: STATUS_ERROR, Col.ERROR: "listing: x"}
+    row = {Col.VIDEO_URI: str(VIDEOS / "vllava_demo1.mp4"), Col.STATUS: STATUS_ERROR,
+           Col.ERROR_REASON: "read_failed", Col.ERROR_DETAIL: "listing: x"}
     out = stage(row)
-    assert out[Col.STATUS] == STATUS_ERROR and out[Col.ERROR] == "listing: x"
+    assert out[Col.STATUS] == STATUS_ERROR
+    assert (out[Col.ERROR_REASON], out[Col.ERROR_DETAIL]) == ("read_failed", "listing: x")
     assert out[Col.FRAMES].shape == (0, S, S, 3)
 
 
 def test_stage_row_without_uri_is_an_error_row():
     row = DecodeStage(cfg(), None)({Col.VIDEO_ID: "v"})
-    assert row[Col.STATUS] == STATUS_ERROR and row[Col.ERROR].startswith(NOT_FOUND + ": ")
+    assert row[Col.STATUS] == STATUS_ERROR and row[Col.ERROR_REASON] == ErrorReason.NOT_FOUND
+    assert Col.VIDEO_URI in row[Col.ERROR_DETAIL]
 
 
 def test_stage_falls_back_to_the_other_backend():
     stage = DecodeStage(cfg(backend="decord"), None)
     row = stage({Col.VIDEO_URI: str(VIDEOS / "webm_noduration_vp9_opus.webm")})
-    assert row[Col.STATUS] == STATUS_OK, row[Col.ERROR]
+    assert row[Col.STATUS] == STATUS_OK, row[Col.ERROR_DETAIL]
     assert row[Col.DECODE_BACKEND] == "pyav"
 
 
@@ -592,13 +579,13 @@ def test_stage_timeout_becomes_an_error_row_after_retries_and_fallback():
     stage = DecodeStage(cfg(timeout_s=0.001, retries=1), None)
     row = stage({Col.VIDEO_URI: str(VIDEOS / "long_room_139s.mp4")})
     assert row[Col.STATUS] == STATUS_ERROR
-    assert row[Col.ERROR].startswith(TIMEOUT + ": ")
-    assert "pyav" in row[Col.ERROR] and "decord" in row[Col.ERROR] and "(x2)" in row[Col.ERROR]
+    assert row[Col.ERROR_REASON] == ErrorReason.TIMEOUT
+    detail = row[Col.ERROR_DETAIL]
+    assert "pyav: timeout: " in detail and "decord: timeout: " in detail and "(x2)" in detail
 
 
-def test_error_reasons_are_distinct_prefixes():
-    from pipeline.decode import REASONS
-
-    assert len(set(REASONS)) == len(REASONS)
-    assert {CRASHED, DECODE_FAILED, TIMEOUT}.issubset(REASONS)
-    assert all(r.replace("_", "").isalpha() and r.islower() for r in REASONS)
+def test_a_reason_the_other_backend_would_repeat_stops_the_stage_at_once(hostile):
+    # not_a_video is decided by the shared probe: decord is not tried after PyAV
+    row = DecodeStage(cfg(), None)({Col.VIDEO_URI: str(hostile / "random.mp4")})
+    assert row[Col.ERROR_REASON] == ErrorReason.NOT_A_VIDEO and "decord" not in row[Col.ERROR_DETAIL]
+    assert ErrorReason.NOT_A_VIDEO.same_for_every_backend and not ErrorReason.DECODE_FAILED.same_for_every_backend

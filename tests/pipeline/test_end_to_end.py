@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.config import parse_job_config
 from pipeline.runner import run_job
-from pipeline.schema import ANSWERS_SCHEMA
+from pipeline.schema import ANSWERS_SCHEMA, Col
 from pipeline.sink import OutputStore
 from tests.paths import DEMO_VIDEOS
 
@@ -77,7 +77,7 @@ def check_tables(store: OutputStore, expected_pairs: set, n_error_pairs: int):
     rows = answers.to_pylist()
     errors = [r for r in rows if r["status"] == "error"]
     assert len(errors) == n_error_pairs
-    assert all(r["video_id"] == "broken.mp4" and r["error"] and r["answer"] is None for r in errors)
+    assert all(r["video_id"] == "broken.mp4" and r[Col.ERROR_REASON] and r[Col.ERROR_DETAIL] and r["answer"] is None for r in errors)
     for r in (r for r in rows if r["status"] == "ok"):
         assert r["run_id"] == "e2e" and r["model"] == "tiny-llava-onevision"
         assert r["frames_decoded"] == NUM_FRAMES and len(r["frame_indices"]) == NUM_FRAMES

@@ -78,7 +78,8 @@ def _row(frames, questions, status=STATUS_OK):
     return {
         Col.VIDEO_ID: "armwrestling",
         Col.STATUS: status,
-        Col.ERROR: None,
+        Col.ERROR_REASON: None,
+        Col.ERROR_DETAIL: None,
         Col.FRAMES: frames,
         Col.FRAME_TIMES_S: np.arange(t, dtype=np.float64) * 0.5 + 0.25,
         Col.FRAME_INDICES: np.arange(t, dtype=np.int64) * 15 + 7,
@@ -328,7 +329,7 @@ def test_stage_embeds_once_and_selects_uniformly(tiny_dir, encoder, frames):
     stage = GuidanceStage(_cfg(tiny_dir))
     questions = ["who wins?", "what are they wearing?"]
     out = stage(_row(frames, questions))
-    assert out[Col.STATUS] == STATUS_OK and out[Col.ERROR] is None
+    assert out[Col.STATUS] == STATUS_OK and out[Col.ERROR_REASON] is None and out[Col.ERROR_DETAIL] is None
     emb = out[Col.FRAME_EMBEDDINGS]
     assert emb.shape == (NUM_FRAMES, D) and emb.dtype == np.float32
     np.testing.assert_allclose(emb, encoder.encode_frames(frames), atol=1e-5)
@@ -364,10 +365,10 @@ def test_error_rows_pass_through_with_uniform_columns(tiny_dir, frames):
     stage = GuidanceStage(_cfg(tiny_dir).model_copy(update={"roi_ratio": 0.8}))
     ok = stage(_row(frames, ["q one", "q two"]))
     row = _row(frames[:0], ["q one", "q two"], status=STATUS_ERROR)
-    row[Col.ERROR] = "decode_failed: corrupt"
+    row.update({Col.ERROR_REASON: "decode_failed", Col.ERROR_DETAIL: "corrupt"})
     row[Col.FRAMES] = None
     err = stage(row)
-    assert err[Col.STATUS] == STATUS_ERROR and err[Col.ERROR] == "decode_failed: corrupt"
+    assert err[Col.STATUS] == STATUS_ERROR and (err[Col.ERROR_REASON], err[Col.ERROR_DETAIL]) == ("decode_failed", "corrupt")
     assert err[Col.FRAME_EMBEDDINGS].shape == (0, D) and err[Col.FRAME_EMBEDDINGS].dtype == np.float32
     assert err[Col.SELECTED_POSITIONS].shape == (2, 0) and err[Col.SELECTED_POSITIONS].dtype == np.int64
     assert err[Col.ROI_BOXES].shape[0] == 2
@@ -381,7 +382,7 @@ def test_failure_inside_guidance_becomes_an_error_row(tiny_dir, frames):
     stage = GuidanceStage(_cfg(tiny_dir))
     out = stage(_row(frames.astype(np.float32), ["who wins?"]))  # not uint8: the encoder refuses
     assert out[Col.STATUS] == STATUS_ERROR
-    assert out[Col.ERROR].startswith("guidance_failed: ValueError")
+    assert out[Col.ERROR_REASON] == "guidance_failed" and out[Col.ERROR_DETAIL].startswith("ValueError")
     assert out[Col.FRAME_EMBEDDINGS].shape == (0, D)
     assert out[Col.SELECTED_POSITIONS].shape == (1, 0)
     # The next video is unaffected.
@@ -458,12 +459,12 @@ def test_videos_guided_together_match_one_at_a_time(tiny_dir, frames):
     failed = _row(frames[:0], ["q"], status=STATUS_ERROR)
     rows = [_row(frames, ["two men arm wrestling", "a referee"]), _row(frames[2:7], ["a scoreboard"]),
             _row(frames.astype(np.float32), ["who wins?"]),  # not uint8: fails, alone
-            {**failed, Col.ERROR: "decode_failed: corrupt", Col.FRAMES: None}, _row(frames[:3], [])]
+            {**failed, Col.ERROR_REASON: "decode_failed", Col.ERROR_DETAIL: "corrupt", Col.FRAMES: None}, _row(frames[:3], [])]
     together = stage.guide_rows(rows)
     alone = [stage(row) for row in rows]
     assert [o[Col.STATUS] for o in together] == [STATUS_OK, STATUS_OK, STATUS_ERROR, STATUS_ERROR, STATUS_OK]
-    assert together[2][Col.ERROR].startswith("guidance_failed: ValueError")
-    assert together[3][Col.ERROR] == "decode_failed: corrupt"
+    assert together[2][Col.ERROR_REASON] == "guidance_failed" and together[2][Col.ERROR_DETAIL].startswith("ValueError")
+    assert (together[3][Col.ERROR_REASON], together[3][Col.ERROR_DETAIL]) == ("decode_failed", "corrupt")
     for t, a in zip(together, alone):
         assert set(t) == set(a) and t[Col.STATUS] == a[Col.STATUS]
         np.testing.assert_allclose(t[Col.FRAME_EMBEDDINGS], a[Col.FRAME_EMBEDDINGS], atol=1e-5)

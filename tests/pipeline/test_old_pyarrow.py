@@ -62,7 +62,7 @@ def _answers() -> pa.Table:
                        total_flops=1e9, total_flops_native=2e9, decode_s=0.1, guidance_s=0.2, prefill_s=0.3,
                        generate_s=0.4)
         else:
-            row["error"] = "no_video_stream: audio only"
+            row.update({Col.ERROR_REASON: "no_video_stream", Col.ERROR_DETAIL: "audio only"})
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=ANSWERS_SCHEMA)
 

@@ -10,7 +10,7 @@ import pytest
 
 from jobs.cli import main
 from pipeline.config import OutputConfig
-from pipeline.schema import ANSWERS_SCHEMA, empty_answer_row
+from pipeline.schema import ANSWERS_SCHEMA, Col, empty_answer_row
 from pipeline.sink import ANSWERS_DIR, OutputStore
 
 BROWSER_MISSING = ("the report test needs Debian's chromium and chromium-driver "
@@ -78,7 +78,7 @@ def test_report_of_an_output_with_error_rows_only(browser, tmp_path, capsys):
     for i, reason in enumerate(["not_found", "not_found", "timeout", "no_video_stream"]):
         row = empty_answer_row() | {"run_id": "r", "video_id": f"v{i}.mp4", "video_uri": f"/gone/v{i}.mp4",
                                     "question_id": "q", "question": "What?", "status": "error",
-                                    "error": f"{reason}: detail"}
+                                    Col.ERROR_REASON: reason, Col.ERROR_DETAIL: "detail"}
         rows.append(row)
     store.write_table(pa.Table.from_pylist(rows, schema=ANSWERS_SCHEMA), ANSWERS_DIR, "errors.parquet")
     page = tmp_path / "report.html"

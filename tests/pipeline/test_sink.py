@@ -24,7 +24,7 @@ def test_video_key_is_safe_and_distinct():
 def test_writer_groups_by_video_and_resume_reads_pairs(tmp_path):
     cfg = OutputConfig(path=str(tmp_path / "out"))
     summary = AnswersWriter(cfg, "r1")(_answers(["v1", "v1", "v2"], ["q1", "q2", "q1"]))
-    assert summary.column_names == ["video_id", "question_id", "status", "error"]
+    assert summary.column_names == ["video_id", "question_id", "status", "error_reason"]
     files = sorted((tmp_path / "out" / "answers").glob("*.parquet"))
     assert len(files) == 2
     assert not list((tmp_path / "out" / "answers").glob("_tmp*"))

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import JobConfig, parse_job_config
+from pipeline.schema import Col
 from pipeline.sink import OutputStore
 
 from tests.paths import SHARED_VIDEOS as VIDEOS
@@ -74,18 +75,15 @@ def assert_exactly_once(rows: list[dict], expected: set[tuple[str, str]]) -> Non
     assert not missing and not extra, f"missing {sorted(missing)}; unexpected {sorted(extra)}"
 
 
-def reason(error: str | None) -> str:
-    return (error or "").split(":", 1)[0]
-
-
 def check_rows(rows: list[dict], expected_status: dict[str, str]) -> None:
-    """Each video's rows are ok or an error with exactly the expected reason (a 'reason: ' prefix)."""
+    """Each video's rows are ok or an error with exactly the expected reason."""
     problems = []
     for r in rows:
         want = expected_status[r["video_id"]]
         if want == OK:
-            if r["status"] != "ok" or r["answer"] is None or r["error"] is not None:
-                problems.append(f"{r['video_id']}/{r['question_id']}: wanted ok, got {r['status']}: {r['error']}")
+            if r["status"] != "ok" or r["answer"] is None or r[Col.ERROR_REASON] or r[Col.ERROR_DETAIL]:
+                problems.append(f"{r['video_id']}/{r['question_id']}: wanted ok, got {r['status']}: "
+                                f"{r[Col.ERROR_REASON]}: {r[Col.ERROR_DETAIL]}")
                 continue
             n = r["frames_decoded"]
             times = r["frame_times_s"]
@@ -93,13 +91,15 @@ def check_rows(rows: list[dict], expected_status: dict[str, str]) -> None:
                     and all(b > a for a, b in zip(times, times[1:])) and times[0] >= 0):
                 problems.append(f"{r['video_id']}: bad frames {n} {r['frame_indices']} {times}")
         else:
-            if r["status"] != "error" or not (r["error"] or "").startswith(want + ": ") or r["answer"] is not None:
-                problems.append(f"{r['video_id']}/{r['question_id']}: wanted {want}, got {r['status']}: {r['error']}")
+            if (r["status"] != "error" or r[Col.ERROR_REASON] != want or not r[Col.ERROR_DETAIL]
+                    or r["answer"] is not None):
+                problems.append(f"{r['video_id']}/{r['question_id']}: wanted {want}, got {r['status']}: "
+                                f"{r[Col.ERROR_REASON]}: {r[Col.ERROR_DETAIL]}")
     assert not problems, "\n".join(problems)
 
 
 def expected_reasons(rows: list[dict]) -> dict[str, int]:
-    return dict(collections.Counter(reason(r["error"]) for r in rows if r["status"] == "error"))
+    return dict(collections.Counter(r[Col.ERROR_REASON] for r in rows if r["status"] == "error"))
 
 
 # ------------------------------------------------------------------------------- synthetic videos

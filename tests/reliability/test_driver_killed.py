@@ -17,6 +17,8 @@ import uuid
 import pytest
 import yaml
 
+from pipeline.schema import Col
+
 from tests.reliability.helpers import (
     PROMPTS,
     VIDEOS,
@@ -105,7 +107,8 @@ def test_driver_killed_then_rerun_completes_exactly_once(tmp_path, s3_bucket):
     rows = rows_of(cfg)
     assert_exactly_once(rows, expected)
     assert {(r["video_id"], r["status"]) for r in rows} == {(v, "ok") for v in ids} | {("missing.mp4", "error")}
-    assert all(r["error"].startswith("not_found: ") for r in rows if r["status"] == "error")
+    assert all(r[Col.ERROR_REASON] == "not_found" and "missing.mp4" in r[Col.ERROR_DETAIL]
+               for r in rows if r["status"] == "error")
     summary = json.loads(fs.cat(f"{bucket}/out/runs/driver.json"))
     assert (summary["skipped_done"], summary["processed"], summary["status"]) == (done, len(expected) - done, "complete")
     console = (tmp_path / "run2.log").read_text()

@@ -12,6 +12,7 @@ import pytest
 
 from pipeline.runner import run_job
 from pipeline.sink import OutputStore
+from pipeline.schema import Col
 from tests.reliability.helpers import (
     PROMPTS,
     VIDEOS,
@@ -101,7 +102,7 @@ def test_worker_and_actors_killed_mid_run(tmp_path, ray_local):
     expected = {(v, p["question_id"]) for v in ids for p in PROMPTS}
     rows = rows_of(cfg)
     assert_exactly_once(rows, expected)
-    assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows if r["error"]]
+    assert all(r["status"] == "ok" for r in rows), [r[Col.ERROR_DETAIL] for r in rows if r[Col.ERROR_DETAIL]]
     assert (summary.processed, summary.ok, summary.errors, summary.status) == (16, 16, 0, "complete")
     frames = OutputStore(cfg.output).read_frames()
     keys = list(zip(frames.column("video_id").to_pylist(), frames.column("frame_index").to_pylist()))
@@ -151,7 +152,7 @@ def test_object_storage_restarted_mid_run(s3_server, ray_local, monkeypatch):
 
     assert len(servers) == 2, "the server was not restarted"
     assert_exactly_once(rows, {(v, p["question_id"]) for v in ids for p in PROMPTS})
-    assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows if r["error"]]
+    assert all(r["status"] == "ok" for r in rows), [r[Col.ERROR_DETAIL] for r in rows if r[Col.ERROR_DETAIL]]
     assert (summary.processed, summary.ok, summary.status) == (12, 12, "complete")
     # the reads waited the outage out (retried with backoff) instead of failing
     slowest = max(r["decode_s"] for r in rows)

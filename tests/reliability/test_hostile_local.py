@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.runner import run_job
 from pipeline.sink import OutputStore
+from pipeline.schema import Col
 from tests.reliability.helpers import (
     HOSTILE_LIMITS,
     OK,
@@ -49,7 +50,7 @@ def test_hostile_corpus_local(tmp_path, ray_local):
     by_id = {(r["video_id"], r["question_id"]): r for r in rows}
     assert by_id[("mjpeg_mouse_12f.avi", "caption")]["frames_decoded"] == 12  # fewer frames than asked
     assert by_id[("../../etc/one frame.mp4", "own")]["frames_decoded"] == 1
-    assert by_id[("vfr_screenrec.mp4", "caption")]["error"].endswith("limit is 2000000")
+    assert by_id[("vfr_screenrec.mp4", "caption")][Col.ERROR_DETAIL].endswith("limit is 2000000")
     n_ok = sum(r["status"] == "ok" for r in rows)
     assert n_ok == 2 * sum(want == OK for _, want in corpus.values()) + 2  # + 'own' of one frame and mjpeg
 

@@ -15,9 +15,10 @@ from botocore.exceptions import EndpointConnectionError
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.config import DecodeConfig, OutputConfig
-from pipeline.decode import READ_FAILED, DecodeError, DecodeStage, decode_video
+from pipeline.decode import DecodeError, DecodeStage, decode_video
 from pipeline.schema import STATUS_ERROR, Col
 from pipeline.sink import OutputStore
+from pipeline.errors import ErrorReason
 from tests.reliability.helpers import VIDEOS, free_port, needs_videos, start_moto, stop_moto
 
 pytestmark = needs_videos
@@ -69,21 +70,21 @@ def test_storage_failure_during_a_read_is_read_failed(fraction, backend, monkeyp
     uri = f"flaky://{VIDEOS / 'kinetics_armwrestling.mp4'}"  # 'moov' at the end: read last
     with pytest.raises(DecodeError) as info:
         decode_video(uri, DecodeConfig(num_frames=8, frame_size=32), {}, backend=backend)
-    assert info.value.reason == READ_FAILED, str(info.value)
+    assert info.value.reason == ErrorReason.READ_FAILED, str(info.value)
     assert "EndpointConnectionError" in str(info.value)
 
 
 def test_read_failed_is_retried_then_reported(monkeypatch):
-    import pipeline.decode as decode
+    import pipeline.decode.stage as decode_stage
 
-    monkeypatch.setattr(decode, "READ_RETRY_FIRST_WAIT_S", 0.01)
+    monkeypatch.setattr(decode_stage, "READ_RETRY_FIRST_WAIT_S", 0.01)
     # in this process: the isolated child would not know the test's 'flaky' protocol
-    monkeypatch.setattr(decode.isolation, "run_isolated", lambda fn, *args, timeout_s, **kw: fn(*args, **kw))
+    monkeypatch.setattr(decode_stage.isolation, "run_isolated", lambda fn, *args, timeout_s, **kw: fn(*args, **kw))
     stage = DecodeStage(DecodeConfig(num_frames=8, frame_size=32, read_retries=2), {})
     row = stage({Col.VIDEO_URI: f"flaky://{VIDEOS / 'kinetics_armwrestling.mp4'}"})
     # three attempts with the first backend; the second backend reads the same storage: not tried
-    assert row[Col.STATUS] == STATUS_ERROR and row[Col.ERROR].startswith(READ_FAILED + ": ")
-    assert "(x3)" in row[Col.ERROR] and "decord" not in row[Col.ERROR]
+    assert row[Col.STATUS] == STATUS_ERROR and row[Col.ERROR_REASON] == ErrorReason.READ_FAILED
+    assert "(x3)" in row[Col.ERROR_DETAIL] and "decord" not in row[Col.ERROR_DETAIL]
 
 
 def test_output_write_waits_out_a_storage_restart(s3_server, tmp_path, monkeypatch):
