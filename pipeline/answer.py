@@ -26,11 +26,17 @@ def model_label(model: str) -> str:
 class AnswerStage:
     """Ray actor body (map_batches over one video per batch); usable without Ray."""
 
-    reads = (
-        Col.VIDEO_ID, Col.VIDEO_URI, Col.QUESTION_IDS, Col.QUESTIONS, Col.STATUS, Col.ERROR_REASON, Col.ERROR_DETAIL,
-        Col.FRAMES, Col.FRAME_TIMES_S, Col.FRAME_INDICES, Col.SELECTED_POSITIONS, Col.ROI_BOXES,
-        Col.DECODE_S, Col.GUIDANCE_S,
-    )
+    reads = {
+        Col.VIDEO_ID: "answers row key", Col.VIDEO_URI: "recorded in the row",
+        Col.QUESTION_IDS: "one row per question", Col.QUESTIONS: "the questions asked",
+        Col.STATUS: "rows already in error become error rows", Col.ERROR_REASON: "carried to error rows",
+        Col.ERROR_DETAIL: "carried to error rows", Col.FRAMES: "the decoded frames",
+        Col.FRAME_TIMES_S: "recorded per answer", Col.FRAME_INDICES: "recorded per answer",
+        Col.SELECTED_POSITIONS: "each question's frames (guidance)",
+        Col.DECODE_S: "recorded per answer", Col.GUIDANCE_S: "recorded per answer",
+    }
+    optional_reads = (Col.ROI_BOXES,)  # only when guidance.roi_ratio is set
+    keeps_input_columns = False
     writes = ANSWER_COLUMNS
 
     def __init__(self, cfg: AnswerConfig, run_id: str):
@@ -42,7 +48,6 @@ class AnswerStage:
         # One video on the model at a time; with answer.videos_in_flight > 1 the other calls do
         # their host work meanwhile. A guidance stage in the same actor takes it too.
         self.device_lock = threading.Lock()
-        self.resources = {"num_gpus": cfg.num_gpus, "num_cpus": cfg.num_cpus}
         self.llm = load_video_llm(
             cfg.model,
             dtype=cfg.dtype,
@@ -64,17 +69,9 @@ class AnswerStage:
         # The job config's MoRef options carry the library's field names one to one.
         self.moref = MoRefConfig(**cfg.moref.model_dump()) if cfg.moref.enabled else None
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        return self.answer_rows([{k: v[i] for k, v in batch.items()} for i in range(len(batch[Col.VIDEO_ID]))])
-
-    def answer_rows(self, videos: list[dict]) -> dict[str, list]:
-        """Answer each video; every question's row, as columns."""
-        out: dict[str, list] = {name: [] for name in ANSWER_COLUMNS}
-        for video in videos:
-            for row in self.answer_video(video):
-                for name in ANSWER_COLUMNS:
-                    out[name].append(row[name])
-        return out
+    def __call__(self, videos: list[dict]) -> list[dict]:
+        """Every question's answers row, for each video."""
+        return [row for video in videos for row in self.answer_video(video)]
 
     def answer_video(self, video: dict) -> list[dict]:
         """One video's rows. Several calls may run at once (`answer.videos_in_flight`, one thread

@@ -36,7 +36,14 @@ class GuidanceStage:
     error row (reason `guidance_failed`) instead of failing the job.
     """
 
-    reads: tuple[str, ...] = (Col.VIDEO_ID, Col.STATUS, Col.FRAMES, Col.QUESTIONS)
+    reads = {
+        Col.VIDEO_ID: "names the video in logs",
+        Col.STATUS: "rows already in error pass through",
+        Col.FRAMES: "the decoded frames CLIP embeds",
+        Col.QUESTIONS: "the texts frames and RoI are chosen for",
+    }
+    keeps_input_columns = True
+    # ROI_BOXES too when guidance.roi_ratio is set (the instance's `writes`); the answer stage reads it when present.
     writes: tuple[str, ...] = (
         Col.FRAME_EMBEDDINGS,
         Col.CLIP_MODEL,
@@ -52,8 +59,6 @@ class GuidanceStage:
             raise ValueError(f"unknown frame selection {cfg.selection!r}; expected one of {SELECTION_METHODS}")
         prompt_fraction, roi_ratio = cfg.prompt_fraction, cfg.roi_ratio
         self.cfg = cfg
-        self.num_gpus = cfg.num_gpus
-        self.num_cpus = cfg.num_cpus
         self.prompt_fraction = prompt_fraction
         self.roi_ratio = roi_ratio
         if roi_ratio is not None:
@@ -64,13 +69,8 @@ class GuidanceStage:
         self.encoder = FrameEncoder(self.bundle, cfg.batch_size)
         self.model_name = self.bundle.name
 
-    @staticmethod
-    def resources(cfg: GuidanceConfig) -> dict[str, float]:
-        """Per-actor resources for Ray (`num_cpus`, `num_gpus`), known before the actor starts."""
-        return {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}
-
-    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        return self.guide_rows([row])[0]
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        return self.guide_rows(rows)
 
     def guide_rows(self, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """Guide several videos together (one image-tower pass over all their frames). If the

@@ -8,8 +8,9 @@ and retries its tasks (its defaults: max_restarts=-1, max_task_retries=-1). Outp
 deterministic, so a retried write replaces, never duplicates. Storage errors are retried inside the
 stages (decode.read_retries, output.write_retries).
 
-Stages are plain classes (pipeline/decode/stage.py, guidance.py, answer.py, sink.py); this module only
-decides where and with what resources they run.
+Stages are plain classes with one method (rows in, rows out) that declare the columns they read
+and write (pipeline/stage_contract.py); pipeline/stages.py lists the job's stages with their
+resources, and this module turns that list into Ray Data operators, after checking it.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from pipeline.resources import (
     stage_requests,
 )
 from pipeline.schema import STATUS_OK, Col
-from pipeline.sink import RUNS_DIR, AnswersWriter, FramesWriter, OutputStore
+from pipeline.sink import RUNS_DIR, OutputStore
 from pipeline.sources import list_videos, load_questions, questions_for
+from pipeline.stage_contract import StageSpec, check_chain
 
 log = logging.getLogger("moref_index")
 
@@ -152,133 +154,80 @@ def check_resources(cfg: JobConfig, requests: dict[str, StageRequest], local: bo
         log.warning("%s; waiting for the autoscaler (set ray.node_shapes to check against the nodes it can add)", exc)
 
 
-def _decode_row(row: dict, cfg, storage) -> dict:
-    from pipeline.decode import DecodeStage
+def build_dataset(rows: list[dict], cfg: JobConfig, run_id: str, requests: dict[str, StageRequest]):
+    """The Ray Data pipeline of the job's stages (pipeline/stages.py), checked first."""
+    import ray
 
-    # Options for this video's own protocol: an archive may mix local paths and object stores.
-    uri = row[Col.VIDEO_URI]
-    protocol = uri.split("://", 1)[0] if "://" in uri else "file"
-    return DecodeStage(cfg, storage.fsspec_options(protocol))(row)
+    from pipeline.stages import SOURCE_COLUMNS, job_stages
 
-
-class _GuideThenWriteFrames:
-    """The guidance actor: several videos per call (`guidance.videos_per_batch`), so the image
-    tower runs over all their frames in large batches; it also writes each video's frames table.
-    As a task of its own the writer would start worker processes that import torch (for
-    `frames_table`) only to write a Parquet file: tens of seconds per worker on a small machine,
-    and one more copy of every video's frames through the object store."""
-
-    def __init__(self, cfg, output):
-        from pipeline.guidance import GuidanceStage
-
-        self.guide = GuidanceStage(cfg)
-        self.write = FramesWriter(output)
-
-    def __call__(self, batch: dict) -> dict:
-        outs = [self.write(out) for out in self.guide.guide_rows(_rows(batch))]
-        names = list(dict.fromkeys(name for out in outs for name in out))
-        return {name: [out.get(name) for out in outs] for name in names}
+    specs = job_stages(cfg, run_id, requests)
+    check_chain(SOURCE_COLUMNS, specs)
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))  # one video per block
+    for spec in specs:
+        ds = _map_stage(ds, spec)
+    return ds
 
 
-class _GuideThenAnswer:
-    """`guidance.placement: answer_actor`: one actor per GPU runs CLIP and the Video-LLM. CLIP
-    takes the answer stage's device lock, so it never competes with the Video-LLM for the GPU;
-    with several videos in flight one video's CLIP pass waits while another is answered."""
+def _map_stage(ds, spec: StageSpec):
+    """One stage as a Ray Data map_batches: actors for stateful stages (models), tasks otherwise."""
+    from ray.data import ActorPoolStrategy
 
-    def __init__(self, guidance, output, answer, run_id: str):
-        from pipeline.answer import AnswerStage
-        from pipeline.guidance import GuidanceStage
-
-        self.answer = AnswerStage(answer, run_id)
-        self.guide = GuidanceStage(guidance)
-        self.write = FramesWriter(output)
-
-    def __call__(self, batch: dict) -> dict:
-        rows = _rows(batch)
-        with self.answer.device_lock:
-            guided = self.guide.guide_rows(rows)
-        return self.answer.answer_rows([self.write(row) for row in guided])
+    args = {"batch_size": spec.batch_size, "batch_format": "pyarrow" if spec.batch_format == "pyarrow" else "numpy",
+            **spec.request.ray_args()}
+    if spec.is_actor:
+        # Ray Data hands each block to the actor with the fewest tasks in flight, so with one
+        # answer actor per GPU the videos spread over the GPUs as they finish. Several calls at
+        # once run on threads; the stage guards its model (AnswerStage.device_lock).
+        pool = ActorPoolStrategy(size=spec.request.count, max_concurrent_calls_per_actor=spec.concurrent_calls,
+                                 enable_true_multi_threading=spec.concurrent_calls > 1)
+        return ds.map_batches(_actor_class(spec), fn_constructor_kwargs={"kwargs": dict(spec.kwargs)}, compute=pool,
+                              **args)
+    return ds.map_batches(_task_function(spec), fn_kwargs={"kwargs": dict(spec.kwargs)},
+                          max_retries=spec.max_retries, **args)
 
 
-def _rows(batch: dict) -> list[dict]:
-    return [{name: _plain(values[i]) for name, values in batch.items()} for i in range(len(batch[Col.VIDEO_ID]))]
+class _StageActor:
+    """Ray Data's side of an actor stage: builds the stage once and converts batches to and from
+    the stage's rows. Subclassed per stage (`_actor_class`), so Ray names actors after the stage."""
+
+    spec: StageSpec
+
+    def __init__(self, kwargs: dict):
+        self.stage = self.spec.stage(**kwargs)
+
+    def __call__(self, batch):
+        return _call_stage(self.stage, batch, self.spec)
+
+
+def _actor_class(spec: StageSpec) -> type:
+    return type(spec.stage.__name__, (_StageActor,), {"spec": spec})
+
+
+def _task_function(spec: StageSpec):
+    def run(batch, kwargs: dict):
+        return _call_stage(spec.stage(**kwargs), batch, spec)
+
+    run.__name__ = run.__qualname__ = spec.stage.__name__  # Ray names the operator and its tasks after it
+    return run
+
+
+def _call_stage(stage, batch, spec: StageSpec):
+    if spec.batch_format == "pyarrow":
+        return stage(batch)
+    rows = [{name: _plain(values[i]) for name, values in batch.items()} for i in range(len(next(iter(batch.values()))))]
+    out = stage(rows)
+    names = list(dict.fromkeys(name for row in out for name in row)) or list(spec.writes)
+    return {name: [row.get(name) for row in out] for name in names}
 
 
 def _plain(value):
-    """A numpy batch cell as the row path hands it over: strings and lists of strings as Python
-    objects (numpy string arrays would come back as tensor columns), arrays as they are."""
+    """A numpy batch cell as a stage's row holds it: strings and lists of strings as Python objects
+    (numpy string arrays would come back as tensor columns), arrays as they are."""
     if isinstance(value, np.ndarray) and value.dtype.kind in "OUS":
         return value.tolist()
     if isinstance(value, np.generic):
         return value.item()
     return value
-
-
-def _write_answers(batch, output, run_id: str, supersede: bool):
-    return AnswersWriter(output, run_id, supersede)(batch)
-
-
-def build_dataset(rows: list[dict], cfg: JobConfig, run_id: str, requests: dict[str, StageRequest]):
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    from pipeline.answer import AnswerStage
-
-    guidance, answer = requests["guidance"], requests["answer"]
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))  # one video per block
-    ds = ds.map(
-        _decode_row,
-        fn_kwargs={"cfg": cfg.decode, "storage": cfg.input.storage},
-        num_cpus=requests["decode"].cpus,
-        max_retries=2,
-    )
-    # Several videos in flight per answer actor, each call on its own thread; the stage's device
-    # lock keeps one on the model at a time (pipeline/answer.py).
-    in_flight = cfg.answer.videos_in_flight
-    answer_pool = ActorPoolStrategy(size=answer.count, max_concurrent_calls_per_actor=in_flight,
-                                    enable_true_multi_threading=in_flight > 1)
-    if cfg.guidance.placement == "answer_actor":
-        return _then_write_answers(ds.map_batches(
-            _GuideThenAnswer,
-            fn_constructor_kwargs={"guidance": cfg.guidance, "output": cfg.output, "answer": cfg.answer,
-                                   "run_id": run_id},
-            batch_size=1,
-            batch_format="numpy",
-            compute=answer_pool,
-            **answer.ray_args(),
-        ), cfg, run_id, requests)
-    ds = ds.map_batches(
-        _GuideThenWriteFrames,
-        fn_constructor_kwargs={"cfg": cfg.guidance, "output": cfg.output},
-        batch_size=cfg.guidance.videos_per_batch,
-        batch_format="numpy",
-        compute=ActorPoolStrategy(size=guidance.count),
-        **guidance.ray_args(),
-    )
-    ds = ds.map_batches(
-        AnswerStage,
-        fn_constructor_kwargs={"cfg": cfg.answer, "run_id": run_id},
-        batch_size=1,
-        batch_format="numpy",
-        # Ray Data hands each block to the actor with the fewest tasks in flight, so with one actor
-        # per GPU the videos spread over the GPUs as they finish.
-        compute=answer_pool,
-        **answer.ray_args(),
-    )
-    return _then_write_answers(ds, cfg, run_id, requests)
-
-
-def _then_write_answers(ds, cfg: JobConfig, run_id: str, requests: dict[str, StageRequest]):
-    ds = ds.map_batches(
-        _write_answers,
-        # rows of these pairs may exist already (retried errors, or resume off): replace them
-        fn_kwargs={"output": cfg.output, "run_id": run_id,
-                   "supersede": bool(cfg.output.retry_reasons()) or not cfg.output.resume},
-        batch_size=None,
-        batch_format="pyarrow",
-        num_cpus=requests["sink"].cpus,
-    )
-    return ds
 
 
 def run_job(cfg: JobConfig) -> RunSummary:

@@ -258,13 +258,24 @@ class FramesWriter:
     """Writes one video's frame embeddings to frames/, then drops them from the row (the answer
     stage does not need them). Reads FRAME_EMBEDDINGS, FRAME_TIMES_S, FRAME_INDICES, CLIP_MODEL."""
 
-    reads = (Col.VIDEO_ID, Col.FRAME_EMBEDDINGS, Col.FRAME_INDICES, Col.FRAME_TIMES_S, Col.CLIP_MODEL)
+    reads = {
+        Col.VIDEO_ID: "names the frames file",
+        Col.STATUS: "only ok rows have frames to write",
+        Col.FRAME_EMBEDDINGS: "written, then dropped from the row",
+        Col.FRAME_INDICES: "frame_index column",
+        Col.FRAME_TIMES_S: "time_s column",
+        Col.CLIP_MODEL: "clip_model column",
+    }
+    keeps_input_columns = True  # all but FRAME_EMBEDDINGS
     writes = ()
 
     def __init__(self, output: OutputConfig):
         self.store = OutputStore(output)
 
-    def __call__(self, row: dict) -> dict:
+    def __call__(self, rows: list[dict]) -> list[dict]:
+        return [self.write_row(row) for row in rows]
+
+    def write_row(self, row: dict) -> dict:
         from pipeline.guidance import frames_table
 
         row = dict(row)
@@ -278,6 +289,10 @@ class AnswersWriter:
     """Writes answers rows, one file per video group in the batch, and returns a small summary
     table (video_id, question_id, status, error_reason) for the driver's run summary. With `supersede`,
     rows of the same pairs already in the table are replaced (see the module docstring)."""
+
+    reads = {name: "written to answers/" for name in ANSWERS_SCHEMA.names}
+    writes = (Col.VIDEO_ID, Col.QUESTION_ID, Col.STATUS, Col.ERROR_REASON)
+    keeps_input_columns = False
 
     def __init__(self, output: OutputConfig, run_id: str, supersede: bool = False):
         self.store = OutputStore(output)

@@ -13,7 +13,7 @@ import av
 import numpy as np
 
 from pipeline import isolation
-from pipeline.config import DecodeConfig
+from pipeline.config import DecodeConfig, StorageConfig
 from pipeline.decode.backend import Backend, Limits
 from pipeline.decode.container import ends_early, raise_if_cut_short
 from pipeline.decode.decord_backend import DecordBackend
@@ -164,20 +164,33 @@ class DecodeStage:
     backend, then an error row. Rows already in error pass through with their status and error
     untouched (missing decode columns are added empty, so every row has the same columns)."""
 
-    reads = (Col.VIDEO_URI, Col.STATUS)
+    reads = {
+        Col.VIDEO_URI: "the file or object to decode (local path or fsspec URL)",
+    }
+    optional_reads = (Col.STATUS,)  # rows already in error pass through
+    keeps_input_columns = True
     writes = (
         Col.FRAMES, Col.FRAME_TIMES_S, Col.FRAME_INDICES, Col.WIDTH, Col.HEIGHT, Col.FPS,
         Col.DURATION_S, Col.ROTATION, Col.CODEC, Col.DECODE_BACKEND, Col.DECODE_S, Col.STATUS,
         Col.ERROR_REASON, Col.ERROR_DETAIL,
     )  # fmt: skip
 
-    def __init__(self, cfg: DecodeConfig, storage_options: dict | None = None):
+    def __init__(self, cfg: DecodeConfig, storage_options: dict | None = None, storage: StorageConfig | None = None):
+        """`storage_options`: fsspec options for every object URL; or `storage`, whose options
+        are chosen per row by the URL's protocol (an archive may mix local paths and stores)."""
         self.cfg = cfg
         self.storage_options = storage_options or None
-        self.num_cpus = cfg.num_cpus
-        self.resources = {"num_cpus": cfg.num_cpus}
+        self.storage = storage
 
-    def __call__(self, row: dict) -> dict:
+    def __call__(self, rows: list[dict]) -> list[dict]:
+        return [self.decode_row(row) for row in rows]
+
+    def _options_for(self, uri: str) -> dict | None:
+        if self.storage is None:
+            return self.storage_options
+        return self.storage.fsspec_options(uri.split("://", 1)[0] if "://" in uri else "file") or None
+
+    def decode_row(self, row: dict) -> dict:
         out = dict(row)
         if out.get(Col.STATUS) == STATUS_ERROR:
             for key, value in _empty_decode_columns(self.cfg.frame_size).items():
@@ -186,7 +199,7 @@ class DecodeStage:
         started = time.perf_counter()
         uri = out.get(Col.VIDEO_URI)
         if isinstance(uri, str) and uri:
-            result = self.decode(uri, None if is_local(uri) else self.storage_options)
+            result = self.decode(uri, None if is_local(uri) else self._options_for(uri))
         else:
             result = DecodeError(ErrorReason.NOT_FOUND, f"row has no {Col.VIDEO_URI}")
         out.update(_empty_decode_columns(self.cfg.frame_size))

@@ -505,26 +505,25 @@ def test_stage_reads_s3_in_the_isolated_child(s3_bucket):
     fs, bucket, options = s3_bucket
     fs.put_file(str(VIDEOS / "hevc_foreman_cif.mp4"), f"{bucket}/foreman.mp4")
     stage = DecodeStage(cfg(), options)
-    ok = stage({Col.VIDEO_URI: f"s3://{bucket}/foreman.mp4"})
+    ok = stage.decode_row({Col.VIDEO_URI: f"s3://{bucket}/foreman.mp4"})
     assert ok[Col.STATUS] == STATUS_OK, ok[Col.ERROR_DETAIL]
     assert ok[Col.FRAMES].shape == (8, S, S, 3) and ok[Col.CODEC] == "hevc"
-    missing = stage({Col.VIDEO_URI: f"s3://{bucket}/nope.mp4"})
+    missing = stage.decode_row({Col.VIDEO_URI: f"s3://{bucket}/nope.mp4"})
     assert missing[Col.STATUS] == STATUS_ERROR and missing[Col.ERROR_REASON] == ErrorReason.NOT_FOUND
 
 
 # ------------------------------------------------------------------------------------ the stage
 
 
-def test_stage_declares_columns_and_resources():
+def test_stage_declares_columns():
     stage = DecodeStage(cfg(num_cpus=0.5), None)
     assert Col.VIDEO_URI in stage.reads
     assert {Col.FRAMES, Col.STATUS, Col.ERROR_REASON, Col.ERROR_DETAIL, Col.DECODE_S}.issubset(stage.writes)
-    assert stage.resources == {"num_cpus": 0.5}
 
 
 def test_stage_ok_row():
     stage = DecodeStage(cfg(), None)
-    row = stage({Col.VIDEO_ID: "v1", Col.VIDEO_URI: str(VIDEOS / "iphone4s_rot90.mov")})
+    row = stage.decode_row({Col.VIDEO_ID: "v1", Col.VIDEO_URI: str(VIDEOS / "iphone4s_rot90.mov")})
     assert row[Col.STATUS] == STATUS_OK and row[Col.ERROR_REASON] is None and row[Col.ERROR_DETAIL] is None
     assert row[Col.VIDEO_ID] == "v1"
     assert row[Col.FRAMES].shape == (8, S, S, 3) and row[Col.FRAMES].dtype == np.uint8
@@ -537,7 +536,7 @@ def test_stage_ok_row():
 
 def test_stage_error_row_keeps_the_schema(hostile):
     stage = DecodeStage(cfg(), None)
-    row = stage({Col.VIDEO_URI: str(hostile / "text.mp4")})
+    row = stage.decode_row({Col.VIDEO_URI: str(hostile / "text.mp4")})
     assert row[Col.STATUS] == STATUS_ERROR and row[Col.ERROR_REASON] == ErrorReason.NOT_A_VIDEO
     assert type(row[Col.ERROR_REASON]) is str and "no known container signature" in row[Col.ERROR_DETAIL]
     assert row[Col.FRAMES].shape == (0, S, S, 3) and row[Col.FRAMES].dtype == np.uint8
@@ -547,7 +546,7 @@ def test_stage_error_row_keeps_the_schema(hostile):
 
 def test_stage_error_row_reports_what_the_probe_learned():
     stage = DecodeStage(cfg(max_duration_s=5.0), None)
-    row = stage({Col.VIDEO_URI: str(VIDEOS / "vllava_demo1.mp4")})
+    row = stage.decode_row({Col.VIDEO_URI: str(VIDEOS / "vllava_demo1.mp4")})
     assert row[Col.ERROR_REASON] == ErrorReason.TOO_LONG and "limit is 5 s" in row[Col.ERROR_DETAIL]
     assert row[Col.DURATION_S] == pytest.approx(9.72) and row[Col.WIDTH] == 640
 
@@ -556,28 +555,28 @@ def test_stage_passes_error_rows_through():
     stage = DecodeStage(cfg(), None)
     row = {Col.VIDEO_URI: str(VIDEOS / "vllava_demo1.mp4"), Col.STATUS: STATUS_ERROR,
            Col.ERROR_REASON: "read_failed", Col.ERROR_DETAIL: "listing: x"}
-    out = stage(row)
+    out = stage.decode_row(row)
     assert out[Col.STATUS] == STATUS_ERROR
     assert (out[Col.ERROR_REASON], out[Col.ERROR_DETAIL]) == ("read_failed", "listing: x")
     assert out[Col.FRAMES].shape == (0, S, S, 3)
 
 
 def test_stage_row_without_uri_is_an_error_row():
-    row = DecodeStage(cfg(), None)({Col.VIDEO_ID: "v"})
+    row = DecodeStage(cfg(), None).decode_row({Col.VIDEO_ID: "v"})
     assert row[Col.STATUS] == STATUS_ERROR and row[Col.ERROR_REASON] == ErrorReason.NOT_FOUND
     assert Col.VIDEO_URI in row[Col.ERROR_DETAIL]
 
 
 def test_stage_falls_back_to_the_other_backend():
     stage = DecodeStage(cfg(backend="decord"), None)
-    row = stage({Col.VIDEO_URI: str(VIDEOS / "webm_noduration_vp9_opus.webm")})
+    row = stage.decode_row({Col.VIDEO_URI: str(VIDEOS / "webm_noduration_vp9_opus.webm")})
     assert row[Col.STATUS] == STATUS_OK, row[Col.ERROR_DETAIL]
     assert row[Col.DECODE_BACKEND] == "pyav"
 
 
 def test_stage_timeout_becomes_an_error_row_after_retries_and_fallback():
     stage = DecodeStage(cfg(timeout_s=0.001, retries=1), None)
-    row = stage({Col.VIDEO_URI: str(VIDEOS / "long_room_139s.mp4")})
+    row = stage.decode_row({Col.VIDEO_URI: str(VIDEOS / "long_room_139s.mp4")})
     assert row[Col.STATUS] == STATUS_ERROR
     assert row[Col.ERROR_REASON] == ErrorReason.TIMEOUT
     detail = row[Col.ERROR_DETAIL]
@@ -586,6 +585,6 @@ def test_stage_timeout_becomes_an_error_row_after_retries_and_fallback():
 
 def test_a_reason_the_other_backend_would_repeat_stops_the_stage_at_once(hostile):
     # not_a_video is decided by the shared probe: decord is not tried after PyAV
-    row = DecodeStage(cfg(), None)({Col.VIDEO_URI: str(hostile / "random.mp4")})
+    row = DecodeStage(cfg(), None).decode_row({Col.VIDEO_URI: str(hostile / "random.mp4")})
     assert row[Col.ERROR_REASON] == ErrorReason.NOT_A_VIDEO and "decord" not in row[Col.ERROR_DETAIL]
     assert ErrorReason.NOT_A_VIDEO.same_for_every_backend and not ErrorReason.DECODE_FAILED.same_for_every_backend

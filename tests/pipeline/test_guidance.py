@@ -193,12 +193,10 @@ def test_prompt_selection_picks_the_frame_most_like_the_query(encoder, frames):
 # ---------------------------------------------------------------- the stage
 
 
-def test_stage_declares_columns_and_resources(tiny_dir):
+def test_stage_declares_columns(tiny_dir):
     cfg = _cfg(tiny_dir, num_cpus=0.5, num_gpus=0.25)
     stage = GuidanceStage(cfg)
     assert stage.device == torch.device("cpu")  # auto or cpu: no GPU here
-    assert (stage.num_cpus, stage.num_gpus) == (0.5, 0.25)
-    assert GuidanceStage.resources(cfg) == {"num_cpus": 0.5, "num_gpus": 0.25}
     assert Col.FRAMES in stage.reads and Col.QUESTIONS in stage.reads
     assert {Col.FRAME_EMBEDDINGS, Col.SELECTED_POSITIONS, Col.CLIP_MODEL, Col.GUIDANCE_S} <= set(stage.writes)
     assert Col.ROI_BOXES not in stage.writes
@@ -209,7 +207,7 @@ def test_stage_declares_columns_and_resources(tiny_dir):
 def test_stage_embeds_once_and_selects_uniformly(tiny_dir, encoder, frames):
     stage = GuidanceStage(_cfg(tiny_dir))
     questions = ["who wins?", "what are they wearing?"]
-    out = stage(_row(frames, questions))
+    out = stage([_row(frames, questions)])[0]
     assert out[Col.STATUS] == STATUS_OK and out[Col.ERROR_REASON] is None and out[Col.ERROR_DETAIL] is None
     emb = out[Col.FRAME_EMBEDDINGS]
     assert emb.shape == (NUM_FRAMES, D) and emb.dtype == np.float32
@@ -222,7 +220,7 @@ def test_stage_embeds_once_and_selects_uniformly(tiny_dir, encoder, frames):
     assert Col.ROI_BOXES not in out
     assert out[Col.FRAMES] is not None and out[Col.VIDEO_ID] == "armwrestling"  # the row travels on
     # Plain lists (not numpy object arrays) work the same.
-    plain = stage({**_row(frames, questions), Col.QUESTIONS: list(questions)})
+    plain = stage([{**_row(frames, questions), Col.QUESTIONS: list(questions)}])[0]
     np.testing.assert_array_equal(plain[Col.SELECTED_POSITIONS], pos)
 
 
@@ -231,7 +229,7 @@ def test_stage_prompt_selection_and_roi(tiny_dir, encoder, frames):
     cfg = GuidanceConfig.model_construct(**{**_cfg(tiny_dir).model_dump(), "selection": "prompt"})
     stage = GuidanceStage(cfg.model_copy(update={"roi_ratio": 0.8}))
     questions = ["two men arm wrestling", "a referee", "a scoreboard"]
-    out = stage(_row(frames, questions))
+    out = stage([_row(frames, questions)])[0]
     assert out[Col.STATUS] == STATUS_OK
     scores = frame_scores(encoder.encode_frames(frames), encoder.encode_text(questions))
     expected = np.stack([prompt_positions(s, 4) for s in scores])
@@ -244,11 +242,11 @@ def test_stage_prompt_selection_and_roi(tiny_dir, encoder, frames):
 
 def test_error_rows_pass_through_with_uniform_columns(tiny_dir, frames):
     stage = GuidanceStage(_cfg(tiny_dir).model_copy(update={"roi_ratio": 0.8}))
-    ok = stage(_row(frames, ["q one", "q two"]))
+    ok = stage([_row(frames, ["q one", "q two"])])[0]
     row = _row(frames[:0], ["q one", "q two"], status=STATUS_ERROR)
     row.update({Col.ERROR_REASON: "decode_failed", Col.ERROR_DETAIL: "corrupt"})
     row[Col.FRAMES] = None
-    err = stage(row)
+    err = stage([row])[0]
     assert err[Col.STATUS] == STATUS_ERROR and (err[Col.ERROR_REASON], err[Col.ERROR_DETAIL]) == ("decode_failed", "corrupt")
     assert err[Col.FRAME_EMBEDDINGS].shape == (0, D) and err[Col.FRAME_EMBEDDINGS].dtype == np.float32
     assert err[Col.SELECTED_POSITIONS].shape == (2, 0) and err[Col.SELECTED_POSITIONS].dtype == np.int64
@@ -261,17 +259,17 @@ def test_error_rows_pass_through_with_uniform_columns(tiny_dir, frames):
 
 def test_failure_inside_guidance_becomes_an_error_row(tiny_dir, frames):
     stage = GuidanceStage(_cfg(tiny_dir))
-    out = stage(_row(frames.astype(np.float32), ["who wins?"]))  # not uint8: the encoder refuses
+    out = stage([_row(frames.astype(np.float32), ["who wins?"])])[0]  # not uint8: the encoder refuses
     assert out[Col.STATUS] == STATUS_ERROR
     assert out[Col.ERROR_REASON] == "guidance_failed" and out[Col.ERROR_DETAIL].startswith("ValueError")
     assert out[Col.FRAME_EMBEDDINGS].shape == (0, D)
     assert out[Col.SELECTED_POSITIONS].shape == (1, 0)
     # The next video is unaffected.
-    assert stage(_row(frames, ["who wins?"]))[Col.STATUS] == STATUS_OK
+    assert stage([_row(frames, ["who wins?"])])[0][Col.STATUS] == STATUS_OK
 
 
 def test_no_questions_still_embeds_frames(tiny_dir, frames):
-    out = GuidanceStage(_cfg(tiny_dir))(_row(frames, []))
+    out = GuidanceStage(_cfg(tiny_dir))([_row(frames, [])])[0]
     assert out[Col.STATUS] == STATUS_OK
     assert out[Col.FRAME_EMBEDDINGS].shape == (NUM_FRAMES, D)
     assert out[Col.SELECTED_POSITIONS].shape == (0, 4)
@@ -288,7 +286,7 @@ def test_config_rejects_bad_guidance_options(tiny_dir):
 
 
 def test_frames_table_schema_and_values(tiny_dir, frames):
-    out = GuidanceStage(_cfg(tiny_dir))(_row(frames, ["who wins?"]))
+    out = GuidanceStage(_cfg(tiny_dir))([_row(frames, ["who wins?"])])[0]
     table = frames_table(out)
     assert table.schema.equals(frames_schema(D))
     assert table.num_rows == NUM_FRAMES
@@ -304,10 +302,10 @@ def test_frames_table_schema_and_values(tiny_dir, frames):
 
 def test_frames_table_for_error_rows_and_bad_rows(tiny_dir, frames):
     stage = GuidanceStage(_cfg(tiny_dir))
-    err = stage({**_row(frames[:0], ["q"], status=STATUS_ERROR), Col.FRAMES: None})
+    err = stage([{**_row(frames[:0], ["q"], status=STATUS_ERROR), Col.FRAMES: None}])[0]
     empty = frames_table(err)
     assert empty.num_rows == 0 and empty.schema.equals(frames_schema(D))
-    ok = stage(_row(frames, ["q"]))
+    ok = stage([_row(frames, ["q"])])[0]
     with pytest.raises(ValueError, match="frame indices"):
         frames_table({**ok, Col.FRAME_INDICES: ok[Col.FRAME_INDICES][:-1]})
 
@@ -315,11 +313,11 @@ def test_frames_table_for_error_rows_and_bad_rows(tiny_dir, frames):
 def test_video_scope_picks_one_selection_and_roi_for_all_questions(tiny_dir, encoder, frames):
     cfg = _cfg(tiny_dir).model_copy(update={"selection": "prompt", "selection_scope": "video", "roi_ratio": 0.8})
     questions = ["two men arm wrestling", "a referee", "a scoreboard"]
-    out = GuidanceStage(cfg)(_row(frames, questions))
+    out = GuidanceStage(cfg)([_row(frames, questions)])[0]
     scores = frame_scores(encoder.encode_frames(frames), encoder.encode_text(questions))
     expected = prompt_positions(scores.mean(0), 4)
     np.testing.assert_array_equal(out[Col.SELECTED_POSITIONS], np.stack([expected] * 3))
-    per_question = GuidanceStage(cfg.model_copy(update={"selection_scope": "question"}))(_row(frames, questions))
+    per_question = GuidanceStage(cfg.model_copy(update={"selection_scope": "question"}))([_row(frames, questions)])[0]
     assert len({tuple(p) for p in per_question[Col.SELECTED_POSITIONS].tolist()}) > 1  # the scope matters here
     boxes = out[Col.ROI_BOXES]
     assert boxes.shape == (3, 4) and (boxes == boxes[0]).all()
@@ -342,7 +340,7 @@ def test_videos_guided_together_match_one_at_a_time(tiny_dir, frames):
             _row(frames.astype(np.float32), ["who wins?"]),  # not uint8: fails, alone
             {**failed, Col.ERROR_REASON: "decode_failed", Col.ERROR_DETAIL: "corrupt", Col.FRAMES: None}, _row(frames[:3], [])]
     together = stage.guide_rows(rows)
-    alone = [stage(row) for row in rows]
+    alone = [stage([row])[0] for row in rows]
     assert [o[Col.STATUS] for o in together] == [STATUS_OK, STATUS_OK, STATUS_ERROR, STATUS_ERROR, STATUS_OK]
     assert together[2][Col.ERROR_REASON] == "guidance_failed" and together[2][Col.ERROR_DETAIL].startswith("ValueError")
     assert (together[3][Col.ERROR_REASON], together[3][Col.ERROR_DETAIL]) == ("decode_failed", "corrupt")
@@ -361,7 +359,7 @@ def test_clip_dtype_half_on_gpu_float32_on_cpu(tiny_dir, frames, encoder):
     assert clip_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
     stage = GuidanceStage(_cfg(tiny_dir, dtype="bfloat16"))
     assert next(stage.bundle.model.parameters()).dtype == torch.bfloat16
-    out = stage(_row(frames, ["who wins?"]))
+    out = stage([_row(frames, ["who wins?"])])[0]
     assert out[Col.FRAME_EMBEDDINGS].dtype == np.float32
     # bf16 keeps 8 bits of mantissa: close to float32, not equal
     np.testing.assert_allclose(out[Col.FRAME_EMBEDDINGS], encoder.encode_frames(frames), atol=5e-2)

@@ -73,7 +73,7 @@ def test_answers_and_frames_read_back_with_pyarrow_14_and_duckdb(tmp_path, old_p
     video = {Col.VIDEO_ID: "clips/a.mp4", Col.STATUS: STATUS_OK, Col.CLIP_MODEL: "tiny-clip",
              Col.FRAME_EMBEDDINGS: np.eye(4, 8, dtype=np.float32), Col.FRAME_INDICES: np.arange(4) * 3,
              Col.FRAME_TIMES_S: np.arange(4) * 0.25}
-    FramesWriter(cfg)(video)
+    FramesWriter(cfg).write_row(video)
     expected = {f"{p.parent.name}/{p.name}": pq.read_table(p).to_pylist()
                 for p in sorted((tmp_path / "out").glob("*/*.parquet"))}
     assert len(expected) == 2 and frames_table(video).num_rows == 4

@@ -79,12 +79,12 @@ def test_worker_and_actors_killed_mid_run(tmp_path, ray_local):
     run = Background(cfg)
 
     # a decode worker in the middle of a task (its title names the task while it runs)
-    decode_pid = wait_until(lambda: my_ray_processes("ray::Map(_decode_row)"), 120, what="a decode task")[0]
+    decode_pid = wait_until(lambda: my_ray_processes("ray::MapBatches(DecodeStage)"), 120, what="a decode task")[0]
     assert kill(decode_pid)
     # the guidance actor (which also writes frames) once it has written one video's frames
     wait_until(lambda: list((out / "frames").glob("*.parquet")) if (out / "frames").is_dir() else [], 120,
                what="the first frames file")
-    guide = alive_actor(ray_local, "_GuideThenWriteFrames")
+    guide = alive_actor(ray_local, "GuideThenWriteFrames")
     assert guide, "the guidance actor was gone before it could be killed"
     guide_id, guide_pid = guide
     assert kill(guide_pid)

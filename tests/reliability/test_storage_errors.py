@@ -81,7 +81,7 @@ def test_read_failed_is_retried_then_reported(monkeypatch):
     # in this process: the isolated child would not know the test's 'flaky' protocol
     monkeypatch.setattr(decode_stage.isolation, "run_isolated", lambda fn, *args, timeout_s, **kw: fn(*args, **kw))
     stage = DecodeStage(DecodeConfig(num_frames=8, frame_size=32, read_retries=2), {})
-    row = stage({Col.VIDEO_URI: f"flaky://{VIDEOS / 'kinetics_armwrestling.mp4'}"})
+    row = stage.decode_row({Col.VIDEO_URI: f"flaky://{VIDEOS / 'kinetics_armwrestling.mp4'}"})
     # three attempts with the first backend; the second backend reads the same storage: not tried
     assert row[Col.STATUS] == STATUS_ERROR and row[Col.ERROR_REASON] == ErrorReason.READ_FAILED
     assert "(x3)" in row[Col.ERROR_DETAIL] and "decord" not in row[Col.ERROR_DETAIL]

@@ -1,0 +1,87 @@
+"""The contract every pipeline stage declares, and the check that a chain of stages fits together.
+
+A stage is a class with one method, `__call__(rows) -> rows` (a batch of row dicts in, row dicts
+out; the sink alone takes and returns Arrow tables, see `BatchFormat`), plus class-level columns:
+`reads` (column -> why the stage needs it), `writes`, `optional_reads` and whether its output rows
+keep the columns they came in with (`keeps_input_columns`). The job's stages are listed, with their
+resources, as `StageSpec`s (pipeline/stages.py); `check_chain` verifies before any work that each
+stage's inputs are written by the source or an earlier stage, and the runner builds the Ray Data
+pipeline from the specs alone. Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+from pipeline.config import ConfigError
+from pipeline.resources import StageRequest
+
+# rows: the stage is called with a list of row dicts and returns one (the runner converts Ray
+# Data's batches). pyarrow: with the Arrow table Ray Data holds, for a stage that writes it as is.
+BatchFormat = Literal["rows", "pyarrow"]
+
+
+class StageContractError(ConfigError):
+    """A stage reads a column that neither the source nor an earlier stage writes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """One stage of the pipeline, everything the runner needs to run it.
+
+    stage: the callable class (actor stages: constructed once per actor; task stages: once per
+    batch, so it must be cheap to build). kwargs: its constructor arguments. request: CPUs, GPUs,
+    host memory and (actors) how many, from `pipeline.resources.stage_requests`. batch_size: rows
+    per call (None: whatever block Ray Data has). concurrent_calls: calls one actor runs at once,
+    each on its own thread (the stage then guards its own shared state). max_retries: a task
+    whose worker dies is retried this many times (actors are restarted by Ray Data instead).
+    """
+
+    name: str
+    stage: Callable[..., Any]
+    kwargs: Mapping[str, Any]
+    request: StageRequest
+    batch_size: int | None = 1
+    batch_format: BatchFormat = "rows"
+    concurrent_calls: int = 1
+    max_retries: int = 0
+
+    @property
+    def is_actor(self) -> bool:
+        return self.request.is_actor
+
+    @property
+    def reads(self) -> Mapping[str, str]:
+        return getattr(self.stage, "reads")
+
+    @property
+    def optional_reads(self) -> tuple[str, ...]:
+        return tuple(getattr(self.stage, "optional_reads", ()))
+
+    @property
+    def writes(self) -> tuple[str, ...]:
+        return tuple(getattr(self.stage, "writes"))
+
+    @property
+    def keeps_input_columns(self) -> bool:
+        return bool(getattr(self.stage, "keeps_input_columns", True))
+
+
+def check_chain(source_columns: tuple[str, ...], specs: list[StageSpec]) -> None:
+    """Raise StageContractError naming the stage and the column when a stage reads a column that
+    no earlier stage (or the source) writes, or when two stages share a name."""
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise StageContractError(f"stage names must be unique, got {names}")
+    available = {column: "the source" for column in source_columns}
+    for spec in specs:
+        for column, why in spec.reads.items():
+            if column not in available:
+                raise StageContractError(
+                    f"stage {spec.name!r} reads column {column!r} ({why}), which neither the source nor an "
+                    f"earlier stage ({', '.join(names[: names.index(spec.name)]) or 'none'}) writes")
+        if not spec.keeps_input_columns:
+            available = {}
+        available.update({column: spec.name for column in spec.writes})

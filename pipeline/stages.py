@@ -1,0 +1,87 @@
+"""The job's stages, in order, as `StageSpec`s: what each runs, reads, writes and asks Ray for.
+
+decode (CPU tasks) -> guidance (CLIP actors; they also write the frames table) -> answer
+(Video-LLM actors) -> answers sink (tasks). With `guidance.placement: answer_actor` guidance and
+answer are one actor stage. The runner (the only module that knows Ray) builds the pipeline from
+this list; `stage_contract.check_chain` checks it first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pipeline.answer import AnswerStage
+from pipeline.config import AnswerConfig, GuidanceConfig, JobConfig, OutputConfig
+from pipeline.decode import DecodeStage
+from pipeline.guidance import GuidanceStage
+from pipeline.resources import StageRequest
+from pipeline.schema import Col
+from pipeline.sink import AnswersWriter, FramesWriter
+from pipeline.stage_contract import StageSpec
+
+# What planning (runner.plan_work) puts in each row: one video and its pending questions.
+SOURCE_COLUMNS = (Col.VIDEO_ID, Col.VIDEO_URI, Col.SIZE_BYTES, Col.QUESTION_IDS, Col.QUESTIONS)
+
+DECODE_TASK_RETRIES = 2  # a decode task whose worker process dies (e.g. OOM-killed) is run again
+
+
+class GuideThenWriteFrames:
+    """The guidance actor: several videos per call (`guidance.videos_per_batch`), so the image
+    tower runs over all their frames in large batches; it also writes each video's frames table.
+    As a stage of its own the writer would start worker processes that import torch (for
+    `frames_table`) only to write a Parquet file, and move every video's embeddings once more."""
+
+    reads = GuidanceStage.reads
+    keeps_input_columns = True
+    writes = tuple(c for c in GuidanceStage.writes if c != Col.FRAME_EMBEDDINGS)  # written to frames/, dropped
+
+    def __init__(self, cfg: GuidanceConfig, output: OutputConfig):
+        self.guide = GuidanceStage(cfg)
+        self.frames = FramesWriter(output)
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        return self.frames(self.guide(rows))
+
+
+class GuideThenAnswer:
+    """`guidance.placement: answer_actor`: one actor per GPU runs CLIP and the Video-LLM. CLIP
+    takes the answer stage's device lock, so it never competes with the Video-LLM for the GPU;
+    with several videos in flight one video's CLIP pass waits while another is answered."""
+
+    reads = {**GuidanceStage.reads, **{c: why for c, why in AnswerStage.reads.items() if c not in GuidanceStage.writes}}
+    keeps_input_columns = False
+    writes = AnswerStage.writes
+
+    def __init__(self, guidance: GuidanceConfig, output: OutputConfig, answer: AnswerConfig, run_id: str):
+        self.answer = AnswerStage(answer, run_id)
+        self.guide = GuidanceStage(guidance)
+        self.frames = FramesWriter(output)
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        with self.answer.device_lock:
+            guided = self.guide(rows)
+        return self.answer(self.frames(guided))
+
+
+def job_stages(cfg: JobConfig, run_id: str, requests: dict[str, StageRequest]) -> list[StageSpec]:
+    """The stages of `cfg`'s job with the resources in `requests` (pipeline.resources.stage_requests)."""
+    in_flight = cfg.answer.videos_in_flight
+    decode = StageSpec("decode", DecodeStage, {"cfg": cfg.decode, "storage": cfg.input.storage}, requests["decode"],
+                       max_retries=DECODE_TASK_RETRIES)
+    sink = StageSpec(
+        "answers_sink", AnswersWriter,
+        # rows of these pairs may exist already (retried errors, or resume off): replace them
+        {"output": cfg.output, "run_id": run_id,
+         "supersede": bool(cfg.output.retry_reasons()) or not cfg.output.resume},
+        requests["sink"], batch_size=None, batch_format="pyarrow")
+    if cfg.guidance.placement == "answer_actor":
+        answer = StageSpec("guidance_and_answer", GuideThenAnswer,
+                           {"guidance": cfg.guidance, "output": cfg.output, "answer": cfg.answer, "run_id": run_id},
+                           requests["answer"], concurrent_calls=in_flight)
+        return [decode, answer, sink]
+    guidance = StageSpec("guidance", GuideThenWriteFrames, {"cfg": cfg.guidance, "output": cfg.output},
+                         requests["guidance"], batch_size=cfg.guidance.videos_per_batch)
+    answer = StageSpec("answer", AnswerStage, {"cfg": cfg.answer, "run_id": run_id}, requests["answer"],
+                       concurrent_calls=in_flight)
+    return [decode, guidance, answer, sink]
