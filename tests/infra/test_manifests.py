@@ -1,7 +1,7 @@
 """The deployment files in infra/: KubeRay manifests, job configs, image recipe, cluster launcher.
 
 Every manifest under infra/kuberay is validated against the openAPIV3Schema of the KubeRay v1.7.0
-CRD serving its apiVersion/kind (../shared/schemas/kuberay; those tests skip when it is absent).
+CRD serving its apiVersion/kind (KubeRay's files, gzipped, in tests/infra/kuberay-crds).
 The API server prunes or, under strict field validation, rejects unknown fields, while a CRD schema
 read as JSON Schema allows them; objects with declared properties are therefore closed here, so a
 misspelt field fails like it would on `kubectl apply`. CEL rules (x-kubernetes-validations) and
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gzip
 import importlib.util
 import json
 import math
@@ -36,7 +37,7 @@ INFRA = REPO / "infra"
 KUBERAY = INFRA / "kuberay"
 LAUNCHER = INFRA / "cluster-launcher.yaml"
 DOCKERFILE = INFRA / "Dockerfile"
-CRD_DIR = REPO.parent / "shared" / "schemas" / "kuberay"
+CRD_DIR = REPO / "tests" / "infra" / "kuberay-crds"
 GPU = "nvidia.com/gpu"
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are 3 MB of YAML
@@ -142,8 +143,8 @@ CORE_SCHEMAS = {
 def crd_validators() -> dict[tuple[str, str], jsonschema.Draft7Validator]:
     """(apiVersion, kind) -> validator for every served version of every CRD in CRD_DIR."""
     out = {}
-    for path in sorted(CRD_DIR.glob("*.yaml")):
-        crd = yaml.load(path.read_text(), Loader=_Loader)
+    for path in sorted(CRD_DIR.glob("*.yaml.gz")):
+        crd = yaml.load(gzip.decompress(path.read_bytes()).decode(), Loader=_Loader)
         if crd.get("kind") != "CustomResourceDefinition":
             continue
         group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
@@ -156,8 +157,6 @@ def crd_validators() -> dict[tuple[str, str], jsonschema.Draft7Validator]:
 
 @pytest.fixture(scope="module")
 def crds():
-    if not CRD_DIR.is_dir():
-        pytest.skip(f"KubeRay CRD schemas not found at {CRD_DIR}")
     validators = crd_validators()
     assert validators, f"no CRDs read from {CRD_DIR}"
     return validators
