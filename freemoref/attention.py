@@ -1,4 +1,4 @@
-"""MoRef attention (DESIGN.md section 3): causal attention on N reference rows, then a gated mix of
+"""MoRef attention (docs/DESIGN.md section 3): causal attention on N reference rows, then a gated mix of
 the question tokens' outputs, so question hidden states stay identical across rows.
 
 Registered in transformers as attention implementation "moref" (with `sdpa_mask` as its mask
@@ -149,7 +149,7 @@ def question_attention(q, rows_k, rows_v, rows_real, own_k, own_v, own_real, q_s
 
     R = 1 is plain attention. R > 1 is MoRef attention below the fusion layer: each row's output,
     then the mix O = sum_i w_i O_i with w = gate(m), m (R, B, H, M) the max over row i's visual
-    keys (slots `vis`) of the softmax over those keys (DESIGN.md section 3). Returns (B, M, H, D).
+    keys (slots `vis`) of the softmax over those keys (docs/DESIGN.md section 3). Returns (B, M, H, D).
     It holds R * B * H * M * (T0 + Tk) float32 scores: callers split B by `questions_per_call`."""
     b, h, mq, d = q.shape
     r, hkv, t0, _ = rows_k.shape

@@ -1,4 +1,4 @@
-"""FLOP accounting for one answer (DESIGN.md section 3, "FLOPs").
+"""FLOP accounting for one answer (docs/DESIGN.md section 3, "FLOPs").
 
 Two measures:
 

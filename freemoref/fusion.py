@@ -1,4 +1,4 @@
-"""Reference fusion at layer L (DESIGN.md section 3): keep each row's most attended visual tokens and
+"""Reference fusion at layer L (docs/DESIGN.md section 3): keep each row's most attended visual tokens and
 merge the survivors of all rows, in original time order, into one sequence."""
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 `load_clip` is the one loading path for every source: a built-in open_clip name with a pretrained
 tag or weights file (`ViT-L-14-336-quickgelu` + `openai`), a hub id (`hf-hub:org/name`), or a local
 directory in open_clip's own layout (`open_clip_config.json` + weights). `build_tiny_clip` writes
-such a directory, so tests run the real loader without network access (DESIGN.md section 6).
+such a directory, so tests run the real loader without network access (docs/DESIGN.md section 6).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Guidance stage: CLIP frame embeddings, per-question frame selection and RoI (DESIGN.md section 4).
+"""Guidance stage: CLIP frame embeddings, per-question frame selection and RoI (docs/DESIGN.md section 4).
 
 Per video, every candidate frame is embedded once (CLS path, projected, L2-normalised) and the
 embeddings are reused by all of the video's questions; they also feed the `frames` table for text
