@@ -25,14 +25,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
-import os
 import platform
 import statistics
 import sys
 import time
 import types
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -41,8 +40,11 @@ import transformers  # noqa: E402
 from transformers import LlavaOnevisionConfig, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig  # noqa: E402
 
 from freemoref import flops, layouts  # noqa: E402
-from freemoref.config import MoRefConfig, ResolvedMoRef  # noqa: E402
-from freemoref.config import GenerationOptions  # noqa: E402
+from freemoref.config import (  # noqa: E402
+    GenerationOptions,  # noqa: E402
+    MoRefConfig,
+    ResolvedMoRef,
+)
 from freemoref.engine import moref_generate  # noqa: E402
 from freemoref.partition import partition_frames  # noqa: E402
 
@@ -177,7 +179,7 @@ def sdpa_backend_check(config, device, dtype, frames: int = 512, repeats: int = 
     rows, length = frames // 64, SYSTEM_TOKENS + 64 * layouts.tokens_per_frame(config, LAYOUT)
     q = torch.randn(rows, t.num_attention_heads, length, head_dim, device=device, dtype=dtype)
     k = torch.randn(rows, t.num_key_value_heads, length, head_dim, device=device, dtype=dtype)
-    result = {"rows": rows, "row_tokens": length, "kernels": {}}
+    result: dict[str, Any] = {"rows": rows, "row_tokens": length, "kernels": {}}
     for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
         try:
             with sdpa_kernel([backend]):
@@ -264,7 +266,7 @@ def estimate_native_gib(config, tokens: int, weights_bytes: int, dtype_bytes: in
 
 def flop_stats(config, frames: int, tokens_per_frame: int, cfg: ResolvedMoRef, new_tokens: int) -> dict:
     n, layer, keep = cfg.references, cfg.fusion_layer, cfg.keep_ratio
-    kwargs = dict(frames=frames, visual_tokens_per_frame=tokens_per_frame,
+    kwargs: dict[str, Any] = dict(frames=frames, visual_tokens_per_frame=tokens_per_frame,
                   text_tokens=SYSTEM_TOKENS + QUESTION_TOKENS, prefix_tokens=SYSTEM_TOKENS,
                   references=n, fusion_layer=layer, keep_ratio=keep)
     total, native = flops.answer_flops(config, output_tokens=new_tokens, **kwargs)
@@ -306,7 +308,8 @@ def run_case(case: dict, lm, config, device, args, weights_bytes: int) -> dict:
         free(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        prefill, decode, tokens = [], [], None
+        prefill, decode = [], []
+        tokens: Any = None  # the last run's generated tokens
         for i in range(1 + args.repeats):
             if mode == "native-hf":
                 p, d, tokens = native_hf_run(lm, prompt, args.new_tokens)

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-
 from bench_moref import GIB, Prompt, build_decoder, free, model_config, sync, timed  # noqa: E402
+
 from freemoref import layouts  # noqa: E402
 from freemoref.config import GenerationOptions, MoRefConfig, ResolvedMoRef  # noqa: E402
 from freemoref.engine import MoRefEngine, generate_answers  # noqa: E402

@@ -34,6 +34,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -166,8 +167,8 @@ def main() -> int:
     out = Path(args.out)
     work = Path(args.work) if args.work else out / "work"
     out.mkdir(parents=True, exist_ok=True)
-    result = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    result: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, load avg at start {os.getloadavg()[0]:.1f}",
         "dim": DIM, "frames_per_video": FRAMES_PER_VIDEO, "min_score": MIN_SCORE, "scales": [],
     }

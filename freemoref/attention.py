@@ -182,7 +182,9 @@ def _flash_attend(query, key, value, key_real, scaling, varlen=None) -> torch.Te
     the rotary q/k), causal with bottom-right alignment, which is right because the queries are the
     last real slots of their row. `varlen` defaults to flash_attn.flash_attn_varlen_func."""
     if varlen is None:
-        from flash_attn import flash_attn_varlen_func as varlen
+        from flash_attn import flash_attn_varlen_func
+
+        varlen = flash_attn_varlen_func
     b, h, tq, d = query.shape
     q_real = key_real[:, key.shape[2] - tq:]
     cu = lambda real: F.pad(real.sum(1).cumsum(0), (1, 0)).to(torch.int32)  # noqa: E731

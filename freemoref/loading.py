@@ -65,8 +65,9 @@ def load_video_llm(model: str | os.PathLike, *, dtype: str | torch.dtype = "auto
     else "onevision", the HF default. `trust_remote_code` is passed through to transformers.
     `prompt_template` names the prompt format (freemoref.prompts.PROMPT_TEMPLATES).
     """
-    from freemoref.prompts import PROMPT_TEMPLATES
     from transformers import AutoConfig, AutoProcessor, LlavaOnevisionForConditionalGeneration
+
+    from freemoref.prompts import PROMPT_TEMPLATES
 
     if prompt_template not in PROMPT_TEMPLATES:
         raise ValueError(f"unknown prompt template {prompt_template!r}; expected one of {sorted(PROMPT_TEMPLATES)}")

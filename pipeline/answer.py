@@ -58,7 +58,7 @@ class AnswerStage:
             temperature=cfg.temperature,
             top_p=cfg.top_p,
             seed=cfg.seed,
-            stop_strings=list(cfg.stop_strings),
+            stop_strings=tuple(cfg.stop_strings),
         )
         # The job config's MoRef options carry the library's field names one to one.
         self.moref = MoRefConfig(**cfg.moref.model_dump()) if cfg.moref.enabled else None
@@ -116,8 +116,8 @@ class AnswerStage:
         # Questions with the same frames and RoI share the video prefix's prefill (one group per
         # question unless guidance.selection_scope is "video" or the selections coincide).
         groups: dict[tuple, list[int]] = {}
-        for q in range(len(rows)):
-            groups.setdefault((tuple(per_question[q].tolist()), None if rois[q] is None else tuple(rois[q])), []).append(q)
+        for q, roi in enumerate(rois):
+            groups.setdefault((tuple(per_question[q].tolist()), None if roi is None else tuple(roi)), []).append(q)
         for members in groups.values():
             positions, roi = per_question[members[0]], rois[members[0]]
             try:

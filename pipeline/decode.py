@@ -47,7 +47,6 @@ below (`REASONS`).
 from __future__ import annotations
 
 import collections
-
 import contextlib
 import dataclasses
 import math
@@ -56,8 +55,9 @@ import pathlib
 import struct
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, cast
 
 import av
 import fsspec
@@ -322,7 +322,7 @@ def open_source(
         except Exception as exc:  # noqa: BLE001
             raise _storage_error(uri, exc) from None
         with f:
-            yield StorageFile(f)
+            yield cast(BinaryIO, StorageFile(f))  # file-like: the read/seek/tell/size that PyAV and decord use
 
 
 def _check_size(size: int, max_bytes: int) -> None:
@@ -403,7 +403,7 @@ def _diagnose_mp4(file: str | BinaryIO) -> DecodeError:
     size = _file_size(file)
     if size is None:
         return DecodeError(UNREADABLE_CONTAINER, "mp4 container cannot be parsed")
-    pos, seen = 0, []
+    pos, seen = 0, list[bytes]()
     while pos + 8 <= size and len(seen) < _MAX_BOX_WALK:
         box_size, box_type = struct.unpack(">I4s", _read_at(file, pos, 8))
         if box_size == 1:
@@ -933,6 +933,7 @@ def _ends_early(result: _ReadResult, targets: np.ndarray, info: VideoInfo) -> bo
 
 
 def _raise_if_cut_short(src: str | BinaryIO, result: _ReadResult, info: VideoInfo) -> None:
+    assert result.ended_s is not None  # called only when _ends_early, which needs it
     if result.errors:
         raise DecodeError(
             DECODE_FAILED,
@@ -964,7 +965,7 @@ def decode_video(
             info = impl.probe(src, Limits.from_config(cfg))
             targets = sample_times(info.duration_s, cfg)
             result = impl.read(src, targets, info)
-            if _ends_early(result, targets, info):
+            if _ends_early(result, targets, info) and result.ended_s is not None:  # (_ends_early checks it)
                 # Either data is missing, or the container's duration covers a longer audio or
                 # subtitle stream: then sample the video's own span (a second pass, rare).
                 _raise_if_cut_short(src, result, info)

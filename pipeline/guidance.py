@@ -23,9 +23,9 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
+from freemoref.loading import resolve_device
 from pipeline.clip_models import ClipBundle, load_clip
 from pipeline.config import GuidanceConfig
-from freemoref.loading import resolve_device
 from pipeline.schema import STATUS_ERROR, STATUS_OK, Col, as_list, frames_schema
 
 logger = logging.getLogger(__name__)
@@ -153,19 +153,19 @@ class FrameEncoder:
                     pooled, patches = self._forward_with_patches(x)
                 else:
                     pooled, patches = self.bundle.model.encode_image(x), None
-                pooled = _normalised(pooled)
+                pooled_np = _normalised(pooled)
                 offset = 0
                 for v, lo, hi in segments:
                     n = hi - lo
-                    embeddings[v].append(pooled[offset : offset + n])
-                    if texts[v] is not None:
+                    embeddings[v].append(pooled_np[offset : offset + n])
+                    if texts[v] is not None and patches is not None:  # patches come with every text
                         part = F.normalize(patches[offset : offset + n].float(), dim=-1)  # (n, P, D)
                         s = torch.einsum("bpd,qd->qbp", part, texts[v])
                         scores[v].append(s.reshape(len(texts[v]), n, gh, gw).cpu().numpy())
                     offset += n
         return [
-            FrameEncoding(np.concatenate(embeddings[v]), None if scores[v] is None else np.concatenate(scores[v], axis=1))
-            for v in range(len(videos))
+            FrameEncoding(np.concatenate(emb), None if sc is None else np.concatenate(sc, axis=1))
+            for emb, sc in zip(embeddings, scores)
         ]
 
     def _vit(self):
@@ -307,7 +307,7 @@ def select_frames(
         return np.tile(uniform_positions(num_frames, k), (num_questions, 1)).reshape(num_questions, k)
     if scores is None or np.shape(scores) != (num_questions, num_frames):
         expected = (num_questions, num_frames)
-        raise ValueError(f"{method} selection needs scores of shape {expected}, got {np.shape(scores)}")
+        raise ValueError(f"{method} selection needs scores of shape {expected}, got {None if scores is None else np.shape(scores)}")
     pick = prompt_positions if method == "prompt" else lambda s, n: mix_positions(s, n, prompt_fraction)
     out = np.zeros((num_questions, k), np.int64)
     for q in range(num_questions):
@@ -453,7 +453,7 @@ class GuidanceStage:
         all_text = self.encoder.encode_text(asked) if asked else None
         texts, used = [], 0
         for qs, need in zip(questions, need_text):
-            texts.append(all_text[used : used + len(qs)] if need else None)
+            texts.append(all_text[used : used + len(qs)] if need and all_text is not None else None)
             used += len(qs) if need else 0
         encodings = self.encoder.encode_videos(videos, texts if self.roi_ratio is not None else [None] * len(videos))
         results = []

@@ -24,6 +24,8 @@ import math
 import pathlib
 import re
 import tomllib
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import yaml
@@ -140,7 +142,7 @@ CORE_SCHEMAS = {
 
 
 @functools.cache
-def crd_validators() -> dict[tuple[str, str], jsonschema.Draft7Validator]:
+def crd_validators() -> dict[tuple[str, str], Any]:  # values: jsonschema.Draft7Validator
     """(apiVersion, kind) -> validator for every served version of every CRD in CRD_DIR."""
     out = {}
     for path in sorted(CRD_DIR.glob("*.yaml.gz")):
@@ -174,8 +176,8 @@ def schema_errors(doc: dict, crds: dict) -> list[str]:
     name = str((doc.get("metadata") or {}).get("name", ""))
     if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name):
         errors.append(f"$.metadata.name: {name!r} is not a DNS-1035 label (KubeRay requires one)")
-    if len(name) > NAME_LIMITS.get(key[1], 63):
-        errors.append(f"$.metadata.name: {name!r} is longer than {NAME_LIMITS.get(key[1], 63)}")
+    if len(name) > NAME_LIMITS.get(key[1] or "", 63):
+        errors.append(f"$.metadata.name: {name!r} is longer than {NAME_LIMITS.get(key[1] or '', 63)}")
     return errors
 
 
@@ -197,9 +199,9 @@ def test_manifest_matches_its_schema(name, crds):
     assert schema_errors(doc, crds) == []
 
 
-def _parts(path: str | list) -> list:
+def _parts(path: str | Sequence) -> list:
     """'a.0.b' or ['a', 0, 'b'] (a list where a key has dots of its own, like nvidia.com/gpu)."""
-    return path if isinstance(path, list) else [int(p) if p.isdigit() else p for p in path.split(".")]
+    return list(path) if not isinstance(path, str) else [int(p) if p.isdigit() else p for p in path.split(".")]
 
 
 def _get(doc, path: str | list):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import fractions
 import os
 import pathlib
+from typing import Any
 
 import av
 import numpy as np
@@ -36,7 +37,6 @@ from pipeline.decode import (
     sample_times,
 )
 from pipeline.schema import STATUS_ERROR, STATUS_OK, Col
-
 from tests.media import make_audio_only, make_clip
 from tests.paths import available, manifest, video_or_none
 from tests.paths import video as real_video
@@ -57,7 +57,7 @@ def needs_extra(name: str):
 
 
 def cfg(**overrides) -> DecodeConfig:
-    base = {"frame_size": S, "num_frames": 8, "num_cpus": 1}
+    base: dict[str, Any] = {"frame_size": S, "num_frames": 8, "num_cpus": 1}
     base.update(overrides)
     return DecodeConfig(**base)
 

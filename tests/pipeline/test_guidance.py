@@ -14,7 +14,6 @@ from PIL import Image
 
 from pipeline.clip_models import build_tiny_clip, load_clip
 from pipeline.config import GuidanceConfig
-from tests.paths import DEMO_VIDEOS
 from pipeline.guidance import (
     FrameEncoder,
     GuidanceStage,
@@ -30,6 +29,7 @@ from pipeline.guidance import (
     uniform_positions,
 )
 from pipeline.schema import STATUS_ERROR, STATUS_OK, Col, frames_schema
+from tests.paths import DEMO_VIDEOS
 
 VIDEO = str(DEMO_VIDEOS / "kinetics_armwrestling.mp4")
 NUM_FRAMES = 8

@@ -17,20 +17,19 @@ import uuid
 import pytest
 import yaml
 
+from tests.paths import video
 from tests.reliability.helpers import (
     PROMPTS,
-    VIDEOS,
     assert_exactly_once,
     job,
     job_dict,
     kill,
-    needs_videos,
     process_group,
     rows_of,
     wait_until,
 )
 
-pytestmark = [pytest.mark.slow, needs_videos]
+pytestmark = pytest.mark.slow
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
@@ -58,7 +57,7 @@ def test_driver_killed_then_rerun_completes_exactly_once(tmp_path, s3_bucket):
     fs, bucket, options = s3_bucket
     ids = [f"clip{i}.mp4" for i in range(16)]
     for vid in ids:
-        fs.put_file(str(VIDEOS / "kinetics_armwrestling.mp4"), f"{bucket}/in/{vid}")
+        fs.put_file(str(video("kinetics_armwrestling.mp4")), f"{bucket}/in/{vid}")
     uris = [f"s3://{bucket}/in/{v}" for v in ids + ["missing.mp4"]]
     fs.pipe(f"{bucket}/in/manifest.jsonl", "".join(json.dumps({"video_uri": u}) + "\n" for u in uris).encode())
     key, secret = f"AKID{uuid.uuid4().hex[:12].upper()}", f"secret-{uuid.uuid4().hex}"
