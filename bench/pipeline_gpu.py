@@ -350,7 +350,8 @@ def run_case(args, models: dict, work: Path, gpus: int, frames: int, limit_s: fl
     if not args.tiny:  # never on a shared CPU machine: `ray stop` ends every Ray there
         stop_local_ray(env)
     case["wall_s"] = end - start
-    stats: dict[str, Any] = answers_stats(out) if (out / "answers").exists() else {"completions": [], "pairs": 0, "ok_pairs": 0}
+    no_answers = {"completions": [], "pairs": 0, "ok_pairs": 0}
+    stats: dict[str, Any] = answers_stats(out) if (out / "answers").exists() else no_answers
     completions = stats.pop("completions")
     case.update(stats)
     videos = len(completions)
@@ -405,7 +406,8 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {c['gpus']} | {c['frames']} | {c.get('videos', '-')} | {c.get('pairs', '-')} "
             f"| {_fmt(c.get('wall_s'), '.0f')} | {_fmt(c.get('videos_per_gpu_hour'), '.0f')} "
-            f"| {_fmt(c.get('questions_per_gpu_hour'), '.0f')} | {_fmt(c.get('end_to_end_videos_per_gpu_hour'), '.0f')} "
+            f"| {_fmt(c.get('questions_per_gpu_hour'), '.0f')} "
+            f"| {_fmt(c.get('end_to_end_videos_per_gpu_hour'), '.0f')} "
             f"| {'-' if busy is None else f'{100 * busy:.0f}%'} | {_fmt(c.get('peak_gib'), '.1f')} "
             f"| {_fmt(c.get('median_decode_s'), '.2f')} | {_fmt(c.get('median_guidance_s'), '.2f')} "
             f"| {_fmt(c.get('clip_frames_per_s'), '.0f')} | {_fmt(c.get('median_prefill_s'), '.2f')} "

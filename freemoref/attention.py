@@ -187,7 +187,7 @@ def _flash_attend(query, key, value, key_real, scaling, varlen=None) -> torch.Te
         varlen = flash_attn_varlen_func
     b, h, tq, d = query.shape
     q_real = key_real[:, key.shape[2] - tq:]
-    cu = lambda real: F.pad(real.sum(1).cumsum(0), (1, 0)).to(torch.int32)  # noqa: E731
+    cu = lambda real: F.pad(real.sum(1).cumsum(0), (1, 0)).to(torch.int32)  # noqa: E731 - cumulative lengths, used twice below
     o = varlen(
         query.transpose(1, 2)[q_real], key.transpose(1, 2)[key_real], value.transpose(1, 2)[key_real],
         cu(q_real), cu(key_real), int(q_real.sum(1).max()), int(key_real.sum(1).max()),
@@ -233,7 +233,8 @@ def gate_weights(q_ques, k_vis, scaling: float, granularity: str = "chunk", vis_
 def _gate(m, granularity: str, block: int, carry):
     """`gate_mix_weights` for one question: m (N, H, T) -> weights (N, H or 1, T), running max."""
     w, running = gate_mix_weights(m[:, None], granularity, torch.tensor([block], device=m.device),
-                                  None if carry is None else carry[:, None], torch.tensor([m.shape[-1]], device=m.device))
+                                  None if carry is None else carry[:, None],
+                                  torch.tensor([m.shape[-1]], device=m.device))
     return w[:, 0], None if running is None else running[:, 0]
 
 

@@ -235,7 +235,7 @@ class QuestionBatch:
         if min(q.shape[0] for q in questions) < 1:
             raise ValueError("the suffix (question) must hold at least one token")
         self.engine, self.video = engine, video
-        device, cfg = questions[0].device, engine.cfg
+        device = questions[0].device
         b, qm, d = len(questions), max(q.shape[0] for q in questions), questions[0].shape[-1]
         self.size, self.qmax, self.max_new, self.generated = b, qm, max_new_tokens, 0
         self.q_len = torch.tensor([q.shape[0] for q in questions], device=device)

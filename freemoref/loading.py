@@ -50,7 +50,8 @@ def _check_local_checkpoint(path: Path) -> None:
     if model_type != "llava_onevision":
         hint = ""
         if "mm_projector_type" in config:
-            hint = " It looks like a LLaVA-NeXT checkpoint: convert it with freemoref.convert.convert_llava_next_checkpoint."
+            hint = (" It looks like a LLaVA-NeXT checkpoint: convert it with"
+                    " freemoref.convert.convert_llava_next_checkpoint.")
         raise ValueError(f"{path} is not a LlavaOnevision checkpoint (model_type={model_type!r}).{hint}")
 
 

@@ -1,8 +1,8 @@
 """The answer stage: a Video-LLM actor that answers every question of one video.
 
 Vision features are computed once per video; questions that picked the same frames and RoI (from
-guidance) are answered together, sharing the video prefix's prefill (Free-MoRef or native). Every question yields exactly one answers
-row: 'ok' with the answer and statistics, or 'error' with a reason.
+guidance) are answered together, sharing the video prefix's prefill (Free-MoRef or native). Every
+question yields exactly one answers row: 'ok' with the answer and statistics, or 'error' with a reason.
 """
 
 from __future__ import annotations

@@ -313,13 +313,13 @@ def open_source(
                 with fs.open(path, "rb") as src, open(local, "wb") as dst:
                     # bounded: never write more than the size limit, whatever the stream delivers
                     _copy_bounded(src, dst, max_bytes)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - every storage failure becomes a precise reason
                 raise _storage_error(uri, exc) from None
             yield local
     else:
         try:
             f = fs.open(path, "rb", cache_type="readahead", block_size=1 << 20)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - every storage failure becomes a precise reason
             raise _storage_error(uri, exc) from None
         with f:
             yield cast(BinaryIO, StorageFile(f))  # file-like: the read/seek/tell/size that PyAV and decord use

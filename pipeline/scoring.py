@@ -196,7 +196,8 @@ def _spend_rows(spends: list[dict]) -> list[list[str]]:
     fields = (("answers", "answers", "{:,}"), ("prompt tokens", "prompt_tokens", "{:,}"),
               ("output tokens", "output_tokens", "{:,}"), ("visual tokens used", "visual_tokens_used", "{:,}"),
               ("total FLOPs", "total_flops", "{:.3e}"), ("total FLOPs native", "total_flops_native", "{:.3e}"),
-              ("mean attention FLOPs ratio", "mean_attn_flops_ratio", "{:.3f}"), ("mean frames", "mean_frames", "{:.1f}"))
+              ("mean attention FLOPs ratio", "mean_attn_flops_ratio", "{:.3f}"),
+              ("mean frames", "mean_frames", "{:.1f}"))
     return [[f"  {label}", *("-" if s[key] is None else fmt.format(s[key]) for s in spends)]
             for label, key, fmt in fields]
 

@@ -426,7 +426,7 @@ def fit_problems(cfg, spec: dict) -> list[str]:
         reverse=True,
     )
     gpu_groups = [g for g in groups if g[2] > 0]
-    for name, cpus, gpus, max_pods in gpu_groups:  # first-fit decreasing into one GPU group
+    for _name, cpus, gpus, max_pods in gpu_groups:  # first-fit decreasing into one GPU group
         pods: list[list[float]] = []
         placed = True
         for need_gpu, need_cpu in (a for a in actors if a[0] > 0):

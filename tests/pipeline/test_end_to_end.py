@@ -94,7 +94,8 @@ def check_tables(store: OutputStore, expected_pairs: set, n_error_pairs: int):
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-4)
     # the answers' frame times are the frames table's times for that video
     ok = next(r for r in rows if r["status"] == "ok" and r["video_id"] == GOOD[0])
-    ftimes = sorted(t for v, t in zip(frames.column("video_id").to_pylist(), frames.column("time_s").to_pylist()) if v == GOOD[0])
+    video_times = zip(frames.column("video_id").to_pylist(), frames.column("time_s").to_pylist())
+    ftimes = sorted(t for v, t in video_times if v == GOOD[0])
     np.testing.assert_allclose(sorted(ok["frame_times_s"]), ftimes)
 
 

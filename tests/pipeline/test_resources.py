@@ -83,7 +83,8 @@ def test_answer_concurrency_auto_is_one_actor_per_gpu_share(tmp_path):
     beside_clip = requests(tmp_path, cluster_gpus=2, answer={**auto, "num_gpus": 0.8}, guidance={"num_gpus": 0.2})
     assert beside_clip["answer"].count == 2
     place(beside_clip, {"cpus": 8, "gpus": 2, "memory_gib": 128, "max_nodes": 1})
-    assert requests(tmp_path, cluster_gpus=8, answer={**auto, "num_gpus": 0.5}, guidance=no_clip_gpu)["answer"].count == 16
+    half_gpu = requests(tmp_path, cluster_gpus=8, answer={**auto, "num_gpus": 0.5}, guidance=no_clip_gpu)
+    assert half_gpu["answer"].count == 16
     assert requests(tmp_path, cluster_gpus=0, answer=auto)["answer"].count == 1
     cpu_only = requests(tmp_path, gpus_usable=False, cluster_gpus=0, answer=auto)["answer"]
     assert (cpu_only.count, cpu_only.gpus) == (1, 0.0)

@@ -35,7 +35,8 @@ def write_run(path, run_id, answers, frames, references, flops):
         video = next((q.video_id for q in QUESTIONS if q.question_id == qid), "v9.mp4")
         row.update(run_id=run_id, video_id=video, video_uri=f"/data/{video}", question_id=qid, question="Who?",
                    model="tiny", status="ok" if text else "error", answer=text,
-                   error=None if text else "not_found: /data/v2.mp4", frame_indices=list(range(frames)) if text else None,
+                   error=None if text else "not_found: /data/v2.mp4",
+                   frame_indices=list(range(frames)) if text else None,
                    references=references, prompt_tokens=100 * frames, output_tokens=3, visual_tokens_used=10 * frames,
                    total_flops=flops, total_flops_native=4 * flops if references > 1 else flops,
                    attn_flops_ratio=(frames / 64) ** 2 if references == 1 else 1.643)

@@ -179,7 +179,8 @@ def clustered_archive(output: str, videos: int, frames: int, dim: int, seed: int
     store = OutputStore(OutputConfig(path=output))
     for v in range(videos):
         base = topics[v % len(topics)] + 0.5 * rng.standard_normal(dim)
-        emb = base + np.cumsum(0.1 * rng.standard_normal((frames, dim)), axis=0) + 0.5 * rng.standard_normal((frames, dim))
+        drift = np.cumsum(0.1 * rng.standard_normal((frames, dim)), axis=0)
+        emb = base + drift + 0.5 * rng.standard_normal((frames, dim))
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
         vid = f"v{v:03d}"
         store.write_table(frames_table(vid, np.arange(frames) * 0.5, emb.astype(np.float32)),

@@ -106,7 +106,8 @@ def test_driver_killed_then_rerun_completes_exactly_once(tmp_path, s3_bucket):
     assert {(r["video_id"], r["status"]) for r in rows} == {(v, "ok") for v in ids} | {("missing.mp4", "error")}
     assert all(r["error"].startswith("not_found: ") for r in rows if r["status"] == "error")
     summary = json.loads(fs.cat(f"{bucket}/out/runs/driver.json"))
-    assert (summary["skipped_done"], summary["processed"], summary["status"]) == (done, len(expected) - done, "complete")
+    assert (summary["skipped_done"], summary["processed"], summary["status"]) == (
+        done, len(expected) - done, "complete")
     console = (tmp_path / "run2.log").read_text()
     assert f"skipped (already done): {done}" in console
 

@@ -35,7 +35,8 @@ def test_hostile_corpus_local(tmp_path, ray_local):
     # one per-video question for some videos, so question sets differ in size
     qfile = tmp_path / "in" / "questions.jsonl"
     extra = ["../../etc/one frame.mp4", "empty.mp4", "mjpeg 12 frames.avi"]
-    qfile.write_text("".join(json.dumps({"video_id": v, "question_id": "own", "question": "Why?"}) + "\n" for v in extra))
+    own = [{"video_id": v, "question_id": "own", "question": "Why?"} for v in extra]
+    qfile.write_text("".join(json.dumps(q) + "\n" for q in own))
     out = tmp_path / "out"
     cfg = job(str(out), manifest=str(manifest), questions_file=str(qfile), decode=HOSTILE_LIMITS, run_id="hostile")
     expected = {(v, p["question_id"]) for v in corpus for p in PROMPTS} | {(v, "own") for v in extra}
@@ -76,7 +77,8 @@ def test_hostile_corpus_local(tmp_path, ray_local):
 
     again = run_job(cfg)
 
-    assert (again.inputs, again.skipped_done, again.processed, again.errors_by_reason) == (len(expected), len(expected), 0, {})
+    assert (again.inputs, again.skipped_done, again.processed, again.errors_by_reason) == (
+        len(expected), len(expected), 0, {})
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (out / "answers").iterdir()) == files
     assert not [p for p in (out / "frames").iterdir() if p.name.startswith("_")]
     assert_exactly_once(rows_of(cfg), expected)

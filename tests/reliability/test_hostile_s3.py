@@ -100,7 +100,8 @@ def test_hostile_corpus_s3_then_fixed_permissions_and_a_grown_archive(tmp_path, 
     by_run = {r["run_id"] for r in rows if r["video_id"] in ("locked.mp4", "new.mkv")}
     assert by_run == {"s3-second"} and {r["run_id"] for r in rows if r["video_id"] == "cut.mp4"} == {"s3-first"}
     # the refused video's old error file is gone, not shadowed: one file per video and run
-    locked = [p for p in fs.ls(f"{bucket}/out/answers", refresh=True) if p.rsplit("/", 1)[-1].startswith(video_key("locked.mp4"))]
+    answer_files = fs.ls(f"{bucket}/out/answers", refresh=True)
+    locked = [p for p in answer_files if p.rsplit("/", 1)[-1].startswith(video_key("locked.mp4"))]
     assert len(locked) == 1
     # the run summaries record both runs; no output holds the credentials
     runs = {p.rsplit("/", 1)[-1]: json.loads(fs.cat(p)) for p in fs.ls(f"{bucket}/out/runs", refresh=True)}
