@@ -33,8 +33,8 @@ def _entries(directory: pathlib.Path) -> dict[str, dict]:
 
 @functools.cache
 def manifest() -> dict[str, dict]:
-    """file name -> manifest entry, for every video the tests can read (in-repo first)."""
-    out = {name: m for name, m in _entries(REPO_VIDEOS).items() if video_or_none(name) is not None}
+    """file name -> manifest entry: the in-repo videos (a missing one fails its tests), then the extra corpus's."""
+    out = _entries(REPO_VIDEOS)
     if EXTRA_VIDEOS is not None:
         out.update({name: m for name, m in _entries(EXTRA_VIDEOS).items() if name not in out})
     return out
