@@ -1,11 +1,12 @@
-# Two entry points: `make demo` and `make test`. Each creates .venv when missing and installs the
-# pinned dependencies; the stamp file makes the install step a no-op until pyproject.toml changes.
+# Entry points: `make demo`, `make test` and `make lint`. Each creates .venv when missing and installs
+# the pinned dependencies (the dev extra holds ruff and mypy); the stamp file makes the install step
+# a no-op until pyproject.toml changes.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.moref-installed
 
-.PHONY: demo test test-gpu setup browser clean
+.PHONY: demo test lint test-gpu setup browser clean
 
 $(STAMP): pyproject.toml tools/cpu_env/moref_torchvision_cpu_shim.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +25,11 @@ demo: $(STAMP)
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q tests --ignore=tests/gpu
+
+# ruff (lint + import order) and mypy, both configured in pyproject.toml.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 # The report test renders the page in Debian's headless chromium; installed when missing (as root,
 # as CI runs), else the test says what to install.

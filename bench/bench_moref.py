@@ -23,28 +23,31 @@ Writes DIR/bench_moref.json (rewritten after every case) and DIR/bench_moref.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
-import math
-import os
 import platform
 import statistics
 import sys
 import time
 import types
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from transformers import LlavaOnevisionConfig, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig  # noqa: E402
+import torch
+import transformers
+from transformers import LlavaOnevisionConfig, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig
 
-from freemoref import flops, layouts  # noqa: E402
-from freemoref.config import MoRefConfig, ResolvedMoRef  # noqa: E402
-from freemoref.config import GenerationOptions  # noqa: E402
-from freemoref.engine import moref_generate  # noqa: E402
-from freemoref.partition import partition_frames  # noqa: E402
+from freemoref import flops, layouts
+from freemoref.config import (
+    GenerationOptions,
+    MoRefConfig,
+    ResolvedMoRef,
+)
+from freemoref.engine import moref_generate
+from freemoref.partition import partition_frames
 
 GIB = 2**30
 LAYOUT = "llava_vid"
@@ -147,8 +150,9 @@ def bench_vision(config, device, dtype, repeats: int, batch: int):
     pixels = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    median, runs, tokens = timed(lambda: layouts.frame_tokens(vision, pixels, LAYOUT, frames_per_batch=batch),
-                                 device, repeats)
+    # partial, not a closure: the `del` below must be the last reference to free the GPU memory
+    encode = functools.partial(layouts.frame_tokens, vision, pixels, LAYOUT, frames_per_batch=batch)
+    median, runs, tokens = timed(encode, device, repeats)
     result = {
         "batch_frames": batch, "tokens_per_frame": int(tokens.shape[1]), "batch_s": median, "runs_s": runs,
         "ms_per_frame": 1000 * median / batch,
@@ -158,7 +162,7 @@ def bench_vision(config, device, dtype, repeats: int, batch: int):
         "peak_gib": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
     }
     result["tflops_per_s"] = result["flops_per_frame"] * batch / median / 1e12
-    del vision, pixels, tokens
+    del vision, pixels, tokens, encode
     free(device)
     return result
 
@@ -177,11 +181,11 @@ def sdpa_backend_check(config, device, dtype, frames: int = 512, repeats: int = 
     rows, length = frames // 64, SYSTEM_TOKENS + 64 * layouts.tokens_per_frame(config, LAYOUT)
     q = torch.randn(rows, t.num_attention_heads, length, head_dim, device=device, dtype=dtype)
     k = torch.randn(rows, t.num_key_value_heads, length, head_dim, device=device, dtype=dtype)
-    result = {"rows": rows, "row_tokens": length, "kernels": {}}
+    result: dict[str, Any] = {"rows": rows, "row_tokens": length, "kernels": {}}
     for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
         try:
             with sdpa_kernel([backend]):
-                median, _, _ = timed(lambda: causal_attention(q, k, k, head_dim**-0.5), device, repeats)
+                median, _, _ = timed(functools.partial(causal_attention, q, k, k, head_dim**-0.5), device, repeats)
             result["kernels"][backend.name] = {"ms": 1000 * median}
         except (RuntimeError, torch.OutOfMemoryError) as exc:
             result["kernels"][backend.name] = {"error": str(exc).splitlines()[0][:200]}
@@ -246,8 +250,8 @@ def engine_run(lm, prompt: Prompt, cfg: ResolvedMoRef, new_tokens: int):
         refs, pos = [prompt.video], [torch.arange(prompt.video.shape[0], device=prompt.video.device)]
     else:
         refs, pos = prompt.references(cfg.temporal_units, cfg.references)
-    out = moref_generate(lm, prompt.prefix, refs, pos, prompt.suffix, cfg, gen=GenerationOptions(max_new_tokens=new_tokens),
-                         eos_token_ids=())
+    out = moref_generate(lm, prompt.prefix, refs, pos, prompt.suffix, cfg,
+                         gen=GenerationOptions(max_new_tokens=new_tokens), eos_token_ids=())
     return out.prefill_s, out.generate_s, out
 
 
@@ -264,7 +268,7 @@ def estimate_native_gib(config, tokens: int, weights_bytes: int, dtype_bytes: in
 
 def flop_stats(config, frames: int, tokens_per_frame: int, cfg: ResolvedMoRef, new_tokens: int) -> dict:
     n, layer, keep = cfg.references, cfg.fusion_layer, cfg.keep_ratio
-    kwargs = dict(frames=frames, visual_tokens_per_frame=tokens_per_frame,
+    kwargs: dict[str, Any] = dict(frames=frames, visual_tokens_per_frame=tokens_per_frame,
                   text_tokens=SYSTEM_TOKENS + QUESTION_TOKENS, prefix_tokens=SYSTEM_TOKENS,
                   references=n, fusion_layer=layer, keep_ratio=keep)
     total, native = flops.answer_flops(config, output_tokens=new_tokens, **kwargs)
@@ -306,7 +310,8 @@ def run_case(case: dict, lm, config, device, args, weights_bytes: int) -> dict:
         free(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        prefill, decode, tokens = [], [], None
+        prefill, decode = [], []
+        tokens: Any = None  # the last run's generated tokens
         for i in range(1 + args.repeats):
             if mode == "native-hf":
                 p, d, tokens = native_hf_run(lm, prompt, args.new_tokens)
@@ -471,7 +476,8 @@ def main(argv=None) -> int:
 
     for case in default_cases(args):
         if time.perf_counter() - start > args.budget_s:
-            row = {"case": case["name"], "mode": case["mode"], "frames": case["frames"], "status": "skipped (time budget)"}
+            row = {"case": case["name"], "mode": case["mode"], "frames": case["frames"],
+                   "status": "skipped (time budget)"}
             row.update({"references": "-", "fusion_layer": "-", "prompt_tokens": "-", "attn_flops_ratio": float("nan"),
                         "total_flops": float("nan"), "total_flops_native": float("nan")})
             report["cases"].append(row)
@@ -481,7 +487,8 @@ def main(argv=None) -> int:
         row["case_wall_s"] = time.perf_counter() - t
         report["cases"].append(row)
         print(f"{row['case']}: {row['status']}, prefill {_fmt(row.get('prefill_s'), '.3f')} s, "
-              f"decode {_fmt(row.get('decode_ms_per_token'), '.1f')} ms/tok, peak {_fmt(row.get('peak_gib'), '.1f')} GiB "
+              f"decode {_fmt(row.get('decode_ms_per_token'), '.1f')} ms/tok, "
+              f"peak {_fmt(row.get('peak_gib'), '.1f')} GiB "
               f"({row['case_wall_s']:.1f} s)", flush=True)
         save()
 

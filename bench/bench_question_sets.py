@@ -18,6 +18,7 @@ Writes DIR/bench_question_sets.json and DIR/bench_question_sets.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import sys
@@ -26,13 +27,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
+import torch
+import transformers
+from bench_moref import GIB, Prompt, build_decoder, free, model_config, sync, timed
 
-from bench_moref import GIB, Prompt, build_decoder, free, model_config, sync, timed  # noqa: E402
-from freemoref import layouts  # noqa: E402
-from freemoref.config import GenerationOptions, MoRefConfig, ResolvedMoRef  # noqa: E402
-from freemoref.engine import MoRefEngine, generate_answers  # noqa: E402
+from freemoref import layouts
+from freemoref.config import GenerationOptions, MoRefConfig, ResolvedMoRef
+from freemoref.engine import MoRefEngine, generate_answers
 
 LAYOUT = "llava_vid"
 
@@ -45,6 +46,13 @@ def question_embeddings(lm, count: int, seed: int = 1):
     with torch.no_grad():
         return [emb(torch.randint(0, emb.weight.shape[0], (n,), device=emb.weight.device, generator=gen))
                 for n in lengths]
+
+
+def answer_questions(engine, prefix, refs, pos, questions, gen, shared: bool) -> list:
+    """The questions answered together (sharing the video prefill) or one by one."""
+    if shared:
+        return generate_answers(engine, prefix, refs, pos, questions, gen)
+    return [generate_answers(engine, prefix, refs, pos, [q], gen)[0] for q in questions]
 
 
 def run_case(case: dict, lm, config, device, args) -> dict:
@@ -61,10 +69,8 @@ def run_case(case: dict, lm, config, device, args) -> dict:
     gen = GenerationOptions(max_new_tokens=args.new_tokens)
     engine = MoRefEngine(lm, cfg)
 
-    def answer():
-        if shared:
-            return generate_answers(engine, prompt.prefix, refs, pos, questions, gen)
-        return [generate_answers(engine, prompt.prefix, refs, pos, [q], gen)[0] for q in questions]
+    # partial, not a closure: the `del` below must drop the last references to free the GPU memory
+    answer = functools.partial(answer_questions, engine, prompt.prefix, refs, pos, questions, gen, shared)
 
     try:
         free(device)
@@ -79,7 +85,7 @@ def run_case(case: dict, lm, config, device, args) -> dict:
     except torch.OutOfMemoryError as exc:
         row.update(status="OOM", error=str(exc).splitlines()[0][:300])
     finally:
-        del prompt, questions
+        del prompt, questions, answer
         free(device)
     return row
 
@@ -104,13 +110,14 @@ def markdown(report: dict) -> str:
         f"Question sets on one video, {report['device']} ({report['dtype']}, {report['shapes']} shapes, random "
         f"weights; {report['new_tokens']} greedy tokens per question; median of {report['repeats']} after 1 warm-up).",
         "",
-        "| case | frames | N | L | questions | shared prefix | total s | per question s | vs 1 question | peak GiB | status |",
+        "| case | frames | N | L | questions | shared prefix | total s | per question s | vs 1 question "
+        "| peak GiB | status |",
         "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         base = one.get((r["moref"], r["frames"]))
         ratio = f"{r['total_s'] / base:.2f}x" if base and r.get("total_s") else "-"
-        fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+        fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731 - a one-line formatter beside its use
         lines.append(f"| {r['name']} | {r['frames']} | {r['references']} | {r['fusion_layer']} | {r['questions']} "
                      f"| {'yes' if r['shared_prefix'] else 'no'} | {fmt(r.get('total_s'), '.3f')} "
                      f"| {fmt(r.get('per_question_s'), '.3f')} | {ratio} | {fmt(r.get('peak_gib'), '.1f')} "

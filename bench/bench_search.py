@@ -34,17 +34,18 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from pipeline.schema import frames_schema  # noqa: E402
-from pipeline.search import FramesIndex, search_vector  # noqa: E402
-from pipeline.sink import FRAMES_DIR, video_key  # noqa: E402
-from pipeline.vector_index import VectorIndex  # noqa: E402
+from pipeline.schema import frames_schema
+from pipeline.search import FramesIndex, search_vector
+from pipeline.sink import FRAMES_DIR, video_key
+from pipeline.vector_index import VectorIndex
 
 DIM = 768
 FRAMES_PER_VIDEO = 300
@@ -58,7 +59,8 @@ def topic_directions(rng: np.random.Generator) -> np.ndarray:
     return t / np.linalg.norm(t, axis=1, keepdims=True)
 
 
-def write_frames(root: Path, n_frames: int, topics: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def write_frames(root: Path, n_frames: int, topics: np.ndarray,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Write frames/ under root; return all embeddings (N, D) in file order and the videos' topics."""
     out = root / FRAMES_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -74,7 +76,8 @@ def write_frames(root: Path, n_frames: int, topics: np.ndarray, rng: np.random.G
         vid = f"video-{v:06d}"
         table = pa.table(
             {"video_id": [vid] * n, "frame_index": np.arange(n, dtype=np.int64) * 30,
-             "time_s": np.arange(n, dtype=np.float64), "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), DIM),
+             "time_s": np.arange(n, dtype=np.float64),
+             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), DIM),
              "clip_model": ["synthetic-768"] * n},
             schema=schema,
         )
@@ -85,7 +88,8 @@ def write_frames(root: Path, n_frames: int, topics: np.ndarray, rng: np.random.G
 
 def queries(topics: np.ndarray, video_topics: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Queries about topics the archive holds."""
-    q = topics[rng.choice(video_topics, size=QUERIES)] * 0.45 + rng.standard_normal((QUERIES, DIM)).astype(np.float32) / np.sqrt(DIM)
+    noise = rng.standard_normal((QUERIES, DIM)).astype(np.float32) / np.sqrt(DIM)
+    q = topics[rng.choice(video_topics, size=QUERIES)] * 0.45 + noise
     return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
 
 
@@ -146,7 +150,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"Search benchmark, {result['date']}, {result['machine']}",
         "",
-        "| frames | brute force median (s) | index build (s) | ANN first / median / max (s) | recall@10 | same top-10 moments |",
+        "| frames | brute force median (s) | index build (s) | ANN first / median / max (s) | recall@10 "
+        "| same top-10 moments |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["scales"]:
@@ -166,8 +171,8 @@ def main() -> int:
     out = Path(args.out)
     work = Path(args.work) if args.work else out / "work"
     out.mkdir(parents=True, exist_ok=True)
-    result = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    result: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, load avg at start {os.getloadavg()[0]:.1f}",
         "dim": DIM, "frames_per_video": FRAMES_PER_VIDEO, "min_score": MIN_SCORE, "scales": [],
     }

@@ -2,7 +2,7 @@
 # GPU run (H100 / H200 device machine), from the repo root:
 #     bash bench/gpu_run.sh [STEP ...]      STEP: tests, moref, question-sets (default: all three)
 # Packages the GPU image lacks come from .gpu/pkgs.tar.xz (made by
-# ../shared/gpu/pack-offline-packages.sh; ray, av, transformers 5.23, open_clip, pydantic...) or,
+# tools/gpu/pack-offline-packages.sh; ray, av, transformers 5.23, open_clip, pydantic...) or,
 # failing that, from carried wheels in .whl/. Everything lands in $OUT: versions.log,
 # gpu_tests.log, bench.log + bench_moref.{json,md}, question_sets.log +
 # bench_question_sets.{json,md}. A failing step does not stop the next; the exit status is

@@ -40,6 +40,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -129,8 +130,8 @@ def build_models(work: str, tiny: bool) -> dict:
     CPU with bench_moref's tiny widths (28 layers kept) and the tiny CLIP. Runs in a child process
     so the benchmark's own process never holds GPU memory. Reuses a finished build."""
     import torch
-
     from bench_moref import model_config
+
     from freemoref.convert import IMAGE_TOKEN, VIDEO_TOKEN
     from freemoref.layouts import VIDEO_LAYOUT_KEY
     from freemoref.tiny import TinyModelShape, _grid_pinpoints, build_tiny_tokenizer, tiny_processor
@@ -304,7 +305,7 @@ def answers_stats(out: Path) -> dict:
         values = [v for v in values if v is not None]
         return statistics.median(values) if values else None
 
-    per_video = {}
+    per_video: dict[str, dict] = {}
     for r in ok:
         per_video.setdefault(r["video_id"], r)
     clip_rates = [r["frames_decoded"] / r["guidance_s"] for r in per_video.values() if r["guidance_s"]]
@@ -364,7 +365,8 @@ def run_case(args, models: dict, work: Path, gpus: int, frames: int, variant: tu
     if not args.tiny:  # never on a shared CPU machine: `ray stop` ends every Ray there
         stop_local_ray(env)
     case["wall_s"] = end - start
-    stats = answers_stats(out) if (out / "answers").exists() else {"completions": [], "pairs": 0, "ok_pairs": 0}
+    no_answers = {"completions": [], "pairs": 0, "ok_pairs": 0}
+    stats: dict[str, Any] = answers_stats(out) if (out / "answers").exists() else no_answers
     completions = stats.pop("completions")
     case.update(stats)
     videos = len(completions)
@@ -418,9 +420,11 @@ def markdown(report: dict) -> str:
         busy = c.get("gpu_busy_fraction")
         variant = c.get("variant", DEFAULT_VARIANT)
         lines.append(
-            f"| {c['gpus']} | {c['frames']}{'' if variant == DEFAULT_VARIANT else f' ({variant})'} | {c.get('videos', '-')} | {c.get('pairs', '-')} "
+            f"| {c['gpus']} | {c['frames']}{'' if variant == DEFAULT_VARIANT else f' ({variant})'} "
+            f"| {c.get('videos', '-')} | {c.get('pairs', '-')} "
             f"| {_fmt(c.get('wall_s'), '.0f')} | {_fmt(c.get('videos_per_gpu_hour'), '.0f')} "
-            f"| {_fmt(c.get('questions_per_gpu_hour'), '.0f')} | {_fmt(c.get('end_to_end_videos_per_gpu_hour'), '.0f')} "
+            f"| {_fmt(c.get('questions_per_gpu_hour'), '.0f')} "
+            f"| {_fmt(c.get('end_to_end_videos_per_gpu_hour'), '.0f')} "
             f"| {'-' if busy is None else f'{100 * busy:.0f}%'} | {_fmt(c.get('peak_gib'), '.1f')} "
             f"| {_fmt(c.get('median_decode_s'), '.2f')} | {_fmt(c.get('median_guidance_s'), '.2f')} "
             f"| {_fmt(c.get('clip_frames_per_s'), '.0f')} | {_fmt(c.get('median_prefill_s'), '.2f')} "
@@ -477,7 +481,7 @@ def gpu_ids() -> list[str]:
 
 
 def versions() -> dict:
-    found = {"python": platform.python_version()}
+    found: dict[str, str | None] = {"python": platform.python_version()}
     for name in ("torch", "transformers", "ray", "pyarrow", "open_clip", "av"):
         try:
             found[name] = getattr(__import__(name), "__version__", "?")
@@ -518,7 +522,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = device_name(args.tiny)
-    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
     stem = f"pipeline_gpu_{re.sub(r'[^a-z0-9]+', '-', device.lower()).strip('-')}_{date}"
     report = {"device": device, "date": date, "shapes": "tiny" if args.tiny else "LLaVA-Video-7B-Qwen2 + ViT-L-14-336",
               "questions_per_video": args.questions, "new_tokens": args.new_tokens, "versions": versions(),

@@ -3,7 +3,7 @@
 #     bash bench/pipeline_gpu.sh                          # every visible GPU, 128 and 512 frames
 #     bash bench/pipeline_gpu.sh --gpus 1,2 --frames 128  # any bench/pipeline_gpu.py options
 # Unpacks .gpu/pkgs.tar.xz (ray, av, open_clip, pydantic, transformers 5.23: made with
-# ../shared/gpu/pack-offline-packages.sh .gpu/pkgs.tar.xz, carried with the run) into /tmp/site,
+# tools/gpu/pack-offline-packages.sh .gpu/pkgs.tar.xz, carried with the run) into /tmp/site,
 # prints versions, then runs bench/pipeline_gpu.py. Everything lands in $OUT (default
 # out/pipeline_gpu): pipeline_gpu_<device>_<date>.json and .md, pipeline_gpu.log, one log per case.
 # Bounded to under 9 minutes: the benchmark stops cases to fit --budget-s (470 s by default,

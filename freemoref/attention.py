@@ -1,4 +1,4 @@
-"""MoRef attention (DESIGN.md section 3): causal attention on N reference rows, then a gated mix of
+"""MoRef attention (docs/DESIGN.md section 3): causal attention on N reference rows, then a gated mix of
 the question tokens' outputs, so question hidden states stay identical across rows.
 
 Registered in transformers as attention implementation "moref" (with `sdpa_mask` as its mask
@@ -149,7 +149,7 @@ def question_attention(q, rows_k, rows_v, rows_real, own_k, own_v, own_real, q_s
 
     R = 1 is plain attention. R > 1 is MoRef attention below the fusion layer: each row's output,
     then the mix O = sum_i w_i O_i with w = gate(m), m (R, B, H, M) the max over row i's visual
-    keys (slots `vis`) of the softmax over those keys (DESIGN.md section 3). Returns (B, M, H, D).
+    keys (slots `vis`) of the softmax over those keys (docs/DESIGN.md section 3). Returns (B, M, H, D).
     It holds R * B * H * M * (T0 + Tk) float32 scores: callers split B by `questions_per_call`."""
     b, h, mq, d = q.shape
     r, hkv, t0, _ = rows_k.shape
@@ -182,10 +182,12 @@ def _flash_attend(query, key, value, key_real, scaling, varlen=None) -> torch.Te
     the rotary q/k), causal with bottom-right alignment, which is right because the queries are the
     last real slots of their row. `varlen` defaults to flash_attn.flash_attn_varlen_func."""
     if varlen is None:
-        from flash_attn import flash_attn_varlen_func as varlen
+        from flash_attn import flash_attn_varlen_func
+
+        varlen = flash_attn_varlen_func
     b, h, tq, d = query.shape
     q_real = key_real[:, key.shape[2] - tq:]
-    cu = lambda real: F.pad(real.sum(1).cumsum(0), (1, 0)).to(torch.int32)  # noqa: E731
+    cu = lambda real: F.pad(real.sum(1).cumsum(0), (1, 0)).to(torch.int32)  # noqa: E731 - cumulative lengths, used twice below
     o = varlen(
         query.transpose(1, 2)[q_real], key.transpose(1, 2)[key_real], value.transpose(1, 2)[key_real],
         cu(q_real), cu(key_real), int(q_real.sum(1).max()), int(key_real.sum(1).max()),
@@ -231,7 +233,8 @@ def gate_weights(q_ques, k_vis, scaling: float, granularity: str = "chunk", vis_
 def _gate(m, granularity: str, block: int, carry):
     """`gate_mix_weights` for one question: m (N, H, T) -> weights (N, H or 1, T), running max."""
     w, running = gate_mix_weights(m[:, None], granularity, torch.tensor([block], device=m.device),
-                                  None if carry is None else carry[:, None], torch.tensor([m.shape[-1]], device=m.device))
+                                  None if carry is None else carry[:, None],
+                                  torch.tensor([m.shape[-1]], device=m.device))
     return w[:, 0], None if running is None else running[:, 0]
 
 

@@ -1,4 +1,4 @@
-"""Free-MoRef options (DESIGN.md section 3) and how their defaults resolve for one question.
+"""Free-MoRef options (docs/DESIGN.md section 3) and how their defaults resolve for one question.
 
 `MoRefConfig` holds what a user sets (None = the paper's default); `resolve` turns it into concrete
 numbers for a given frame count and model depth (`ResolvedMoRef`), which the engine consumes.

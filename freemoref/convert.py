@@ -170,7 +170,8 @@ def convert_llava_next_checkpoint(src_dir, dst_dir, *, vision_config_dir=None,
         raise ValueError(f"{src}: mm_projector_type {next_config.get('mm_projector_type')!r} is not mlp2x_gelu")
     for key, expected in (("mm_spatial_pool_mode", "average"), ("mm_newline_position", "grid")):
         if next_config.get(key, expected) != expected:
-            warnings.warn(f"{src}: {key}={next_config[key]!r}; the llava_vid layout assumes {expected!r}")
+            warnings.warn(f"{src}: {key}={next_config[key]!r}; the llava_vid layout assumes {expected!r}",
+                          stacklevel=2)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
 
@@ -192,7 +193,8 @@ def convert_llava_next_checkpoint(src_dir, dst_dir, *, vision_config_dir=None,
         tokenizer.add_special_tokens({"additional_special_tokens": missing})
     image_id, video_id = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, VIDEO_TOKEN])
     if max(image_id, video_id) >= text.vocab_size:
-        raise ValueError(f"{src}: <image>/<video> ids {image_id}/{video_id} exceed the embedding rows ({text.vocab_size})")
+        raise ValueError(
+            f"{src}: <image>/<video> ids {image_id}/{video_id} exceed the embedding rows ({text.vocab_size})")
     tokenizer.chat_template = CHAT_TEMPLATE
 
     aspect = next_config.get("image_aspect_ratio", "anyres_max_9")
@@ -234,7 +236,8 @@ def convert_llava_next_checkpoint(src_dir, dst_dir, *, vision_config_dir=None,
     config.dtype = str(saved_dtype).removeprefix("torch.") if saved_dtype is not None else None
     config.save_pretrained(str(dst))
     endoftext, im_end = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
-    GenerationConfig(eos_token_id=[im_end, endoftext], pad_token_id=endoftext, do_sample=False).save_pretrained(str(dst))
+    generation = GenerationConfig(eos_token_id=[im_end, endoftext], pad_token_id=endoftext, do_sample=False)
+    generation.save_pretrained(str(dst))
     make_processor(tokenizer, image_size=vision.image_size, patch_size=vision.patch_size, grid_pinpoints=pinpoints,
                    vision_aspect_ratio=aspect, **_normalisation(tower_dir)).save_pretrained(str(dst))
     return str(dst)

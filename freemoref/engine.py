@@ -27,11 +27,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
-from freemoref.attention import (backend_for, causal_attention, engine_sdpa, gate_mix_weights, attend,
-                                 question_attention, questions_per_call)
+from freemoref.attention import (
+    attend,
+    backend_for,
+    causal_attention,
+    engine_sdpa,
+    gate_mix_weights,
+    question_attention,
+    questions_per_call,
+)
 from freemoref.config import GenerationOptions, ResolvedMoRef
 from freemoref.fusion import Fusion, keep_counts, select_visual_tokens, visual_importance
 
@@ -98,7 +106,7 @@ class KVCache:
     v: torch.Tensor
 
     @classmethod
-    def holding(cls, k, v, slots: int) -> "KVCache":
+    def holding(cls, k, v, slots: int) -> KVCache:
         """A cache of `slots` slots whose first slots hold k, v."""
         # Zeros, not garbage: unfilled slots are masked, but 0 x NaN would still poison a sum.
         cache = cls(k.new_zeros(*k.shape[:2], slots, k.shape[3]), v.new_zeros(*v.shape[:2], slots, v.shape[3]))
@@ -206,7 +214,7 @@ class MoRefEngine:
         video.seconds = time.perf_counter() - start
         return video
 
-    def start(self, video: VideoRows, questions, blocks=None, max_new_tokens: int = 0) -> "QuestionBatch":
+    def start(self, video: VideoRows, questions, blocks=None, max_new_tokens: int = 0) -> QuestionBatch:
         """Phase 2's prefill for B questions (each (q_b, D), identical across rows); blocks[b]: how
         many leading tokens form the prompt's question (default all; later tokens count as
         generated ones, for recomputing a decode from scratch). Returns the prefilled batch."""
@@ -219,13 +227,15 @@ class QuestionBatch:
     After prefill: `fusions` (one `Fusion` per question, None when nothing is fused),
     `visual_tokens_used` (visual tokens the layers from L on see, per question)."""
 
+    fusions: list[Fusion | None]  # per question; None where nothing is fused (native or L = num_layers)
+
     def __init__(self, engine: MoRefEngine, video: VideoRows, questions, blocks, max_new_tokens: int):
         if not questions:
             raise ValueError("no questions")
         if min(q.shape[0] for q in questions) < 1:
             raise ValueError("the suffix (question) must hold at least one token")
         self.engine, self.video = engine, video
-        device, cfg = questions[0].device, engine.cfg
+        device = questions[0].device
         b, qm, d = len(questions), max(q.shape[0] for q in questions), questions[0].shape[-1]
         self.size, self.qmax, self.max_new, self.generated = b, qm, max_new_tokens, 0
         self.q_len = torch.tensor([q.shape[0] for q in questions], device=device)
@@ -252,13 +262,15 @@ class QuestionBatch:
                 self.fusions, self.visual_tokens_used = [None] * b, [sum(video.lengths)] * b
                 self.logits = engine.logits(h[last, self.q_len - 1])
                 return
-            self.fusions = self._fuse(h, blocks, cos, sin)
-            self.visual_tokens_used = [len(f.rows) for f in self.fusions]
-            kept, p = len(self.fusions[0].rows), video.prefix_len
+            fusions = self._fuse(h, blocks, cos, sin)
+            self.fusions = list(fusions)
+            self.visual_tokens_used = [len(f.rows) for f in fusions]
+            kept, p = len(fusions[0].rows), video.prefix_len
+            assert video.h_vis is not None  # encode_video keeps it whenever the video is fused
             tf = p + kept + qm  # fused slots: [system | kept visual | question, right-padded]
             fused = h.new_empty(b, tf, d)
             fused[:, :p] = video.h_prefix
-            for i, f in enumerate(self.fusions):
+            for i, f in enumerate(fusions):
                 fused[i, p : p + kept] = video.h_vis[f.rows, f.slots]
             fused[:, p + kept :] = h
             self.fused_len = p + kept + self.q_len  # (B,) real fused tokens per question
@@ -336,7 +348,7 @@ class QuestionBatch:
         self.generated += 1
         return self._logits_out
 
-    _graph = None
+    _graph: torch.cuda.CUDAGraph | None = None
 
     def capture_cuda_graph(self) -> None:
         """Record `step`'s kernels once as a CUDA graph and replay it for every later token: the
@@ -543,7 +555,7 @@ def generate_answers(engine: MoRefEngine, prefix, references, positions, suffixe
                 tokens, reason, shared_s / len(suffixes) + (t2 - t1) / len(batch_ids), (t3 - t2) / len(batch_ids),
                 native, batch.visual_tokens_used[j], prefix.shape[0] + native + suffixes[i].shape[0],
                 fusion.kept_per_reference if fusion is not None else [], len(suffixes))
-    return outputs
+    return cast(list[MoRefOutput], outputs)  # every question belongs to exactly one batch
 
 
 def moref_prefill_logits(lm, prefix_embeds, references, reference_positions, suffix_embeds, cfg: ResolvedMoRef,

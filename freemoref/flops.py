@@ -1,4 +1,4 @@
-"""FLOP accounting for one answer (DESIGN.md section 3, "FLOPs").
+"""FLOP accounting for one answer (docs/DESIGN.md section 3, "FLOPs").
 
 Two measures:
 
@@ -59,7 +59,7 @@ class TextShape:
     vocab: int
 
     @classmethod
-    def from_config(cls, text_config) -> "TextShape":
+    def from_config(cls, text_config) -> TextShape:
         heads = text_config.num_attention_heads
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
         return cls(hidden=text_config.hidden_size, intermediate=text_config.intermediate_size,

@@ -1,4 +1,4 @@
-"""Reference fusion at layer L (DESIGN.md section 3): keep each row's most attended visual tokens and
+"""Reference fusion at layer L (docs/DESIGN.md section 3): keep each row's most attended visual tokens and
 merge the survivors of all rows, in original time order, into one sequence."""
 
 from __future__ import annotations
@@ -44,12 +44,12 @@ def select_visual_tokens(importance, vis_mask, positions, keep_ratio: float) -> 
     """Each row keeps its top ceil(l_row * keep_ratio) real tokens; survivors sorted by `positions`
     (N, Tv), the original global position of every slot."""
     counts = keep_counts(vis_mask.sum(1).tolist(), keep_ratio)
-    rows, slots = [], []
+    row_parts, slot_parts = [], []
     for i, k in enumerate(counts):
         top = importance[i].masked_fill(~vis_mask[i], float("-inf")).topk(k).indices
-        rows.append(torch.full_like(top, i))
-        slots.append(top)
-    rows, slots = torch.cat(rows), torch.cat(slots)
+        row_parts.append(torch.full_like(top, i))
+        slot_parts.append(top)
+    rows, slots = torch.cat(row_parts), torch.cat(slot_parts)
     pos = positions[rows, slots]
     order = pos.argsort()
     return Fusion(rows[order], slots[order], pos[order], counts)

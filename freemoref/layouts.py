@@ -1,6 +1,6 @@
 """Video token layouts: how SigLIP patch features of each frame become LLM input tokens.
 
-Two layouts exist for LLaVA-Video-7B-Qwen2 (DESIGN.md section 3):
+Two layouts exist for LLaVA-Video-7B-Qwen2 (docs/DESIGN.md section 3):
 
 - ``llava_vid`` (what LLaVA-Video was trained and evaluated with): the g x g grid (27x27) is
   2x2 average pooled with floor to p x p (13x13), then an ``image_newline`` token closes every row:
@@ -168,7 +168,7 @@ def box_to_cells(box, p: int) -> tuple[int, int, int, int]:
 
 
 def crop_frame_tokens(frame_tokens: torch.Tensor, box, layout: str) -> torch.Tensor:
-    """Keep only the pooled-grid tokens of every frame inside `box` (RoI, DESIGN.md section 4).
+    """Keep only the pooled-grid tokens of every frame inside `box` (RoI, docs/DESIGN.md section 4).
 
     (F, t, D) -> (F, t', D). For llava_vid the kept rows keep their newline token, so a cropped
     frame is still rows of (cols + 1) tokens.

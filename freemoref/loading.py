@@ -50,7 +50,8 @@ def _check_local_checkpoint(path: Path) -> None:
     if model_type != "llava_onevision":
         hint = ""
         if "mm_projector_type" in config:
-            hint = " It looks like a LLaVA-NeXT checkpoint: convert it with freemoref.convert.convert_llava_next_checkpoint."
+            hint = (" It looks like a LLaVA-NeXT checkpoint: convert it with"
+                    " freemoref.convert.convert_llava_next_checkpoint.")
         raise ValueError(f"{path} is not a LlavaOnevision checkpoint (model_type={model_type!r}).{hint}")
 
 
@@ -65,8 +66,9 @@ def load_video_llm(model: str | os.PathLike, *, dtype: str | torch.dtype = "auto
     else "onevision", the HF default. `trust_remote_code` is passed through to transformers.
     `prompt_template` names the prompt format (freemoref.prompts.PROMPT_TEMPLATES).
     """
-    from freemoref.prompts import PROMPT_TEMPLATES
     from transformers import AutoConfig, AutoProcessor, LlavaOnevisionForConditionalGeneration
+
+    from freemoref.prompts import PROMPT_TEMPLATES
 
     if prompt_template not in PROMPT_TEMPLATES:
         raise ValueError(f"unknown prompt template {prompt_template!r}; expected one of {sorted(PROMPT_TEMPLATES)}")

@@ -1,4 +1,4 @@
-"""Multi-reference partition of a video's frames (DESIGN.md section 3, "Partition")."""
+"""Multi-reference partition of a video's frames (docs/DESIGN.md section 3, "Partition")."""
 
 from __future__ import annotations
 

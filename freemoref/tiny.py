@@ -81,7 +81,7 @@ def build_tiny_tokenizer(out_dir: str | Path | None = None, *, vocab_size: int =
     `<|im_end|>`, then (with `multimodal_tokens`) `<image>` and `<video>` as LLaVA adds them.
     Returns the tokenizer; saves it to `out_dir` when given.
     """
-    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, trainers
     from tokenizers.models import BPE
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 

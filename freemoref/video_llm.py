@@ -169,14 +169,14 @@ class VideoLLM:
 
     @torch.no_grad()
     def answer(self, frame_tokens: torch.Tensor, question: str, *, system_prompt: str | None,
-               generation: GenerationOptions, moref: "MoRefConfig | None" = None, roi_box=None) -> AnswerResult:
+               generation: GenerationOptions, moref: MoRefConfig | None = None, roi_box=None) -> AnswerResult:
         """Answer one question about a video whose frames `encode_frames` encoded."""
         return self.answer_many(frame_tokens, [question], system_prompt=system_prompt, generation=generation,
                                 moref=moref, roi_box=roi_box)[0]
 
     @torch.no_grad()
     def answer_many(self, frame_tokens: torch.Tensor, questions: list[str], *, system_prompt: str | None,
-                    generation: GenerationOptions, moref: "MoRefConfig | None" = None, roi_box=None,
+                    generation: GenerationOptions, moref: MoRefConfig | None = None, roi_box=None,
                     max_batch_tokens: int = MAX_BATCH_TOKENS) -> list[AnswerResult]:
         """Answer questions about the same frames and RoI together: the system prompt and the
         visual tokens run once (below the fusion layer for MoRef, through every layer natively),
@@ -203,7 +203,7 @@ class VideoLLM:
                                    self.generation_config(generation).eos_token_id, self._stop_checker(generation))
         return [self._result(out, generation, p, resolved) for out, p in zip(outputs, parts)]
 
-    def resolve(self, moref: "MoRefConfig | None", frames: int) -> ResolvedMoRef:
+    def resolve(self, moref: MoRefConfig | None, frames: int) -> ResolvedMoRef:
         """The MoRef settings for `frames` frames; one reference (native) when MoRef is off."""
         if moref is None or not moref.enabled:
             return ResolvedMoRef(1, frames, 0, 1.0)

@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("dir")
     tiny.set_defaults(func=cmd_tiny_models)
 
-    importer = sub.add_parser("import-questions", help="convert benchmark annotations into a multiple-choice question set")
+    importer = sub.add_parser("import-questions",
+                              help="convert benchmark annotations into a multiple-choice question set")
     importer.add_argument("--format", required=True, choices=["videomme", "mlvu", "longvideobench"])
     importer.add_argument("src", nargs="+", help="annotation files (.json, .jsonl or .parquet)")
     importer.add_argument("--out", "-o", required=True, help="the question set to write (.jsonl or .parquet)")

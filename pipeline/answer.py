@@ -1,7 +1,8 @@
 """The answer stage: a Video-LLM actor that answers every question of a video, several videos in flight.
 
 Vision features are computed once per video; questions that picked the same frames and RoI (from
-guidance) are answered together, sharing the video prefix's prefill (Free-MoRef or native). Every question yields exactly one answers
+guidance) are answered together, sharing the video prefix's prefill (Free-MoRef or native). Every
+question yields exactly one answers
 row: 'ok' with the answer and statistics, or 'error' with a reason.
 """
 
@@ -100,7 +101,8 @@ class AnswerStage:
         # question unless guidance.selection_scope is "video" or the selections coincide).
         groups: dict[tuple, list[int]] = {}
         for q in range(len(rows)):
-            groups.setdefault((tuple(per_question[q].tolist()), None if rois[q] is None else tuple(rois[q])), []).append(q)
+            key = (tuple(per_question[q].tolist()), None if rois[q] is None else tuple(rois[q]))
+            groups.setdefault(key, []).append(q)
         # The vision tower runs once per video, on the frames some question selected only.
         used = np.unique(np.concatenate(per_question)) if per_question else np.arange(0)
         try:

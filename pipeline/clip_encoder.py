@@ -144,7 +144,8 @@ class FrameEncoder:
                         scores[v].append(s.reshape(len(texts[v]), n, gh, gw).cpu().numpy())
                     offset += n
         return [
-            FrameEncoding(np.concatenate(embeddings[v]), None if scores[v] is None else np.concatenate(scores[v], axis=1))
+            FrameEncoding(np.concatenate(embeddings[v]),
+                          None if scores[v] is None else np.concatenate(scores[v], axis=1))
             for v in range(len(videos))
         ]
 

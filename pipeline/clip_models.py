@@ -3,7 +3,7 @@
 `load_clip` is the one loading path for every source: a built-in open_clip name with a pretrained
 tag or weights file (`ViT-L-14-336-quickgelu` + `openai`), a hub id (`hf-hub:org/name`), or a local
 directory in open_clip's own layout (`open_clip_config.json` + weights). `build_tiny_clip` writes
-such a directory, so tests run the real loader without network access (DESIGN.md section 6).
+such a directory, so tests run the real loader without network access (docs/DESIGN.md section 6).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ TINY_CLIP_CONFIG: dict[str, Any] = {
 class ClipBundle:
     """A loaded CLIP model with what is needed to feed it."""
 
-    model: torch.nn.Module  # eval mode, on its device
+    model: Any  # an open_clip CLIP, eval mode, on its device (torch types its towers as Tensor | Module)
     preprocess: Any  # open_clip's inference transform (PIL image -> normalised tensor)
     tokenizer: Any  # open_clip tokenizer: list[str] -> LongTensor (N, context_length), truncating
     name: str  # readable model name for outputs; never a local filesystem path
@@ -183,7 +183,7 @@ def _resolve_source(model: str, pretrained: str | None) -> tuple[str, str]:
     return model, f"{model}/{pretrained}" if pretrained else model
 
 
-def _embed_dim(model: torch.nn.Module, tokenizer: Any) -> int:
+def _embed_dim(model: Any, tokenizer: Any) -> int:
     output_dim = getattr(model.visual, "output_dim", None)
     if isinstance(output_dim, int):
         return output_dim

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import pathlib
 import uuid
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import yaml
@@ -259,11 +260,11 @@ class JobConfig(_Strict):
     def resolved_run_id(self) -> str:
         if self.run_id:
             return self.run_id
-        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
         return f"{stamp}-{uuid.uuid4().hex[:8]}"
 
 
-def _describe(errors: list[dict]) -> str:
+def _describe(errors: Sequence[Mapping[str, Any]]) -> str:
     lines = []
     for err in errors:
         key = ".".join(str(p) for p in err["loc"]) or "<root>"

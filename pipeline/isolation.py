@@ -26,7 +26,8 @@ import threading
 import time
 import traceback
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 DEFAULT_PRELOAD = ("numpy", "av", "decord")
 

@@ -156,7 +156,8 @@ def import_mlvu(paths: list[str]) -> list[MultipleChoiceQuestion]:
             answer = str(record["answer"]).strip()
             letter = OPTION_LETTERS[options.index(answer)] if answer in options else answer.upper()
             out.append(MultipleChoiceQuestion(
-                video_id=f"{stem}/{record['video']}", question_id=f"{stem}-{index}", question=record["question"].strip(),
+                video_id=f"{stem}/{record['video']}", question_id=f"{stem}-{index}",
+                question=record["question"].strip(),
                 options=options, answer=letter, category=record.get("question_type"),
                 duration=duration_group(float(record["duration"])) if record.get("duration") is not None else None))
             index += 1

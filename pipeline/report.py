@@ -40,7 +40,8 @@ MAX_SCATTER_POINTS = 5000  # beyond this, per-answer plots show a random sample 
 STAGES = ("decode_s", "guidance_s", "prefill_s", "generate_s")
 PER_VIDEO_STAGES = ("decode_s", "guidance_s")  # recorded once per video, repeated on its rows
 ANSWER_COLUMNS = ("video_id", "video_uri", "question_id", "question", "status", Col.ERROR_REASON, Col.ERROR_DETAIL,
-                  "frame_times_s", "roi_box", "visual_tokens_native", "visual_tokens_used", "total_flops", "total_flops_native",
+                  "frame_times_s", "roi_box", "visual_tokens_native", "visual_tokens_used", "total_flops",
+                  "total_flops_native",
                   *STAGES)
 
 

@@ -62,7 +62,7 @@ class Node:
     gpus: list[float]
 
     @classmethod
-    def of_shape(cls, shape: NodeShape, name: str) -> "Node":
+    def of_shape(cls, shape: NodeShape, name: str) -> Node:
         return cls(name, shape.cpus, shape.memory_gib * GIB, [1.0] * shape.gpus)
 
     def short_of(self, req: StageRequest) -> list[str]:

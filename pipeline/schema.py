@@ -1,6 +1,6 @@
 """Output tables and the columns that travel between stages: every column name is defined here once.
 
-`ANSWERS_SCHEMA` and `FRAMES_SCHEMA` are the Parquet schemas users query (DESIGN.md section 5); files
+`ANSWERS_SCHEMA` and `FRAMES_SCHEMA` are the Parquet schemas users query (docs/DESIGN.md section 5); files
 written with them read back with pyarrow >= 14 (tests/pipeline/test_old_pyarrow.py), DuckDB and Spark.
 The `Col` names are the per-video row columns the Ray stages read and write.
 """

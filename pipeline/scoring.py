@@ -118,9 +118,9 @@ def _group_order(name: str):
 def score_answers(answers: pa.Table, questions: list[MultipleChoiceQuestion]) -> dict:
     """Score an answers table (at least SCORE_COLUMNS) against `questions`."""
     rows = {(r["video_id"], r["question_id"]): r for r in answers.select(SCORE_COLUMNS).to_pylist()}
-    overall, by_category, by_duration = Tally(), {}, {}
+    overall, by_category, by_duration = Tally(), dict[str, Tally](), dict[str, Tally]()
     spend = Spend()
-    unanswerable, errors = Counter(), Counter()
+    unanswerable, errors = Counter[str](), Counter[str]()
     for q in questions:
         row = rows.get((q.video_id, q.question_id))
         correct = False
@@ -176,9 +176,9 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def _groups(score: dict) -> list[tuple[str, str | None]]:
+def _groups(score: dict) -> list[tuple[str, tuple | None]]:
     """(label, key path) of every table row: overall, then categories, then duration groups."""
-    rows = [("overall", ("overall",))]
+    rows: list[tuple[str, tuple | None]] = [("overall", ("overall",))]
     for section, title in (("by_category", "category"), ("by_duration", "duration")):
         rows.append((title, None))
         rows += [(f"  {name}", (section, name)) for name in score[section]]
@@ -196,7 +196,8 @@ def _spend_rows(spends: list[dict]) -> list[list[str]]:
     fields = (("answers", "answers", "{:,}"), ("prompt tokens", "prompt_tokens", "{:,}"),
               ("output tokens", "output_tokens", "{:,}"), ("visual tokens used", "visual_tokens_used", "{:,}"),
               ("total FLOPs", "total_flops", "{:.3e}"), ("total FLOPs native", "total_flops_native", "{:.3e}"),
-              ("mean attention FLOPs ratio", "mean_attn_flops_ratio", "{:.3f}"), ("mean frames", "mean_frames", "{:.1f}"))
+              ("mean attention FLOPs ratio", "mean_attn_flops_ratio", "{:.3f}"),
+              ("mean frames", "mean_frames", "{:.1f}"))
     return [[f"  {label}", *("-" if s[key] is None else fmt.format(s[key]) for s in spends)]
             for label, key, fmt in fields]
 
@@ -237,8 +238,8 @@ def render_comparison(first: dict, second: dict) -> str:
             continue
         change = ("-" if not a or not b or a["accuracy"] is None or b["accuracy"] is None
                   else f"{100 * (b['accuracy'] - a['accuracy']):+.1f}")
-        rows.append([label, _percent(a and a["accuracy"]), str(a["n"]) if a else "-",
-                     _percent(b and b["accuracy"]), str(b["n"]) if b else "-", change])
+        rows.append([label, _percent(a["accuracy"] if a else None), str(a["n"]) if a else "-",
+                     _percent(b["accuracy"] if b else None), str(b["n"]) if b else "-", change])
     rows += [["spend", "A", "", "B", "", ""]]
     rows += [[r[0], r[1], "", r[2], "", ""] for r in _spend_rows([first["spend"], second["spend"]])]
     notes = [f"A {n}" for n in _notes(first)] + [f"B {n}" for n in _notes(second)]

@@ -89,7 +89,8 @@ class OutputStore:
         self.cfg = cfg
         self.fs, self.root = filesystem(cfg.path, cfg.storage)
         self.root = self.root.rstrip("/")
-        self._local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,))
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        self._local = "file" in protocols
         self.retries = cfg.write_retries
 
     def path(self, *parts: str) -> str:

@@ -122,12 +122,14 @@ def manifest_ids(table: pa.Table) -> list[str]:
 
 def _from_manifest(cfg: InputConfig) -> list[VideoSource]:
     what = "input.manifest"
-    table = read_table(cfg.manifest, cfg.storage, what)
+    manifest = cfg.manifest
+    assert manifest is not None  # called only when cfg.manifest is set
+    table = read_table(manifest, cfg.storage, what)
     uri_col = "video_uri" if "video_uri" in table.column_names else "uri"
     _require_columns(table, (uri_col,), what)
     uris = [str(u) for u in table.column(uri_col).to_pylist()]
     ids = manifest_ids(table)
-    base = posixpath.dirname(cfg.manifest)
+    base = posixpath.dirname(manifest)
     out = []
     for vid, uri in zip(ids, uris):
         if "://" not in uri and not uri.startswith("/"):

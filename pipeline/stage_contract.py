@@ -54,7 +54,7 @@ class StageSpec:
 
     @property
     def reads(self) -> Mapping[str, str]:
-        return getattr(self.stage, "reads")
+        return self.stage.reads
 
     @property
     def optional_reads(self) -> tuple[str, ...]:
@@ -62,7 +62,7 @@ class StageSpec:
 
     @property
     def writes(self) -> tuple[str, ...]:
-        return tuple(getattr(self.stage, "writes"))
+        return tuple(self.stage.writes)
 
     @property
     def keeps_input_columns(self) -> bool:

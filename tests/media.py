@@ -21,3 +21,38 @@ def make_audio_only(path: pathlib.Path) -> pathlib.Path:
         for packet in stream.encode(None):
             out.mux(packet)
     return path
+
+
+def make_clip(
+    path: pathlib.Path,
+    n: int,
+    *,
+    size: tuple[int, int] = (64, 48),
+    codec: str = "libx264",
+    pix_fmt: str = "yuv420p",
+    pts_ms: list[int] | None = None,
+    options: dict[str, str] | None = None,
+    container_options: dict[str, str] | None = None,
+) -> pathlib.Path:
+    """n frames whose grey level encodes the frame index (16..216), at 25 fps or at `pts_ms`.
+
+    `codec`/`pix_fmt` pick the stream (libx264, libx265, mjpeg...); `container_options` the muxer's
+    (e.g. {"movflags": "faststart"} to put an MP4's index before its samples)."""
+    times = pts_ms if pts_ms is not None else [i * 40 for i in range(n)]
+    with av.open(str(path), "w", options=container_options or {}) as out:
+        stream = out.add_stream(codec, rate=25)
+        stream.width, stream.height = size
+        stream.pix_fmt = pix_fmt
+        stream.time_base = stream.codec_context.time_base = fractions.Fraction(1, 1000)
+        if codec == "libx265":
+            stream.options = {"x265-params": "log-level=error"}  # x265 prints its banner otherwise
+        stream.options = {**stream.options, **(options or {})}
+        for i, pts in enumerate(times):
+            img = np.full((size[1], size[0], 3), 16 + (i * 200) // max(1, n - 1), np.uint8)
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts, frame.time_base = pts, fractions.Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return path

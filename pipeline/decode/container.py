@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import struct
-from typing import BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import BinaryIO
 
 import av
 import numpy as np

@@ -12,7 +12,8 @@ import contextlib
 import os
 import pathlib
 import tempfile
-from typing import BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import BinaryIO
 
 import fsspec
 

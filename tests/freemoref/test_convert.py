@@ -86,7 +86,8 @@ def test_dtype_cast(next_checkpoint, tmp_path):
 
 
 def test_rename_key_and_pinpoints():
-    assert rename_key("model.layers.0.self_attn.q_proj.weight") == "language_model.model.layers.0.self_attn.q_proj.weight"
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    assert rename_key(q_proj) == "language_model." + q_proj
     assert rename_key("lm_head.weight") == "language_model.lm_head.weight"
     assert rename_key("model.mm_projector.2.bias") == "multi_modal_projector.linear_2.bias"
     assert rename_key("model.vision_tower.vision_tower.vision_model.head.probe") is None

@@ -90,7 +90,9 @@ def test_sampling_seeded_and_top_p():
     cfg = MoRefConfig(temporal_units=4).resolve(8, 6)
     assert (cfg.references, cfg.fusion_layer) == (2, 3)
     prefix, refs, pos, suffix, _ = video_prompt(model, references=2)
-    run = lambda **kw: moref_generate(model, prefix, refs, pos, suffix, cfg, GenerationOptions(max_new_tokens=8, **kw)).tokens  # noqa: E731
+    def run(**kw):
+        return moref_generate(model, prefix, refs, pos, suffix, cfg, GenerationOptions(max_new_tokens=8, **kw)).tokens
+
     greedy = run()
     sample = run(do_sample=True, temperature=1.5, seed=3)
     assert sample == run(do_sample=True, temperature=1.5, seed=3)
@@ -109,7 +111,8 @@ def test_stops_counts_and_timings():
     assert full.kept_per_reference == [3, 3, 2] and full.prefill_s > 0 and full.generate_s > 0
 
     eos = full.tokens[3]
-    out = moref_generate(model, prefix, refs, pos, suffix, cfg, GenerationOptions(max_new_tokens=8), eos_token_ids=[eos])
+    out = moref_generate(model, prefix, refs, pos, suffix, cfg, GenerationOptions(max_new_tokens=8),
+                         eos_token_ids=[eos])
     assert out.finish_reason == "eos" and out.tokens == full.tokens[: full.tokens.index(eos) + 1]
     out = moref_generate(model, prefix, refs, pos, suffix, cfg, GenerationOptions(max_new_tokens=8),
                          stop_checker=lambda toks: toks[-2:] == full.tokens[1:3])

@@ -2,8 +2,16 @@ import pytest
 import torch
 from transformers import LlavaOnevisionConfig
 
-from freemoref.layouts import (assemble_visual_tokens, box_to_cells, crop_frame_tokens, frame_tokens, image_newline,
-                               pooled_grid, tokens_per_frame, visual_token_count)
+from freemoref.layouts import (
+    assemble_visual_tokens,
+    box_to_cells,
+    crop_frame_tokens,
+    frame_tokens,
+    image_newline,
+    pooled_grid,
+    tokens_per_frame,
+    visual_token_count,
+)
 
 
 def test_token_counts_on_the_real_model_shape():

@@ -121,7 +121,8 @@ def test_decoding_in_steps_equals_one_call(granularity):
     full, _ = moref_attention(attn, q, k, v, mask, 0.4, moref=ctx(vis_mask, granularity, gate_block=S))
     c = ctx(vis_mask, granularity, gate_block=S)
     t0 = P + LV + S
-    first, _ = moref_attention(attn, q[:, :, : LV + S], k[:, :, :t0], v[:, :, :t0], mask[..., : LV + S, :t0], 0.4, moref=c)
+    first, _ = moref_attention(attn, q[:, :, : LV + S], k[:, :, :t0], v[:, :, :t0], mask[..., : LV + S, :t0], 0.4,
+                               moref=c)
     steps = [moref_attention(attn, q[:, :, LV + S + j : LV + S + j + 1], k[:, :, : t0 + j + 1], v[:, :, : t0 + j + 1],
                              mask[..., LV + S + j : LV + S + j + 1, : t0 + j + 1], 0.4, moref=c)[0] for j in range(2)]
     torch.testing.assert_close(torch.cat([first, *steps], 1), full, atol=1e-6, rtol=1e-5)

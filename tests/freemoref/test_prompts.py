@@ -30,7 +30,8 @@ def encode(tokenizer, question, system_prompt=None, template="llava_vid"):
 
 def test_llava_vid_snapshot(tokenizer):
     assert encode(tokenizer, QUESTION) == (LLAVA_VID_PREFIX, SUFFIX)
-    assert tokenizer.decode(LLAVA_VID_PREFIX) == "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    assert tokenizer.decode(LLAVA_VID_PREFIX) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
     assert tokenizer.decode(SUFFIX) == f"\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -109,7 +110,8 @@ def test_multiple_choice_wording_per_benchmark():
     assert prompts.multiple_choice_question("What does the cat carry?", options, "longvideobench") == (
         "What does the cat carry?\nA. a red ball\nB. a box\n"
         "Answer with the option's letter from the given choices directly.\n")
-    assert prompts.open_ended_question("Why?", "short_answer") == "Why? Answer the question using a single word or phrase."
+    short = prompts.open_ended_question("Why?", "short_answer")
+    assert short == "Why? Answer the question using a single word or phrase."
     assert prompts.open_ended_question("Why?", "none") == "Why?"
     with pytest.raises(ValueError, match="1 to 26 options"):
         prompts.multiple_choice_question("Why?", [], "videomme")

@@ -102,7 +102,8 @@ def test_not_a_llava_onevision_checkpoint(tmp_path):
     with pytest.raises(ValueError, match=r"qwen.*not a LlavaOnevision checkpoint.*'qwen2'"):
         load_video_llm(tmp_path / "qwen")
     (tmp_path / "next").mkdir()
-    (tmp_path / "next" / "config.json").write_text(json.dumps({"model_type": "llava", "mm_projector_type": "mlp2x_gelu"}))
+    next_config = {"model_type": "llava", "mm_projector_type": "mlp2x_gelu"}
+    (tmp_path / "next" / "config.json").write_text(json.dumps(next_config))
     with pytest.raises(ValueError, match="convert_llava_next_checkpoint"):
         load_video_llm(tmp_path / "next")
     (tmp_path / "empty").mkdir()

@@ -12,8 +12,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from freemoref.config import MoRefConfig, ResolvedMoRef
-from freemoref.config import GenerationOptions
+from freemoref.config import GenerationOptions, MoRefConfig, ResolvedMoRef
 from freemoref.engine import MoRefSession, moref_generate, moref_prefill_logits
 from freemoref.partition import partition_frames
 

@@ -11,10 +11,10 @@ import pytest
 for _module in ("ray", "av", "open_clip", "pydantic", "yaml"):
     pytest.importorskip(_module, reason=f"{_module} is not installed (unpack .gpu/pkgs.tar.xz)")
 
-from pipeline.config import parse_job_config  # noqa: E402
-from pipeline.runner import run_job  # noqa: E402
-from pipeline.sink import OutputStore  # noqa: E402
-from tests.paths import DEMO_VIDEOS  # noqa: E402
+from pipeline.config import parse_job_config
+from pipeline.runner import run_job
+from pipeline.sink import OutputStore
+from tests.paths import DEMO_VIDEOS
 
 VIDEOS = ["kinetics_armwrestling.mp4", "pancake_h264_opus.mkv", "mpeg4_mp3.avi"]
 QUESTIONS = ["What happens?", "Who is in the video and what are they doing at the very end of it?"]

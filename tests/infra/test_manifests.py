@@ -1,7 +1,7 @@
 """The deployment files in infra/: KubeRay manifests, job configs, image recipe, cluster launcher.
 
 Every manifest under infra/kuberay is validated against the openAPIV3Schema of the KubeRay v1.7.0
-CRD serving its apiVersion/kind (../shared/schemas/kuberay; those tests skip when it is absent).
+CRD serving its apiVersion/kind (KubeRay's files, gzipped, in tests/infra/kuberay-crds).
 The API server prunes or, under strict field validation, rejects unknown fields, while a CRD schema
 read as JSON Schema allows them; objects with declared properties are therefore closed here, so a
 misspelt field fails like it would on `kubectl apply`. CEL rules (x-kubernetes-validations) and
@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import copy
 import functools
+import gzip
 import importlib.util
 import json
 import math
 import pathlib
 import re
 import tomllib
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import yaml
@@ -36,7 +39,7 @@ INFRA = REPO / "infra"
 KUBERAY = INFRA / "kuberay"
 LAUNCHER = INFRA / "cluster-launcher.yaml"
 DOCKERFILE = INFRA / "Dockerfile"
-CRD_DIR = REPO.parent / "shared" / "schemas" / "kuberay"
+CRD_DIR = REPO / "tests" / "infra" / "kuberay-crds"
 GPU = "nvidia.com/gpu"
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are 3 MB of YAML
@@ -139,11 +142,11 @@ CORE_SCHEMAS = {
 
 
 @functools.cache
-def crd_validators() -> dict[tuple[str, str], jsonschema.Draft7Validator]:
+def crd_validators() -> dict[tuple[str, str], Any]:  # values: jsonschema.Draft7Validator
     """(apiVersion, kind) -> validator for every served version of every CRD in CRD_DIR."""
     out = {}
-    for path in sorted(CRD_DIR.glob("*.yaml")):
-        crd = yaml.load(path.read_text(), Loader=_Loader)
+    for path in sorted(CRD_DIR.glob("*.yaml.gz")):
+        crd = yaml.load(gzip.decompress(path.read_bytes()).decode(), Loader=_Loader)
         if crd.get("kind") != "CustomResourceDefinition":
             continue
         group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
@@ -156,8 +159,6 @@ def crd_validators() -> dict[tuple[str, str], jsonschema.Draft7Validator]:
 
 @pytest.fixture(scope="module")
 def crds():
-    if not CRD_DIR.is_dir():
-        pytest.skip(f"KubeRay CRD schemas not found at {CRD_DIR}")
     validators = crd_validators()
     assert validators, f"no CRDs read from {CRD_DIR}"
     return validators
@@ -175,8 +176,8 @@ def schema_errors(doc: dict, crds: dict) -> list[str]:
     name = str((doc.get("metadata") or {}).get("name", ""))
     if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name):
         errors.append(f"$.metadata.name: {name!r} is not a DNS-1035 label (KubeRay requires one)")
-    if len(name) > NAME_LIMITS.get(key[1], 63):
-        errors.append(f"$.metadata.name: {name!r} is longer than {NAME_LIMITS.get(key[1], 63)}")
+    if len(name) > NAME_LIMITS.get(key[1] or "", 63):
+        errors.append(f"$.metadata.name: {name!r} is longer than {NAME_LIMITS.get(key[1] or '', 63)}")
     return errors
 
 
@@ -198,9 +199,9 @@ def test_manifest_matches_its_schema(name, crds):
     assert schema_errors(doc, crds) == []
 
 
-def _parts(path: str | list) -> list:
+def _parts(path: str | Sequence) -> list:
     """'a.0.b' or ['a', 0, 'b'] (a list where a key has dots of its own, like nvidia.com/gpu)."""
-    return path if isinstance(path, list) else [int(p) if p.isdigit() else p for p in path.split(".")]
+    return list(path) if not isinstance(path, str) else [int(p) if p.isdigit() else p for p in path.split(".")]
 
 
 def _get(doc, path: str | list):
@@ -425,7 +426,7 @@ def fit_problems(cfg, spec: dict) -> list[str]:
         reverse=True,
     )
     gpu_groups = [g for g in groups if g[2] > 0]
-    for name, cpus, gpus, max_pods in gpu_groups:  # first-fit decreasing into one GPU group
+    for _name, cpus, gpus, max_pods in gpu_groups:  # first-fit decreasing into one GPU group
         pods: list[list[float]] = []
         placed = True
         for need_gpu, need_cpu in (a for a in actors if a[0] > 0):

@@ -83,7 +83,8 @@ def test_credentials_are_not_in_repr():
     assert cfg.input.storage.fsspec_options("s3")["secret"] == "s3cr3t"
 
 
-@pytest.mark.parametrize("path", sorted((pathlib.Path(__file__).resolve().parents[2] / "jobs" / "configs").glob("*.yaml")))
+@pytest.mark.parametrize(
+    "path", sorted((pathlib.Path(__file__).resolve().parents[2] / "jobs" / "configs").glob("*.yaml")))
 def test_shipped_job_configs_validate(path):
     cfg = load_job_config(path)
     assert cfg.output.path
@@ -100,7 +101,8 @@ def test_errors_never_echo_credentials():
 
 
 def test_home_relative_paths_expand(tmp_path: pathlib.Path):
-    (tmp_path / "job.yaml").write_text("input: {videos: ~/clips/*.mp4}\nquestions: {prompts: [hi]}\noutput: {path: ~/out}\n")
+    (tmp_path / "job.yaml").write_text(
+        "input: {videos: ~/clips/*.mp4}\nquestions: {prompts: [hi]}\noutput: {path: ~/out}\n")
     cfg = load_job_config(tmp_path / "job.yaml")
     home = pathlib.Path.home()
     assert cfg.input.videos == [str(home / "clips/*.mp4")] and cfg.output.path == str(home / "out")

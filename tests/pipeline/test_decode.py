@@ -1,12 +1,14 @@
 """Decode: real test videos against their manifest, synthetic clips whose frames carry their own
-index, hostile inputs, S3 through fsspec, and the isolated stage policy."""
+index, hostile inputs, S3 through fsspec, and the isolated stage policy.
+
+The real videos are the repository's (tests/paths.py); an extra corpus, when present, adds cases."""
 
 from __future__ import annotations
 
 import fractions
-import json
 import os
 import pathlib
+from typing import Any
 
 import av
 import numpy as np
@@ -18,17 +20,11 @@ from pipeline.decode.pyav_backend import PyAVBackend
 from pipeline.decode.sampling import sample_times
 from pipeline.errors import ErrorReason
 from pipeline.schema import STATUS_ERROR, STATUS_OK, Col
+from tests.media import make_audio_only, make_clip
+from tests.paths import available, manifest, video_or_none
+from tests.paths import video as real_video
 
-from tests.paths import SHARED_VIDEOS as VIDEOS
-from tests.media import make_audio_only
-
-pytestmark = pytest.mark.skipif(not VIDEOS.is_dir(), reason="shared test videos not present")
-
-MANIFEST = (
-    {m["file"]: m for m in json.loads((VIDEOS / "manifest.json").read_text())["files"]}
-    if VIDEOS.is_dir()
-    else {}
-)
+MANIFEST = manifest()
 S = 48  # small frames keep the tests fast; resizing is the same code at any size
 
 # The manifest describes each file's *first* video stream; nasa_multistream.mp4 has two and we
@@ -38,8 +34,13 @@ STREAM_OVERRIDES = {"nasa_multistream.mp4": {"display": (480, 270), "fps": 29.97
 DECORD_CANNOT = {"webm_noduration_vp9_opus.webm"}
 
 
+def needs_extra(name: str):
+    """For the few cases only a file of the extra corpus exercises (the core has synthetic twins)."""
+    return pytest.mark.skipif(video_or_none(name) is None, reason=f"{name} is only in the extra video corpus")
+
+
 def cfg(**overrides) -> DecodeConfig:
-    base = {"frame_size": S, "num_frames": 8, "num_cpus": 1}
+    base: dict[str, Any] = {"frame_size": S, "num_frames": 8, "num_cpus": 1}
     base.update(overrides)
     return DecodeConfig(**base)
 
@@ -149,12 +150,12 @@ REAL = sorted(MANIFEST)
 def test_real_video_pyav_frames_and_metadata(name):
     exp = expected(name)
     c = cfg(num_frames=8)
-    video = decode_video(str(VIDEOS / name), c, backend="pyav")
+    video = decode_video(str(real_video(name)), c, backend="pyav")
     _check_real(video, exp, c)
 
 
 # decord on a subset that covers its containers and codecs, at a few hundred ms each
-DECORD_SUBSET = [
+DECORD_SUBSET = available(
     "kinetics_armwrestling.mp4",
     "pancake_h264_opus.mkv",
     "hevc_foreman_cif.mp4",
@@ -164,16 +165,16 @@ DECORD_SUBSET = [
     "nasa_multistream.mp4",
     "long_room_139s.mp4",
     "vfr_screenrec.mp4",
-]
+)
 
 
 @pytest.mark.parametrize("name", DECORD_SUBSET)
 def test_real_video_decord_matches_pyav(name):
     exp = expected(name)
     c = cfg(num_frames=8)
-    dec = decode_video(str(VIDEOS / name), c, backend="decord")
+    dec = decode_video(str(real_video(name)), c, backend="decord")
     _check_real(dec, exp, c)
-    ref = decode_video(str(VIDEOS / name), c, backend="pyav")
+    ref = decode_video(str(real_video(name)), c, backend="pyav")
     np.testing.assert_allclose(dec.times_s, ref.times_s, atol=1.01 / exp["fps"])
     assert np.abs(dec.indices - ref.indices).max() <= 1
     assert np.abs(dec.frames.astype(int) - ref.frames.astype(int)).mean() < 4.0
@@ -210,12 +211,13 @@ def _check_real(video: DecodedVideo, exp: dict, c: DecodeConfig) -> None:
     assert video.frames.std() > 0  # not blank
 
 
+@needs_extra("vfr_screenrec.mp4")
 def test_vfr_file_times_follow_presentation_times():
     """vfr_screenrec.mp4 holds its first frame 1.115 s: uniform time sampling must not take one
     frame per index step (which uniform index sampling would)."""
     c = cfg(num_frames=32)
-    video = decode_video(str(VIDEOS / "vfr_screenrec.mp4"), c, backend="pyav")
-    with av.open(str(VIDEOS / "vfr_screenrec.mp4")) as container:
+    video = decode_video(str(real_video("vfr_screenrec.mp4")), c, backend="pyav")
+    with av.open(str(real_video("vfr_screenrec.mp4"))) as container:
         pts = np.array([f.time for f in container.decode(video=0)])
     pos = expected_positions(pts, sample_times(video.duration_s, c))
     np.testing.assert_allclose(video.times_s, pts[pos], atol=1e-6)
@@ -224,20 +226,21 @@ def test_vfr_file_times_follow_presentation_times():
     assert video.indices[0] == 0 and video.times_s[1] >= 1.115 and len(video.times_s) < 32
 
 
+@needs_extra("fire_vfr_rot180.mp4")
 def test_vfr_phone_clip_times(name="fire_vfr_rot180.mp4"):
     c = cfg(num_frames=25)
-    video = decode_video(str(VIDEOS / name), c, backend="pyav")
-    with av.open(str(VIDEOS / name)) as container:
+    video = decode_video(str(real_video(name)), c, backend="pyav")
+    with av.open(str(real_video(name))) as container:
         pts = np.array([f.time for f in container.decode(video=0)])
     pos = expected_positions(pts, sample_times(video.duration_s, c))
     np.testing.assert_allclose(video.times_s, pts[pos], atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["iphone4s_rot90.mov", "fire_vfr_rot180.mp4"])
+@pytest.mark.parametrize("name", available("iphone4s_rot90.mov", "fire_vfr_rot180.mp4"))
 def test_rotation_backends_agree_and_report_display_size(name):
     c = cfg(num_frames=4, frame_size=96)
-    a = decode_video(str(VIDEOS / name), c, backend="pyav")
-    b = decode_video(str(VIDEOS / name), c, backend="decord")
+    a = decode_video(str(real_video(name)), c, backend="pyav")
+    b = decode_video(str(real_video(name)), c, backend="decord")
     exp = expected(name)
     for v in (a, b):
         assert (v.width, v.height) == exp["display"] and v.rotation == exp["rotation"]
@@ -249,7 +252,7 @@ def test_rotation_backends_agree_and_report_display_size(name):
 
 
 def test_probe_has_no_container_duration_fallback():
-    info = PyAVBackend(S).probe(str(VIDEOS / "webm_noduration_vp9_opus.webm"))
+    info = PyAVBackend(S).probe(str(real_video("webm_noduration_vp9_opus.webm")))
     assert info.duration_source == "packets"
     assert info.duration_s == pytest.approx(4.939, abs=0.01)
 
@@ -257,25 +260,26 @@ def test_probe_has_no_container_duration_fallback():
 def test_decord_refuses_webm_without_duration():
     c = cfg()
     with pytest.raises(DecodeError) as exc_info:
-        decode_video(str(VIDEOS / "webm_noduration_vp9_opus.webm"), c, backend="decord")
+        decode_video(str(real_video("webm_noduration_vp9_opus.webm")), c, backend="decord")
     assert_error(exc_info, ErrorReason.UNSUPPORTED)
 
 
-def test_sparse_sampling_seeks_instead_of_decoding_everything():
-    path = str(VIDEOS / "long_room_139s.mp4")  # 1394 frames, a keyframe every second
+def test_sparse_sampling_seeks_instead_of_decoding_everything(tmp_path):
+    gop = {"g": "10", "keyint_min": "10", "sc_threshold": "0"}  # a keyframe every second
+    path = str(make_clip(tmp_path / "long.mp4", 300, pts_ms=[i * 100 for i in range(300)], options=gop))
     backend = PyAVBackend(S)
     info = backend.probe(path)
     c = cfg(num_frames=8)
     result = backend.read(path, sample_times(info.duration_s, c), info)
     assert len(result.times_s) == 8
-    assert result.frames_decoded < 8 * 15  # ~ one GOP per target, not 1394
+    assert result.frames_decoded < 8 * 15  # ~ one GOP per target, not 300
     # ordinals after a seek are estimated from the time at the average rate: exact on CFR
     np.testing.assert_array_equal(result.indices, np.round(result.times_s * 10).astype(int))
 
 
 def test_fps_sampling_on_a_real_video():
     c = cfg(sampling="fps", fps=0.5, max_frames=100)
-    video = decode_video(str(VIDEOS / "pancake_h264_opus.mkv"), c, backend="pyav")
+    video = decode_video(str(real_video("pancake_h264_opus.mkv")), c, backend="pyav")
     assert len(video.times_s) == 6  # 0, 2, 4, 6, 8, 10 s of 10.38 s
     np.testing.assert_allclose(video.times_s, [0, 2, 4, 6, 8, 10], atol=1 / 30)
 
@@ -384,10 +388,12 @@ def test_video_shorter_than_the_container_is_sampled_over_its_own_span(tmp_path,
     assert [read_level(f, 25) for f in video.frames] == [2, 7, 12, 17, 22]
 
 
-def test_fewer_frames_than_targets_returns_each_frame_once():
-    video = decode_video(str(VIDEOS / "mjpeg_mouse_12f.avi"), cfg(num_frames=64), backend="pyav")
+def test_fewer_frames_than_targets_returns_each_frame_once(tmp_path):
+    path = make_clip(tmp_path / "mjpeg.avi", 12, size=(83, 75), codec="mjpeg", pix_fmt="yuvj420p")  # odd size
+    video = decode_video(str(path), cfg(num_frames=64), backend="pyav")
     np.testing.assert_array_equal(video.indices, np.arange(12))
-    assert video.codec == "mjpeg" and (video.width, video.height) == (832, 747)
+    assert [read_level(f, 12) for f in video.frames] == list(range(12))
+    assert video.codec == "mjpeg" and (video.width, video.height) == (83, 75)
 
 
 # ---------------------------------------------------------------------------------- bad inputs
@@ -395,15 +401,16 @@ def test_fewer_frames_than_targets_returns_each_frame_once():
 
 @pytest.fixture
 def hostile(tmp_path):
-    real = (VIDEOS / "vllava_demo1.mp4").read_bytes()  # "moov" at the start (fast start)
-    tail_moov = (VIDEOS / "kinetics_armwrestling.mp4").read_bytes()  # "moov" at the end
+    faststart = {"movflags": "faststart"}  # "moov" at the start
+    real = make_clip(tmp_path / "faststart.mp4", 50, size=(160, 120), container_options=faststart).read_bytes()
+    tail_moov = real_video("kinetics_armwrestling.mp4").read_bytes()  # "moov" at the end
     no_moov = bytearray(tail_moov)
     at = no_moov.find(b"moov")
     no_moov[at : at + 4] = b"xxxx"
     garbage = bytearray(tail_moov)  # every sample's bytes replaced, the index intact
     lo, hi = tail_moov.find(b"mdat") + 4, at - 4  # the mdat payload, up to the moov box
     garbage[lo:hi] = np.random.default_rng(1).integers(0, 256, hi - lo, dtype=np.uint8).tobytes()
-    mkv = (VIDEOS / "pancake_h264_opus.mkv").read_bytes()
+    mkv = (real_video("pancake_h264_opus.mkv")).read_bytes()
     files = {
         "empty.mp4": b"",
         "garbage_samples.mp4": bytes(garbage),
@@ -413,7 +420,7 @@ def hostile(tmp_path):
         "cut_faststart.mp4": real[: int(len(real) * 0.3)],
         "cut_moov_at_end.mp4": tail_moov[: int(len(tail_moov) * 0.3)],
         "no_moov.mp4": bytes(no_moov),
-        "cut_mkv.mkv": (VIDEOS / "pancake_h264_opus.mkv").read_bytes()[:120],
+        "cut_mkv.mkv": (real_video("pancake_h264_opus.mkv")).read_bytes()[:120],
     }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
@@ -453,7 +460,7 @@ def test_directory_is_not_a_video(tmp_path):
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_unreadable_file_is_permission_denied(tmp_path):
     path = tmp_path / "locked.mp4"
-    path.write_bytes((VIDEOS / "hevc_foreman_cif.mp4").read_bytes())
+    path.write_bytes(real_video("kinetics_armwrestling.mp4").read_bytes())
     path.chmod(0)
     with pytest.raises(DecodeError) as exc_info:
         decode_video(str(path), cfg(), backend="pyav")
@@ -470,14 +477,14 @@ def test_unreadable_file_is_permission_denied(tmp_path):
 )
 def test_limits_refuse_before_decoding(limits, reason, text):
     with pytest.raises(DecodeError) as exc_info:
-        decode_video(str(VIDEOS / "vllava_demo1.mp4"), cfg(**limits), backend="pyav")
+        decode_video(str(real_video("kinetics_armwrestling.mp4")), cfg(**limits), backend="pyav")  # 10 s, 340x256
     assert_error(exc_info, reason)
     assert text in str(exc_info.value)
 
 
 def test_too_long_without_container_duration_stops_the_packet_scan():
     with pytest.raises(DecodeError) as exc_info:
-        decode_video(str(VIDEOS / "webm_noduration_vp9_opus.webm"), cfg(max_duration_s=2.0), backend="pyav")
+        decode_video(str(real_video("webm_noduration_vp9_opus.webm")), cfg(max_duration_s=2.0), backend="pyav")
     assert_error(exc_info, ErrorReason.TOO_LONG)
 
 
@@ -486,9 +493,9 @@ def test_too_long_without_container_duration_stops_the_packet_scan():
 
 def test_decode_from_s3_streams_with_pyav_and_downloads_for_decord(s3_bucket):
     fs, bucket, options = s3_bucket
-    fs.put_file(str(VIDEOS / "kinetics_armwrestling.mp4"), f"{bucket}/v/clip.mp4")
+    fs.put_file(str(real_video("kinetics_armwrestling.mp4")), f"{bucket}/v/clip.mp4")
     uri = f"s3://{bucket}/v/clip.mp4"
-    local = decode_video(str(VIDEOS / "kinetics_armwrestling.mp4"), cfg(), backend="pyav")
+    local = decode_video(str(real_video("kinetics_armwrestling.mp4")), cfg(), backend="pyav")
     for backend in ("pyav", "decord"):
         remote = decode_video(uri, cfg(), options, backend=backend)
         np.testing.assert_allclose(remote.times_s, local.times_s)
@@ -501,11 +508,11 @@ def test_decode_from_s3_streams_with_pyav_and_downloads_for_decord(s3_bucket):
     assert_error(exc_info, ErrorReason.TOO_LARGE)
 
 
-def test_stage_reads_s3_in_the_isolated_child(s3_bucket):
+def test_stage_reads_s3_in_the_isolated_child(s3_bucket, tmp_path):
     fs, bucket, options = s3_bucket
-    fs.put_file(str(VIDEOS / "hevc_foreman_cif.mp4"), f"{bucket}/foreman.mp4")
+    fs.put_file(str(make_clip(tmp_path / "hevc.mp4", 20, codec="libx265")), f"{bucket}/hevc.mp4")
     stage = DecodeStage(cfg(), options)
-    ok = stage.decode_row({Col.VIDEO_URI: f"s3://{bucket}/foreman.mp4"})
+    ok = stage.decode_row({Col.VIDEO_URI: f"s3://{bucket}/hevc.mp4"})
     assert ok[Col.STATUS] == STATUS_OK, ok[Col.ERROR_DETAIL]
     assert ok[Col.FRAMES].shape == (8, S, S, 3) and ok[Col.CODEC] == "hevc"
     missing = stage.decode_row({Col.VIDEO_URI: f"s3://{bucket}/nope.mp4"})
@@ -523,7 +530,7 @@ def test_stage_declares_columns():
 
 def test_stage_ok_row():
     stage = DecodeStage(cfg(), None)
-    row = stage.decode_row({Col.VIDEO_ID: "v1", Col.VIDEO_URI: str(VIDEOS / "iphone4s_rot90.mov")})
+    row = stage.decode_row({Col.VIDEO_ID: "v1", Col.VIDEO_URI: str(real_video("iphone4s_rot90.mov"))})
     assert row[Col.STATUS] == STATUS_OK and row[Col.ERROR_REASON] is None and row[Col.ERROR_DETAIL] is None
     assert row[Col.VIDEO_ID] == "v1"
     assert row[Col.FRAMES].shape == (8, S, S, 3) and row[Col.FRAMES].dtype == np.uint8
@@ -546,14 +553,14 @@ def test_stage_error_row_keeps_the_schema(hostile):
 
 def test_stage_error_row_reports_what_the_probe_learned():
     stage = DecodeStage(cfg(max_duration_s=5.0), None)
-    row = stage.decode_row({Col.VIDEO_URI: str(VIDEOS / "vllava_demo1.mp4")})
+    row = stage.decode_row({Col.VIDEO_URI: str(real_video("kinetics_armwrestling.mp4"))})
     assert row[Col.ERROR_REASON] == ErrorReason.TOO_LONG and "limit is 5 s" in row[Col.ERROR_DETAIL]
-    assert row[Col.DURATION_S] == pytest.approx(9.72) and row[Col.WIDTH] == 640
+    assert row[Col.DURATION_S] == pytest.approx(10.0) and row[Col.WIDTH] == 340
 
 
 def test_stage_passes_error_rows_through():
     stage = DecodeStage(cfg(), None)
-    row = {Col.VIDEO_URI: str(VIDEOS / "vllava_demo1.mp4"), Col.STATUS: STATUS_ERROR,
+    row = {Col.VIDEO_URI: str(real_video("mpeg4_mp3.avi")), Col.STATUS: STATUS_ERROR,
            Col.ERROR_REASON: "read_failed", Col.ERROR_DETAIL: "listing: x"}
     out = stage.decode_row(row)
     assert out[Col.STATUS] == STATUS_ERROR
@@ -569,14 +576,14 @@ def test_stage_row_without_uri_is_an_error_row():
 
 def test_stage_falls_back_to_the_other_backend():
     stage = DecodeStage(cfg(backend="decord"), None)
-    row = stage.decode_row({Col.VIDEO_URI: str(VIDEOS / "webm_noduration_vp9_opus.webm")})
+    row = stage.decode_row({Col.VIDEO_URI: str(real_video("webm_noduration_vp9_opus.webm"))})
     assert row[Col.STATUS] == STATUS_OK, row[Col.ERROR_DETAIL]
     assert row[Col.DECODE_BACKEND] == "pyav"
 
 
 def test_stage_timeout_becomes_an_error_row_after_retries_and_fallback():
     stage = DecodeStage(cfg(timeout_s=0.001, retries=1), None)
-    row = stage.decode_row({Col.VIDEO_URI: str(VIDEOS / "long_room_139s.mp4")})
+    row = stage.decode_row({Col.VIDEO_URI: str(real_video("kinetics_armwrestling.mp4"))})
     assert row[Col.STATUS] == STATUS_ERROR
     assert row[Col.ERROR_REASON] == ErrorReason.TIMEOUT
     detail = row[Col.ERROR_DETAIL]

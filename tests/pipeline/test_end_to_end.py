@@ -77,7 +77,8 @@ def check_tables(store: OutputStore, expected_pairs: set, n_error_pairs: int):
     rows = answers.to_pylist()
     errors = [r for r in rows if r["status"] == "error"]
     assert len(errors) == n_error_pairs
-    assert all(r["video_id"] == "broken.mp4" and r[Col.ERROR_REASON] and r[Col.ERROR_DETAIL] and r["answer"] is None for r in errors)
+    assert all(r["video_id"] == "broken.mp4" and r[Col.ERROR_REASON] and r[Col.ERROR_DETAIL] and r["answer"] is None
+               for r in errors)
     for r in (r for r in rows if r["status"] == "ok"):
         assert r["run_id"] == "e2e" and r["model"] == "tiny-llava-onevision"
         assert r["frames_decoded"] == NUM_FRAMES and len(r["frame_indices"]) == NUM_FRAMES
@@ -96,7 +97,8 @@ def check_tables(store: OutputStore, expected_pairs: set, n_error_pairs: int):
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-4)
     # the answers' frame times are the frames table's times for that video
     ok = next(r for r in rows if r["status"] == "ok" and r["video_id"] == GOOD[0])
-    ftimes = sorted(t for v, t in zip(frames.column("video_id").to_pylist(), frames.column("time_s").to_pylist()) if v == GOOD[0])
+    video_times = zip(frames.column("video_id").to_pylist(), frames.column("time_s").to_pylist())
+    ftimes = sorted(t for v, t in video_times if v == GOOD[0])
     np.testing.assert_allclose(sorted(ok["frame_times_s"]), ftimes)
 
 
@@ -171,7 +173,8 @@ def _answers_by_pair(out: pathlib.Path) -> dict:
 
 def _frames(out: pathlib.Path) -> list:
     table = pq.read_table(out / "frames").sort_by([("video_id", "ascending"), ("frame_index", "ascending")])
-    return table.select(["video_id", "frame_index", "time_s"]).to_pylist(), np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    embeddings = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    return table.select(["video_id", "frame_index", "time_s"]).to_pylist(), embeddings
 
 
 def test_videos_in_flight_and_clip_in_the_answer_actor_give_the_same_rows(archive, tmp_path, ray_local):

@@ -13,13 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.clip_encoder import FrameEncoder, _frame_batches, clip_dtype
 from pipeline.clip_models import build_tiny_clip, load_clip
 from pipeline.config import GuidanceConfig
-from tests.paths import DEMO_VIDEOS
-from pipeline.clip_encoder import FrameEncoder, _frame_batches, clip_dtype
 from pipeline.frame_selection import frame_scores, prompt_positions, select_frames, uniform_positions
 from pipeline.guidance import GuidanceStage, frames_table
 from pipeline.schema import STATUS_ERROR, STATUS_OK, Col, frames_schema
+from tests.paths import DEMO_VIDEOS
 
 VIDEO = str(DEMO_VIDEOS / "kinetics_armwrestling.mp4")
 NUM_FRAMES = 8
@@ -247,7 +247,8 @@ def test_error_rows_pass_through_with_uniform_columns(tiny_dir, frames):
     row.update({Col.ERROR_REASON: "decode_failed", Col.ERROR_DETAIL: "corrupt"})
     row[Col.FRAMES] = None
     err = stage([row])[0]
-    assert err[Col.STATUS] == STATUS_ERROR and (err[Col.ERROR_REASON], err[Col.ERROR_DETAIL]) == ("decode_failed", "corrupt")
+    assert err[Col.STATUS] == STATUS_ERROR
+    assert (err[Col.ERROR_REASON], err[Col.ERROR_DETAIL]) == ("decode_failed", "corrupt")
     assert err[Col.FRAME_EMBEDDINGS].shape == (0, D) and err[Col.FRAME_EMBEDDINGS].dtype == np.float32
     assert err[Col.SELECTED_POSITIONS].shape == (2, 0) and err[Col.SELECTED_POSITIONS].dtype == np.int64
     assert err[Col.ROI_BOXES].shape[0] == 2
@@ -338,7 +339,8 @@ def test_videos_guided_together_match_one_at_a_time(tiny_dir, frames):
     failed = _row(frames[:0], ["q"], status=STATUS_ERROR)
     rows = [_row(frames, ["two men arm wrestling", "a referee"]), _row(frames[2:7], ["a scoreboard"]),
             _row(frames.astype(np.float32), ["who wins?"]),  # not uint8: fails, alone
-            {**failed, Col.ERROR_REASON: "decode_failed", Col.ERROR_DETAIL: "corrupt", Col.FRAMES: None}, _row(frames[:3], [])]
+            {**failed, Col.ERROR_REASON: "decode_failed", Col.ERROR_DETAIL: "corrupt", Col.FRAMES: None},
+            _row(frames[:3], [])]
     together = stage.guide_rows(rows)
     alone = [stage([row])[0] for row in rows]
     assert [o[Col.STATUS] for o in together] == [STATUS_OK, STATUS_OK, STATUS_ERROR, STATUS_ERROR, STATUS_OK]

@@ -45,7 +45,8 @@ LVB_RECORDS = [
     {"video_id": "86CxyhFV9MI", "question": "In the video, which subtitles appear at the same time as the man?",
      "question_wo_referring_query": "Which subtitles appear?", "candidates": ["Ahh", "Ohh", "Yes", "No", "Maybe"],
      "correct_choice": 3, "position": [1, 2], "topic_category": "NP-News-Programs", "question_category": "TOS",
-     "level": "L2-Relation", "id": "86CxyhFV9MI_0", "video_path": "86CxyhFV9MI.mp4", "subtitle_path": "86CxyhFV9MI_en.json",
+     "level": "L2-Relation", "id": "86CxyhFV9MI_0", "video_path": "86CxyhFV9MI.mp4",
+     "subtitle_path": "86CxyhFV9MI_en.json",
      "duration_group": 600, "starting_timestamp_for_subtitles": 0, "duration": 528.6},
 ]
 
@@ -96,7 +97,8 @@ def test_import_longvideobench_json_and_parquet(tmp_path):
     assert import_longvideobench([str(src)]) == expected
     # The hub's parquet spells the candidates option0..option4, "N/A" when a question has fewer.
     flat = {k: v for k, v in LVB_RECORDS[0].items() if k != "candidates"}
-    flat |= {"option0": "Ahh", "option1": "Ohh", "option2": "Yes", "option3": "No", "option4": "N/A", "correct_choice": 1}
+    flat |= {"option0": "Ahh", "option1": "Ohh", "option2": "Yes", "option3": "No", "option4": "N/A",
+             "correct_choice": 1}
     parquet = tmp_path / "validation.parquet"
     pq.write_table(pa.Table.from_pylist([flat]), parquet)
     (got,) = import_longvideobench([str(parquet)])

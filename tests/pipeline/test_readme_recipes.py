@@ -19,6 +19,7 @@ def recipes() -> dict[str, str]:
 
 def run(sql: str, output) -> list[dict]:
     result = duckdb.sql(sql.replace("OUTPUT", str(output)))
+    assert result is not None  # every recipe is a query (None is for statements)
     return [dict(zip(result.columns, row)) for row in result.fetchall()]
 
 

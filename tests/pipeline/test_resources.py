@@ -79,11 +79,13 @@ def test_answer_concurrency_auto_is_one_actor_per_gpu_share(tmp_path):
     no_clip_gpu = {"num_gpus": 0}
     assert requests(tmp_path, cluster_gpus=2, answer=auto, guidance=no_clip_gpu)["answer"].count == 2
     # the CLIP actor's share comes first: 0.25 of 2 GPUs leaves room for one whole-GPU actor
-    assert requests(tmp_path, cluster_gpus=2, answer={**auto, "num_gpus": 1}, guidance={"num_gpus": 0.25})["answer"].count == 1
+    whole_gpu = requests(tmp_path, cluster_gpus=2, answer={**auto, "num_gpus": 1}, guidance={"num_gpus": 0.25})
+    assert whole_gpu["answer"].count == 1
     beside_clip = requests(tmp_path, cluster_gpus=2, answer={**auto, "num_gpus": 0.8}, guidance={"num_gpus": 0.2})
     assert beside_clip["answer"].count == 2
     place(beside_clip, {"cpus": 8, "gpus": 2, "memory_gib": 128, "max_nodes": 1})
-    assert requests(tmp_path, cluster_gpus=8, answer={**auto, "num_gpus": 0.5}, guidance=no_clip_gpu)["answer"].count == 16
+    half_gpu = requests(tmp_path, cluster_gpus=8, answer={**auto, "num_gpus": 0.5}, guidance=no_clip_gpu)
+    assert half_gpu["answer"].count == 16
     assert requests(tmp_path, cluster_gpus=0, answer=auto)["answer"].count == 1
     cpu_only = requests(tmp_path, gpus_usable=False, cluster_gpus=0, answer=auto)["answer"]
     assert (cpu_only.count, cpu_only.gpus) == (1, 0.0)
@@ -133,7 +135,8 @@ def test_unschedulable_jobs_fail_before_any_work(tmp_path, ray_local, sections, 
 def test_clip_in_the_answer_actor_asks_for_no_clip_actors(tmp_path):
     """guidance.placement answer_actor: the whole GPU goes to one actor per GPU, which also holds
     CLIP's host memory; the 0.25 + 1.0 split that cannot fit one GPU is not asked for."""
-    reqs = requests(tmp_path, cluster_gpus=2.0, guidance={"num_gpus": 0.25, "memory_gib": 3, "placement": "answer_actor"},
+    reqs = requests(tmp_path, cluster_gpus=2.0,
+                    guidance={"num_gpus": 0.25, "memory_gib": 3, "placement": "answer_actor"},
                     answer={"num_gpus": 1, "memory_gib": 20, "concurrency": "auto"})
     assert reqs["guidance"].count == 0
     assert reqs["answer"].count == 2 and reqs["answer"].gpus == 1
@@ -141,7 +144,8 @@ def test_clip_in_the_answer_actor_asks_for_no_clip_actors(tmp_path):
     place(reqs, {**GPU_NODE, "gpus": 2, "max_nodes": 1})
     with pytest.raises(UnschedulableError, match=r"^answer: 3 actors .*short of GPU"):
         place(requests(tmp_path, guidance={"placement": "answer_actor"},
-                       answer={"num_gpus": 1, "memory_gib": 20, "concurrency": 3}), {**GPU_NODE, "gpus": 2, "max_nodes": 1})
+                       answer={"num_gpus": 1, "memory_gib": 20, "concurrency": 3}),
+              {**GPU_NODE, "gpus": 2, "max_nodes": 1})
 
 
 def test_the_default_shares_fill_one_gpu(tmp_path):

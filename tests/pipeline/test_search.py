@@ -4,19 +4,19 @@ S3 (moto) indexes, model errors, filters, and the approximate index against brut
 import json
 import subprocess
 import sys
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from jobs.cli import main
-from pipeline.clip_models import build_tiny_clip, load_clip
-from pipeline.config import StorageConfig
 from pipeline.clip_encoder import FrameEncoder
+from pipeline.clip_models import build_tiny_clip, load_clip
+from pipeline.config import OutputConfig, StorageConfig
 from pipeline.schema import frames_schema
 from pipeline.search import FramesIndex, Moment, search_vector
 from pipeline.sink import FRAMES_DIR, OutputStore, video_key
-from pipeline.config import OutputConfig
 from pipeline.vector_index import VectorIndex
 from tests.paths import REPO
 
@@ -85,8 +85,10 @@ def run_search(capsys, *args) -> tuple[int, str, str]:
 
 
 def moments_of(out: str) -> list[Moment]:
-    return [Moment(**{k: pytest.approx(v, abs=1e-5) if isinstance(v, float) else v for k, v in m.items()})
-            for m in json.loads(out)["moments"]]
+    def approx(m: dict) -> dict[str, Any]:
+        return {k: pytest.approx(v, abs=1e-5) if isinstance(v, float) else v for k, v in m.items()}
+
+    return [Moment(**approx(m)) for m in json.loads(out)["moments"]]
 
 
 def test_planted_moments_exact_videos_times_and_boundaries(tmp_path, clip_dir, query_embedding, capsys):
@@ -177,7 +179,8 @@ def clustered_archive(output: str, videos: int, frames: int, dim: int, seed: int
     store = OutputStore(OutputConfig(path=output))
     for v in range(videos):
         base = topics[v % len(topics)] + 0.5 * rng.standard_normal(dim)
-        emb = base + np.cumsum(0.1 * rng.standard_normal((frames, dim)), axis=0) + 0.5 * rng.standard_normal((frames, dim))
+        drift = np.cumsum(0.1 * rng.standard_normal((frames, dim)), axis=0)
+        emb = base + drift + 0.5 * rng.standard_normal((frames, dim))
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
         vid = f"v{v:03d}"
         store.write_table(frames_table(vid, np.arange(frames) * 0.5, emb.astype(np.float32)),

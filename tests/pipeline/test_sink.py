@@ -10,7 +10,8 @@ def _answers(video_ids, question_ids):
     rows = []
     for vid, qid in zip(video_ids, question_ids):
         row = empty_answer_row()
-        row.update(run_id="r1", video_id=vid, video_uri=f"/v/{vid}", question_id=qid, question="?", status="ok", answer="a")
+        row.update(run_id="r1", video_id=vid, video_uri=f"/v/{vid}", question_id=qid, question="?", status="ok",
+                   answer="a")
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=ANSWERS_SCHEMA)
 

@@ -46,7 +46,8 @@ def test_a_stage_reading_an_unwritten_column_fails_naming_both(tmp_path):
     with pytest.raises(StageContractError, match=r"stage 'decode' reads column 'video_uri'"):
         check_chain((Col.VIDEO_ID,), chain)
     # the answer stage's output rows are answers rows: its input columns are gone after it
-    with pytest.raises(StageContractError, match=r"stage 'guidance_again' reads column 'frames'.*\(decode, guidance, answer\)"):
+    with pytest.raises(StageContractError,
+                       match=r"stage 'guidance_again' reads column 'frames'.*\(decode, guidance, answer\)"):
         check_chain(SOURCE_COLUMNS, [decode, guidance, answer, dataclasses.replace(guidance, name="guidance_again")])
     with pytest.raises(StageContractError, match="unique"):
         check_chain(SOURCE_COLUMNS, [decode, dataclasses.replace(guidance, name="decode")])

@@ -1,5 +1,6 @@
-"""Shared pieces of the reliability tests: a job on the tiny models, hostile corpora (real test
-videos plus synthetic and damaged files), row accounting, and process helpers for fault injection."""
+"""Shared pieces of the reliability tests: a job on the tiny models, hostile corpora (the repository's
+real test videos plus synthetic and damaged files, and the extra corpus's when present), row
+accounting, and process helpers for fault injection."""
 
 from __future__ import annotations
 
@@ -14,16 +15,12 @@ import time
 
 import av
 import numpy as np
-import pytest
 
 from pipeline.config import JobConfig, parse_job_config
 from pipeline.schema import Col
 from pipeline.sink import OutputStore
-
-from tests.paths import SHARED_VIDEOS as VIDEOS
-from tests.media import make_audio_only
-
-needs_videos = pytest.mark.skipif(not VIDEOS.is_dir(), reason="shared test videos not present")
+from tests.media import make_audio_only, make_clip
+from tests.paths import available, video
 
 NUM_FRAMES = 16  # candidate frames decoded per video
 PER_QUESTION = 8  # frames each question sees
@@ -122,8 +119,9 @@ def make_video(path: pathlib.Path, n: int, size=(64, 48), pix_fmt="yuv420p", rat
     return path
 
 
-# Decode limits for the hostile corpus: vfr_screenrec.mp4 (3026x1386) is too large and
-# long_room_139s.mp4 too long; every other real video is within them.
+# Decode limits for the hostile corpus: "too_large" (1600x1300) and "too_long" (101 s), and from the
+# extra corpus vfr_screenrec.mp4 (3026x1386) and long_room_139s.mp4 (139 s), exceed them; every other
+# video is within them.
 HOSTILE_LIMITS = {"max_pixels": 2_000_000, "max_duration_s": 100.0}
 
 
@@ -131,9 +129,8 @@ def build_hostile_corpus(root: pathlib.Path) -> dict[str, tuple[str | None, str]
     """Write the corpus under root; returns {video_id: (file path or None if missing, expected)} where
     expected is 'ok' or the error reason. Video ids are chosen to be hostile as file names."""
     root.mkdir(parents=True, exist_ok=True)
-    real = lambda name: (VIDEOS / name).read_bytes()  # noqa: E731
-    faststart = real("vllava_demo1.mp4")  # 'moov' first
-    tail_moov = real("kinetics_armwrestling.mp4")  # 'moov' last
+    faststart = make_faststart(root / "faststart.mp4").read_bytes()  # 'moov' first
+    tail_moov = video("kinetics_armwrestling.mp4").read_bytes()  # 'moov' last
     no_moov = bytearray(tail_moov)
     at = no_moov.find(b"moov")
     no_moov[at : at + 4] = b"xxxx"
@@ -152,17 +149,23 @@ def build_hostile_corpus(root: pathlib.Path) -> dict[str, tuple[str | None, str]
     for name, (data, want) in damaged.items():
         (root / name).write_bytes(data)
         corpus[name] = (str(root / name), want)
-    for name, want in [
-        ("fire_vfr_rot180.mp4", OK),  # variable frame rate, rotated 180
-        ("iphone4s_rot90.mov", OK),  # rotated 90, audio is stream 0
-        ("h264_yuv444_openfield.mp4", OK),  # 4:4:4, 77 s
-        ("webm_noduration_vp9_opus.webm", OK),  # no container duration: decord cannot, PyAV can
-        ("nasa_multistream.mp4", OK),  # two video streams: FFmpeg's best stream is read
-        ("mjpeg_mouse_12f.avi", OK),  # 12 frames, fewer than the 16 asked for
-        ("vfr_screenrec.mp4", "too_large"),  # 3026x1386 > max_pixels
-        ("long_room_139s.mp4", "too_long"),  # 139 s > max_duration_s
-    ]:
-        corpus[name] = (str(VIDEOS / name), want)
+    wants = {
+        "iphone4s_rot90.mov": OK,  # rotated 90, audio is stream 0
+        "webm_noduration_vp9_opus.webm": OK,  # no container duration: decord cannot, PyAV can
+        "nasa_multistream.mp4": OK,  # two video streams: FFmpeg's best stream is read
+        # the extra corpus's, when present
+        "fire_vfr_rot180.mp4": OK,  # variable frame rate, rotated 180
+        "h264_yuv444_openfield.mp4": OK,  # 4:4:4, 77 s
+        "mjpeg_mouse_12f.avi": OK,  # 12 frames, fewer than the 16 asked for
+        "vfr_screenrec.mp4": "too_large",  # 3026x1386 > max_pixels
+        "long_room_139s.mp4": "too_long",  # 139 s > max_duration_s
+    }
+    for name in available(*wants):
+        corpus[name] = (str(video(name)), wants[name])
+    mjpeg = make_clip(root / "mjpeg.avi", 12, size=(83, 75), codec="mjpeg", pix_fmt="yuvj420p")
+    corpus["mjpeg 12 frames.avi"] = (str(mjpeg), OK)  # fewer frames than the 16 asked for
+    corpus["too_large.mp4"] = (str(make_clip(root / "large.mp4", 3, size=(1600, 1300))), "too_large")
+    corpus["too_long.mp4"] = (str(make_clip(root / "long.mp4", 3, pts_ms=[0, 50_000, 101_000])), "too_long")
     corpus["../../etc/one frame.mp4"] = (str(make_video(root / "one_frame.mp4", 1)), OK)
     corpus["odd 33x17 yuv444.mp4"] = (str(make_video(root / "odd.mp4", 10, size=(33, 17), pix_fmt="yuv444p")), OK)
     corpus["/abs/audio_only.m4a"] = (str(make_audio_only(root / "audio_only.m4a")), "no_video_stream")
@@ -170,6 +173,11 @@ def build_hostile_corpus(root: pathlib.Path) -> dict[str, tuple[str | None, str]
     corpus["a_directory.mp4"] = (str(root / "a_directory.mp4"), "not_a_video")
     corpus["missing.mp4"] = (str(root / "missing.mp4"), "not_found")
     return corpus
+
+
+def make_faststart(path: pathlib.Path) -> pathlib.Path:
+    """An MP4 whose index ('moov') comes before its samples, as streaming encoders write it."""
+    return make_clip(path, 50, size=(160, 120), container_options={"movflags": "faststart"})
 
 
 def write_manifest(path: pathlib.Path, corpus: dict[str, tuple[str | None, str]]) -> pathlib.Path:

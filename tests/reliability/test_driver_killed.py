@@ -18,21 +18,19 @@ import pytest
 import yaml
 
 from pipeline.schema import Col
-
+from tests.paths import video
 from tests.reliability.helpers import (
     PROMPTS,
-    VIDEOS,
     assert_exactly_once,
     job,
     job_dict,
     kill,
-    needs_videos,
     process_group,
     rows_of,
     wait_until,
 )
 
-pytestmark = [pytest.mark.slow, needs_videos]
+pytestmark = pytest.mark.slow
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
@@ -60,7 +58,7 @@ def test_driver_killed_then_rerun_completes_exactly_once(tmp_path, s3_bucket):
     fs, bucket, options = s3_bucket
     ids = [f"clip{i}.mp4" for i in range(16)]
     for vid in ids:
-        fs.put_file(str(VIDEOS / "kinetics_armwrestling.mp4"), f"{bucket}/in/{vid}")
+        fs.put_file(str(video("kinetics_armwrestling.mp4")), f"{bucket}/in/{vid}")
     uris = [f"s3://{bucket}/in/{v}" for v in ids + ["missing.mp4"]]
     fs.pipe(f"{bucket}/in/manifest.jsonl", "".join(json.dumps({"video_uri": u}) + "\n" for u in uris).encode())
     key, secret = f"AKID{uuid.uuid4().hex[:12].upper()}", f"secret-{uuid.uuid4().hex}"
@@ -110,7 +108,8 @@ def test_driver_killed_then_rerun_completes_exactly_once(tmp_path, s3_bucket):
     assert all(r[Col.ERROR_REASON] == "not_found" and "missing.mp4" in r[Col.ERROR_DETAIL]
                for r in rows if r["status"] == "error")
     summary = json.loads(fs.cat(f"{bucket}/out/runs/driver.json"))
-    assert (summary["skipped_done"], summary["processed"], summary["status"]) == (done, len(expected) - done, "complete")
+    assert (summary["skipped_done"], summary["processed"], summary["status"]) == (
+        done, len(expected) - done, "complete")
     console = (tmp_path / "run2.log").read_text()
     assert f"skipped (already done): {done}" in console
 

@@ -11,26 +11,25 @@ import threading
 import pytest
 
 from pipeline.runner import run_job
-from pipeline.sink import OutputStore
 from pipeline.schema import Col
+from pipeline.sink import OutputStore
+from tests.paths import video
 from tests.reliability.helpers import (
     PROMPTS,
-    VIDEOS,
     assert_exactly_once,
     free_port,
     job,
     kill,
     my_ray_processes,
-    needs_videos,
     rows_of,
     start_moto,
     stop_moto,
     wait_until,
 )
 
-pytestmark = [pytest.mark.slow, needs_videos]
+pytestmark = pytest.mark.slow
 
-CLIP = VIDEOS / "mpeg4_mp3.avi"  # 6.6 s, Apache-2.0
+CLIP = video("mpeg4_mp3.avi")  # 6.6 s, Apache-2.0
 
 
 class Background:

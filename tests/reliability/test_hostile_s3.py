@@ -13,19 +13,19 @@ import requests
 
 from pipeline.runner import run_job
 from pipeline.sink import video_key
+from tests.paths import video
 from tests.reliability.helpers import (
     OK,
     PROMPTS,
-    VIDEOS,
     assert_exactly_once,
     check_rows,
     expected_reasons,
     job,
-    needs_videos,
+    make_faststart,
     rows_of,
 )
 
-pytestmark = [pytest.mark.slow, needs_videos]
+pytestmark = pytest.mark.slow
 
 
 def iam_user_denied(endpoint: str, bucket: str, denied_key: str) -> tuple[str, str]:
@@ -52,15 +52,15 @@ def set_moto_auth(endpoint: str, on: bool) -> None:
 def test_hostile_corpus_s3_then_fixed_permissions_and_a_grown_archive(tmp_path, s3_bucket, ray_local):
     fs, bucket, options = s3_bucket
     endpoint = options["client_kwargs"]["endpoint_url"]
-    faststart = (VIDEOS / "vllava_demo1.mp4").read_bytes()
+    faststart = make_faststart(tmp_path / "faststart.mp4").read_bytes()
     objects = {
-        "kinetics_armwrestling.mp4": ((VIDEOS / "kinetics_armwrestling.mp4").read_bytes(), OK),
-        "webm_noduration_vp9_opus.webm": ((VIDEOS / "webm_noduration_vp9_opus.webm").read_bytes(), OK),
-        "iphone4s_rot90.mov": ((VIDEOS / "iphone4s_rot90.mov").read_bytes(), OK),
+        "kinetics_armwrestling.mp4": (video("kinetics_armwrestling.mp4").read_bytes(), OK),
+        "webm_noduration_vp9_opus.webm": (video("webm_noduration_vp9_opus.webm").read_bytes(), OK),
+        "iphone4s_rot90.mov": (video("iphone4s_rot90.mov").read_bytes(), OK),
         "empty.mp4": (b"", "empty_file"),
         "notes.mp4": (b"not a video\n" * 50, "not_a_video"),
         "cut.mp4": (faststart[: len(faststart) // 3], "truncated"),
-        "locked.mp4": ((VIDEOS / "mpeg4_mp3.avi").read_bytes(), "permission_denied"),
+        "locked.mp4": (video("mpeg4_mp3.avi").read_bytes(), "permission_denied"),
     }
     for name, (data, _) in objects.items():
         fs.pipe(f"{bucket}/in/{name}", data)
@@ -86,7 +86,7 @@ def test_hostile_corpus_s3_then_fixed_permissions_and_a_grown_archive(tmp_path, 
     assert (summary.processed, summary.ok) == (len(expected), 6)
 
     # the permission is fixed and the archive grew: the rerun does the new video and the refused one
-    fs.pipe(f"{bucket}/in/new.mkv", (VIDEOS / "pancake_h264_opus.mkv").read_bytes())
+    fs.pipe(f"{bucket}/in/new.mkv", video("pancake_h264_opus.mkv").read_bytes())
     cfg2 = job(f"s3://{bucket}/out", videos=videos, storage=storage, run_id="s3-second",
                output_opts={"retry_errors": ["permission_denied"]})
     again = run_job(cfg2)
@@ -100,7 +100,8 @@ def test_hostile_corpus_s3_then_fixed_permissions_and_a_grown_archive(tmp_path, 
     by_run = {r["run_id"] for r in rows if r["video_id"] in ("locked.mp4", "new.mkv")}
     assert by_run == {"s3-second"} and {r["run_id"] for r in rows if r["video_id"] == "cut.mp4"} == {"s3-first"}
     # the refused video's old error file is gone, not shadowed: one file per video and run
-    locked = [p for p in fs.ls(f"{bucket}/out/answers", refresh=True) if p.rsplit("/", 1)[-1].startswith(video_key("locked.mp4"))]
+    answer_files = fs.ls(f"{bucket}/out/answers", refresh=True)
+    locked = [p for p in answer_files if p.rsplit("/", 1)[-1].startswith(video_key("locked.mp4"))]
     assert len(locked) == 1
     # the run summaries record both runs; no output holds the credentials
     runs = {p.rsplit("/", 1)[-1]: json.loads(fs.cat(p)) for p in fs.ls(f"{bucket}/out/runs", refresh=True)}

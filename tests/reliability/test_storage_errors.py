@@ -16,12 +16,11 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.config import DecodeConfig, OutputConfig
 from pipeline.decode import DecodeError, DecodeStage, decode_video
+from pipeline.errors import ErrorReason
 from pipeline.schema import STATUS_ERROR, Col
 from pipeline.sink import OutputStore
-from pipeline.errors import ErrorReason
-from tests.reliability.helpers import VIDEOS, free_port, needs_videos, start_moto, stop_moto
-
-pytestmark = needs_videos
+from tests.paths import video
+from tests.reliability.helpers import free_port, start_moto, stop_moto
 
 
 class _FailingFile:
@@ -67,7 +66,7 @@ fsspec.register_implementation("flaky", FlakyFS, clobber=True)
 @pytest.mark.parametrize("backend", ["pyav", "decord"])
 def test_storage_failure_during_a_read_is_read_failed(fraction, backend, monkeypatch):
     monkeypatch.setattr(FlakyFS, "fraction", fraction)
-    uri = f"flaky://{VIDEOS / 'kinetics_armwrestling.mp4'}"  # 'moov' at the end: read last
+    uri = f"flaky://{video('kinetics_armwrestling.mp4')}"  # 'moov' at the end: read last
     with pytest.raises(DecodeError) as info:
         decode_video(uri, DecodeConfig(num_frames=8, frame_size=32), {}, backend=backend)
     assert info.value.reason == ErrorReason.READ_FAILED, str(info.value)
@@ -81,7 +80,7 @@ def test_read_failed_is_retried_then_reported(monkeypatch):
     # in this process: the isolated child would not know the test's 'flaky' protocol
     monkeypatch.setattr(decode_stage.isolation, "run_isolated", lambda fn, *args, timeout_s, **kw: fn(*args, **kw))
     stage = DecodeStage(DecodeConfig(num_frames=8, frame_size=32, read_retries=2), {})
-    row = stage.decode_row({Col.VIDEO_URI: f"flaky://{VIDEOS / 'kinetics_armwrestling.mp4'}"})
+    row = stage.decode_row({Col.VIDEO_URI: f"flaky://{video('kinetics_armwrestling.mp4')}"})
     # three attempts with the first backend; the second backend reads the same storage: not tried
     assert row[Col.STATUS] == STATUS_ERROR and row[Col.ERROR_REASON] == ErrorReason.READ_FAILED
     assert "(x3)" in row[Col.ERROR_DETAIL] and "decord" not in row[Col.ERROR_DETAIL]

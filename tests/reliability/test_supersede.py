@@ -55,7 +55,8 @@ def test_retried_errors_replace_their_rows_and_a_crash_never_duplicates(tmp_path
     # the retry of a.mp4 succeeds: its row replaces the error row, the file keeps the other pair
     AnswersWriter(cfg.output, "r2", supersede=True)(answers("r2", "a.mp4", {CAPTION: None}))
     table = rows_of(cfg)
-    assert sorted(pairs_of(table)) == sorted({("a.mp4", CAPTION), ("a.mp4", COUNT), ("b.mp4", CAPTION), ("b.mp4", COUNT)})
+    every_pair = {("a.mp4", CAPTION), ("a.mp4", COUNT), ("b.mp4", CAPTION), ("b.mp4", COUNT)}
+    assert sorted(pairs_of(table)) == sorted(every_pair)
     assert {(r["video_id"], r["question_id"]): r["run_id"] for r in table}[("a.mp4", CAPTION)] == "r2"
 
     # the retry of b.mp4 dies after removing the old row, before its new file is in place

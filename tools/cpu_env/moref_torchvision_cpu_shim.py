@@ -17,7 +17,7 @@ _SCHEMAS = {
     "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
     "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
 }
-_libraries = []  # keep the Library objects alive, or the definitions are dropped
+_libraries: list[object] = []  # keep the Library objects alive, or the definitions are dropped
 
 
 def _define_missing_ops() -> None:
