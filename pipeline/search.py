@@ -185,7 +185,7 @@ class QueryEncoder:
     """Embeds query text with a CLIP model, checked to be the one that embedded the frames."""
 
     def __init__(self, bundle, recorded_model: str, dim: int):
-        from pipeline.guidance import FrameEncoder
+        from pipeline.clip_encoder import FrameEncoder
 
         if bundle.name != recorded_model:
             raise SearchError(

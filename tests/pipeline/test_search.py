@@ -12,7 +12,7 @@ import pytest
 from jobs.cli import main
 from pipeline.clip_models import build_tiny_clip, load_clip
 from pipeline.config import StorageConfig
-from pipeline.guidance import FrameEncoder
+from pipeline.clip_encoder import FrameEncoder
 from pipeline.schema import frames_schema
 from pipeline.search import FramesIndex, Moment, search_vector
 from pipeline.sink import FRAMES_DIR, OutputStore, video_key
