@@ -9,7 +9,8 @@ transformers forwards unknown model-forward kwargs down to the attention functio
     model(inputs_embeds=rows, attention_mask=pad_mask, moref=MoRefContext(...))
 
 runs MoRef attention (without fusion) through the model's own forward. Without `moref=` it is plain
-causal attention. `engine.py` calls `moref_attention` directly on the layers below L.
+causal attention. The engine (prefill.py, decoding.py) calls `question_attention` on the layers
+below L instead, with the rows' K/V cached once per video.
 
 The gate, in one place (`_gate`), for question queries q and row i's real visual keys K_i:
     A_i = softmax(q K_i^T * scale) over the visual keys; m_i = max of A_i over the visual keys

@@ -7,9 +7,53 @@ numbers for a given frame count and model depth (`ResolvedMoRef`), which the eng
 from __future__ import annotations
 
 import math
+import types
 from dataclasses import dataclass
+from typing import Annotated, Literal, Union, get_args, get_origin, get_type_hints
 
-GRANULARITIES = ("chunk", "head", "token")
+from annotated_types import Ge, Gt, Le
+
+Granularity = Literal["chunk", "head", "token"]
+GRANULARITIES = get_args(Granularity)
+
+# The bounds an option's annotation may carry, how each is checked and said.
+_BOUNDS = {Ge: (lambda v, b: v >= b.ge, lambda b: f">= {b.ge}"), Gt: (lambda v, b: v > b.gt, lambda b: f"> {b.gt}"),
+           Le: (lambda v, b: v <= b.le, lambda b: f"<= {b.le}")}
+
+
+def _alternatives(hint) -> tuple:
+    return get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
+
+
+def _fits(value, hint) -> bool:
+    if hint is type(None):
+        return value is None
+    if get_origin(hint) is Literal:
+        return value in get_args(hint)
+    base, *bounds = get_args(hint) if get_origin(hint) is Annotated else (hint,)
+    kinds = (int, float) if base is float else (base,)  # an int is a fine float
+    if not isinstance(value, kinds) or (base is not bool and isinstance(value, bool)):
+        return False
+    return all(_BOUNDS[type(b)][0](value, b) for b in bounds)
+
+
+def _describe(hint) -> str:
+    if hint is type(None):
+        return "None"
+    if get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(hint))
+    base, *bounds = get_args(hint) if get_origin(hint) is Annotated else (hint,)
+    kind = {bool: "true or false", int: "an integer", float: "a number"}.get(base, base.__name__)
+    return " and ".join([kind] + [_BOUNDS[type(b)][1](b) for b in bounds])
+
+
+def check_option(name: str, value, hint) -> None:
+    """Raise ValueError naming `name` unless `value` fits its annotation: a type, a Literal, an
+    Annotated type with annotated_types bounds (Ge, Gt, Le), or a union of those (`X | None`)."""
+    options = _alternatives(hint)
+    if not any(_fits(value, option) for option in options):
+        expected = " or ".join(_describe(option) for option in options)
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 # Paper's fusion layers (Free-MoRef, ablation on Qwen2-7B): N references -> layer L.
 _PAPER_FUSION_LAYER = {2: 3, 4: 6, 8: 12}
@@ -56,7 +100,7 @@ class ResolvedMoRef:
     granularity: str = "chunk"
 
 
-@dataclass
+@dataclass(frozen=True)
 class MoRefConfig:
     """User-facing Free-MoRef options; None picks the paper's default at `resolve` time.
 
@@ -66,26 +110,22 @@ class MoRefConfig:
     keep_ratio: share of each reference's visual tokens kept at fusion; default 1 / N.
     granularity: "chunk" (one gate per reference and layer), "head" (per head), or "token"
         (per head and question token).
+
+    The annotations are the one definition of each option's type and range: `__post_init__`
+    checks them, and the job config (pipeline/config.py) validates its `answer.moref` keys
+    against them, naming the key.
     """
 
     enabled: bool = True
-    temporal_units: int = 64
-    references: int | None = None
-    fusion_layer: int | None = None
-    keep_ratio: float | None = None
-    granularity: str = "chunk"
+    temporal_units: Annotated[int, Ge(1)] = 64
+    references: Annotated[int, Ge(1)] | None = None
+    fusion_layer: Annotated[int, Ge(1)] | None = None
+    keep_ratio: Annotated[float, Gt(0), Le(1)] | None = None
+    granularity: Granularity = "chunk"
 
     def __post_init__(self):
-        if not isinstance(self.temporal_units, int) or self.temporal_units < 1:
-            raise ValueError(f"temporal_units must be an integer >= 1, got {self.temporal_units!r}")
-        if self.references is not None and (not isinstance(self.references, int) or self.references < 1):
-            raise ValueError(f"references must be None or an integer >= 1, got {self.references!r}")
-        if self.fusion_layer is not None and (not isinstance(self.fusion_layer, int) or self.fusion_layer < 1):
-            raise ValueError(f"fusion_layer must be None or an integer >= 1, got {self.fusion_layer!r}")
-        if self.keep_ratio is not None and not 0.0 < self.keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio must be None or in (0, 1], got {self.keep_ratio!r}")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        for name, hint in get_type_hints(type(self), include_extras=True).items():
+            check_option(name, getattr(self, name), hint)
 
     def resolve(self, num_frames: int, num_layers: int) -> ResolvedMoRef:
         """Concrete settings for `num_frames` frames on a decoder of `num_layers` layers."""

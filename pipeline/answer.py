@@ -67,8 +67,7 @@ class AnswerStage:
             seed=cfg.seed,
             stop_strings=list(cfg.stop_strings),
         )
-        # The job config's MoRef options carry the library's field names one to one.
-        self.moref = MoRefConfig(**cfg.moref.model_dump()) if cfg.moref.enabled else None
+        self.moref: MoRefConfig | None = cfg.moref if cfg.moref.enabled else None  # validated by the job config
 
     def __call__(self, videos: list[dict]) -> list[dict]:
         """Every question's answers row, for each video."""

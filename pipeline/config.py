@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from freemoref.config import MoRefConfig
 from pipeline.errors import TRANSIENT_REASONS, ErrorReason
 
 
@@ -150,17 +151,6 @@ class GuidanceConfig(_Strict):
     placement: Literal["separate", "answer_actor"] = "separate"
 
 
-class MoRefOptions(_Strict):
-    """Free-MoRef options (README "Free-MoRef"). None means the paper's default."""
-
-    enabled: bool = True
-    temporal_units: int = Field(default=64, ge=1)
-    references: int | None = Field(default=None, ge=1)
-    fusion_layer: int | None = Field(default=None, ge=1)
-    keep_ratio: float | None = Field(default=None, gt=0, le=1)
-    granularity: Literal["chunk", "head", "token"] = "chunk"
-
-
 class AnswerConfig(_Strict):
     """The Video-LLM actor: a LlavaOnevision checkpoint (local dir or hub id) and generation."""
 
@@ -179,7 +169,8 @@ class AnswerConfig(_Strict):
     top_p: float = Field(default=1.0, gt=0, le=1)
     seed: int = 0
     stop_strings: list[str] = []
-    moref: MoRefOptions = MoRefOptions()
+    # freemoref's own dataclass: its annotations give each key's type and range, checked here.
+    moref: MoRefConfig = MoRefConfig()
     # Questions answered together per batch (sharing the video's prefill): their sequences in the
     # layers from the fusion layer on, summed, stay under this many tokens. Bounds GPU memory.
     max_batch_tokens: int = Field(default=131072, ge=1)
@@ -268,7 +259,8 @@ def _describe(errors: Sequence[Mapping[str, Any]]) -> str:
     lines = []
     for err in errors:
         key = ".".join(str(p) for p in err["loc"]) or "<root>"
-        if err["type"] == "extra_forbidden":
+        # Unknown keys: of a model (extra_forbidden) or of a dataclass such as answer.moref.
+        if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             lines.append(f"{key}: unknown key")
         else:
             value = err.get("input")

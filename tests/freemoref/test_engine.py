@@ -3,7 +3,8 @@ import torch
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
 from freemoref.config import GenerationOptions, MoRefConfig, ResolvedMoRef
-from freemoref.engine import MoRefSession, moref_generate, moref_prefill_logits, split_lm
+from freemoref.decoder_layers import split_lm
+from freemoref.engine import MoRefSession, moref_generate, moref_prefill_logits
 from tests.freemoref.moref_inputs import TEXT, tiny_qwen, video_prompt
 
 

@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from freemoref.config import GenerationOptions
+from freemoref.config import GenerationOptions, MoRefConfig
 from pipeline.answer import AnswerStage
-from pipeline.config import AnswerConfig, MoRefOptions
+from pipeline.config import AnswerConfig
 from pipeline.runner import plan_work
 from pipeline.schema import ANSWER_COLUMNS, Col
 from pipeline.sink import OutputStore
@@ -22,7 +22,7 @@ def _video(frames, selected, status="ok", reason=None, detail=None):
 
 
 def test_each_question_sees_its_own_frames(tiny_model_dir):
-    cfg = AnswerConfig(model=tiny_model_dir["llava"], max_new_tokens=4, moref=MoRefOptions(enabled=False))
+    cfg = AnswerConfig(model=tiny_model_dir["llava"], max_new_tokens=4, moref=MoRefConfig(enabled=False))
     stage = AnswerStage(cfg, run_id="r")
     frames = np.random.default_rng(0).integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
     rows = stage.answer_video(_video(frames, [[0, 2, 4], [3, 4, 5]]))
@@ -38,7 +38,7 @@ def test_each_question_sees_its_own_frames(tiny_model_dir):
 
 def test_questions_with_the_same_frames_share_the_prefill(tiny_model_dir):
     cfg = AnswerConfig(model=tiny_model_dir["llava"], max_new_tokens=4,
-                       moref=MoRefOptions(temporal_units=2, references=2))
+                       moref=MoRefConfig(temporal_units=2, references=2))
     stage = AnswerStage(cfg, run_id="r")
     frames = np.random.default_rng(0).integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
     shared = stage.answer_video(_video(frames, [[1, 2, 3, 5], [1, 2, 3, 5]]))

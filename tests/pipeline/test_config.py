@@ -4,6 +4,7 @@ import re
 import pytest
 import yaml
 
+from freemoref.config import MoRefConfig
 from pipeline.config import ConfigError, load_job_config, parse_job_config
 
 MINIMAL = {
@@ -42,6 +43,8 @@ def test_minimal_config_gets_defaults():
         ({"decode__backend": "ffmpeg"}, "decode.backend"),
         ({"answer__moref__granularity": "layer"}, "answer.moref.granularity"),
         ({"answer__moref__keep_ratio": 1.5}, "answer.moref.keep_ratio"),
+        ({"answer__moref__references": 0}, "answer.moref.references"),
+        ({"answer__moref__bogus": 1}, "answer.moref.bogus: unknown key"),
         ({"output__path": None}, "output.path"),
         ({"answer__prompt_template": "vicuna"}, "answer.prompt_template"),
         ({"questions__multiple_choice_prompt": "mmlu"}, "questions.multiple_choice_prompt"),
@@ -53,6 +56,14 @@ def test_bad_values_fail_naming_the_key(changes, key):
     with pytest.raises(ConfigError) as err:
         parse_job_config(_with(**changes))
     assert key in str(err.value)
+
+
+def test_moref_keys_validate_into_the_library_config():
+    """answer.moref is freemoref's MoRefConfig itself, its YAML values coerced like every other key."""
+    cfg = parse_job_config(_with(answer__moref={"references": "3", "keep_ratio": 1, "granularity": "head"}))
+    assert cfg.answer.moref == MoRefConfig(references=3, keep_ratio=1.0, granularity="head")
+    assert isinstance(cfg.answer.moref.keep_ratio, float)
+    assert parse_job_config(MINIMAL).answer.moref == MoRefConfig()
 
 
 def test_exactly_one_video_source():
