@@ -221,16 +221,23 @@ class OutputStore:
         table = self.read_answers(columns=["video_id", "question_id"])
         return set(zip(table.column("video_id").to_pylist(), table.column("question_id").to_pylist()))
 
-    def answer_status(self) -> dict[tuple[str, str], tuple[str, ErrorReason | None]]:
-        """(video_id, question_id) -> (status, error reason) of every row in the answers table. Rows
-        of files written before `error_reason` existed get theirs from the old `error` column."""
+    def answer_status_table(self) -> pa.Table:
+        """Every answers row's (video_id, question_id, status, error_reason) as one Arrow table:
+        what resuming needs, without the rows' content. Rows of files written before
+        `error_reason` existed get theirs from the old `error` column."""
         ds = self._dataset(ANSWERS_DIR, _STATUS_SCHEMA)
         t = _STATUS_SCHEMA.empty_table() if ds is None else ds.to_table()
-        cols = [t.column(c).to_pylist() for c in _STATUS_SCHEMA.names]
-        return {
-            (v, q): (st, ErrorReason(reason) if reason else reason_from_old_error_column(old_error))
-            for v, q, st, reason, old_error in zip(*cols)
-        }
+        old_errors = t.column(_OLD_ERROR_COLUMN).to_pylist()
+        reasons = [reason or _value(reason_from_old_error_column(old))
+                   for reason, old in zip(t.column(Col.ERROR_REASON).to_pylist(), old_errors)]
+        return t.select([Col.VIDEO_ID, Col.QUESTION_ID, Col.STATUS]).append_column(
+            Col.ERROR_REASON, pa.array(reasons, pa.string()))
+
+    def answer_status(self) -> dict[tuple[str, str], tuple[str, ErrorReason | None]]:
+        """(video_id, question_id) -> (status, error reason) of every row in the answers table."""
+        t = self.answer_status_table()
+        cols = [t.column(c).to_pylist() for c in (Col.VIDEO_ID, Col.QUESTION_ID, Col.STATUS, Col.ERROR_REASON)]
+        return {(v, q): (st, ErrorReason(reason) if reason else None) for v, q, st, reason in zip(*cols)}
 
     def _read_file(self, path: str) -> pa.Table:
         return self._retrying(path, lambda: pq.read_table(path, filesystem=self.fs))
@@ -253,6 +260,10 @@ class OutputStore:
                 self.remove(path)
             else:
                 self.write_table(table.filter(pc.invert(stale)), ANSWERS_DIR, path.rsplit("/", 1)[-1])
+
+
+def _value(reason: ErrorReason | None) -> str | None:
+    return None if reason is None else reason.value
 
 
 class FramesWriter:
