@@ -20,7 +20,10 @@ VIDEOS = ["kinetics_armwrestling.mp4", "pancake_h264_opus.mkv", "mpeg4_mp3.avi"]
 QUESTIONS = ["What happens?", "Who is in the video and what are they doing at the very end of it?"]
 
 
-def test_pipeline_on_gpu_answers_every_pair(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("placement", ["separate", "answer_actor"])
+def test_pipeline_on_gpu_answers_every_pair(tmp_path, tiny_model_dir, placement):
+    """Two videos in flight per Video-LLM actor; CLIP as its own 0.2-GPU actor, or inside the
+    Video-LLM actor (which then takes the whole GPU)."""
     import ray
 
     for name in VIDEOS:
@@ -32,8 +35,10 @@ def test_pipeline_on_gpu_answers_every_pair(tmp_path, tiny_model_dir):
         "questions": {"prompts": QUESTIONS},
         "decode": {"num_frames": 16, "frame_size": 64, "num_cpus": 0.5, "timeout_s": 120},
         "guidance": {"model": tiny_model_dir["clip"], "pretrained": None, "frames_per_question": 16,
-                     "num_gpus": 0.2, "num_cpus": 0.5, "memory_gib": 1, "videos_per_batch": 2, "roi_ratio": 0.8},
-        "answer": {"model": tiny_model_dir["llava"], "max_new_tokens": 6, "num_gpus": 0.8, "num_cpus": 0.5,
+                     "num_gpus": 0.2, "num_cpus": 0.5, "memory_gib": 1, "videos_per_batch": 2, "roi_ratio": 0.8,
+                     "placement": placement},
+        "answer": {"model": tiny_model_dir["llava"], "max_new_tokens": 6, "num_cpus": 0.5,
+                   "num_gpus": 0.8 if placement == "separate" else 1.0, "videos_in_flight": 2,
                    "concurrency": "auto", "moref": {"temporal_units": 8, "references": 2}},
         "output": {"path": str(tmp_path / "out")},
         "ray": {"num_cpus": 4},
