@@ -182,9 +182,8 @@ def _map_stage(ds, spec: StageSpec):
                                  enable_true_multi_threading=spec.concurrent_calls > 1)
         return ds.map_batches(_actor_class(spec), fn_constructor_kwargs={"kwargs": dict(spec.kwargs)}, compute=pool,
                               **args)
-    retries = {"max_retries": spec.max_retries}  # not a named map_batches parameter in Ray 2.60
     return ds.map_batches(_task_function(spec), fn_kwargs={"kwargs": dict(spec.kwargs)},
-                          ray_remote_args_fn=lambda: retries, **args)
+                          max_retries=spec.max_retries, **args)
 
 
 class _StageActor:
