@@ -23,6 +23,11 @@ def make_audio_only(path: pathlib.Path) -> pathlib.Path:
     return path
 
 
+def grey_level(i: int, n: int) -> int:
+    """The grey level that encodes frame i of n (at least 5 levels apart for n <= 40)."""
+    return 16 + round(i * 208 / max(1, n - 1))
+
+
 def make_clip(
     path: pathlib.Path,
     n: int,
@@ -33,13 +38,20 @@ def make_clip(
     pts_ms: list[int] | None = None,
     options: dict[str, str] | None = None,
     container_options: dict[str, str] | None = None,
+    fmt: str | None = None,
+    gop: int | None = None,
+    rotation: int | None = None,
+    marker: bool = False,
 ) -> pathlib.Path:
-    """n frames whose grey level encodes the frame index (16..216), at 25 fps or at `pts_ms`.
+    """n flat frames whose grey level encodes the frame index (`grey_level`), at 25 fps or at `pts_ms`.
 
-    `codec`/`pix_fmt` pick the stream (libx264, libx265, mjpeg...); `container_options` the muxer's
-    (e.g. {"movflags": "faststart"} to put an MP4's index before its samples)."""
+    `codec`/`pix_fmt` pick the stream (libx264, libx265, mjpeg...), `options` the encoder's;
+    `container_options` the muxer's (e.g. {"movflags": "faststart"} to put an MP4's index before
+    its samples), `fmt` the container when the suffix does not say. `gop`: a keyframe every `gop`
+    frames exactly; `rotation`: display-matrix rotation metadata; `marker`: the stored top-left
+    third is red (to check orientation)."""
     times = pts_ms if pts_ms is not None else [i * 40 for i in range(n)]
-    with av.open(str(path), "w", options=container_options or {}) as out:
+    with av.open(str(path), "w", format=fmt, options=container_options or {}) as out:
         stream = out.add_stream(codec, rate=25)
         stream.width, stream.height = size
         stream.pix_fmt = pix_fmt
@@ -47,8 +59,16 @@ def make_clip(
         if codec == "libx265":
             stream.options = {"x265-params": "log-level=error"}  # x265 prints its banner otherwise
         stream.options = {**stream.options, **(options or {})}
+        if gop:
+            stream.codec_context.gop_size = gop
+            if codec == "libx264":
+                stream.options = {**stream.options, "keyint_min": str(gop), "sc_threshold": "0"}
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
         for i, pts in enumerate(times):
-            img = np.full((size[1], size[0], 3), 16 + (i * 200) // max(1, n - 1), np.uint8)
+            img = np.full((size[1], size[0], 3), grey_level(i, len(times)), np.uint8)
+            if marker:
+                img[: size[1] // 3, : size[0] // 3] = (255, 0, 0)
             frame = av.VideoFrame.from_ndarray(img, format="rgb24")
             frame.pts, frame.time_base = pts, fractions.Fraction(1, 1000)
             for packet in stream.encode(frame):

@@ -5,7 +5,6 @@ The real videos are the repository's (tests/paths.py); an extra corpus, when pre
 
 from __future__ import annotations
 
-import fractions
 import os
 import pathlib
 from typing import Any
@@ -20,7 +19,7 @@ from pipeline.decode.pyav_backend import PyAVBackend
 from pipeline.decode.sampling import sample_times
 from pipeline.errors import ErrorReason
 from pipeline.schema import STATUS_ERROR, STATUS_OK, Col
-from tests.media import make_audio_only, make_clip
+from tests.media import grey_level, make_audio_only, make_clip
 from tests.paths import available, manifest, video_or_none
 from tests.paths import video as real_video
 
@@ -69,56 +68,17 @@ def assert_error(exc_info, reason: str) -> None:
 # ------------------------------------------------------------------------------ synthetic videos
 
 
-def level(i: int, n: int) -> int:
-    """The grey level that encodes frame i of n (at least 5 levels apart for n <= 40)."""
-    return 16 + round(i * 208 / max(1, n - 1))
-
-
 def read_level(frame: np.ndarray, n: int) -> int:
     """Back from a decoded frame's mean grey to the frame index it encodes."""
-    levels = np.array([level(i, n) for i in range(n)])
+    levels = np.array([grey_level(i, n) for i in range(n)])
     return int(np.argmin(np.abs(levels - frame.mean())))
 
 
-def make_video(
-    path: pathlib.Path,
-    pts_ms: list[int],
-    *,
-    size=(64, 48),
-    codec="libx264",
-    gop: int | None = None,
-    rotation: int | None = None,
-    marker: bool = False,
-    fmt: str | None = None,
-) -> pathlib.Path:
-    """Encode flat grey frames whose brightness encodes their index, at the given times (ms).
-    With `marker`, the stored top-left quadrant is red (to check orientation)."""
-    n = len(pts_ms)
-    with av.open(str(path), "w", format=fmt) as out:
-        stream = out.add_stream(codec, rate=25)
-        stream.width, stream.height = size
-        stream.pix_fmt = "yuv420p"
-        stream.time_base = fractions.Fraction(1, 1000)
-        stream.codec_context.time_base = fractions.Fraction(1, 1000)
-        if codec == "libx264":
-            stream.options = {"crf": "8", "bf": "2"}  # B-frames: decode order != presentation order
-        if gop:
-            stream.codec_context.gop_size = gop
-            if codec == "libx264":
-                stream.options = {**stream.options, "keyint_min": str(gop), "sc_threshold": "0"}
-        if rotation is not None:
-            stream.set_display_rotation(rotation)
-        for i, pts in enumerate(pts_ms):
-            img = np.full((size[1], size[0], 3), level(i, n), np.uint8)
-            if marker:
-                img[: size[1] // 3, : size[0] // 3] = (255, 0, 0)
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            frame.pts, frame.time_base = pts, fractions.Fraction(1, 1000)
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-    return path
+def make_video(path: pathlib.Path, pts_ms: list[int], *, codec="libx264", **kwargs) -> pathlib.Path:
+    """`make_clip` at the given times (ms); H.264 with B-frames, so decode order differs from
+    presentation order."""
+    options = {"crf": "8", "bf": "2"} if codec == "libx264" else None
+    return make_clip(path, len(pts_ms), pts_ms=pts_ms, codec=codec, options=options, **kwargs)
 
 
 def expected_positions(pts_s: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -366,7 +326,7 @@ def make_long_audio_mkv(path: pathlib.Path) -> pathlib.Path:
         video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
         audio = out.add_stream("aac", rate=16000)
         for i in range(25):
-            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), level(i, 25), np.uint8), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), grey_level(i, 25), np.uint8), format="rgb24")
             frame.pts = i
             out.mux(video.encode(frame))
         out.mux(video.encode(None))

@@ -13,7 +13,6 @@ import signal
 import socket
 import time
 
-import av
 import numpy as np
 
 from pipeline.config import JobConfig, parse_job_config
@@ -104,19 +103,7 @@ def expected_reasons(rows: list[dict]) -> dict[str, int]:
 
 def make_video(path: pathlib.Path, n: int, size=(64, 48), pix_fmt="yuv420p", rate=25) -> pathlib.Path:
     """n frames of H.264 whose grey level encodes the frame index."""
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=rate)
-        stream.width, stream.height = size
-        stream.pix_fmt = pix_fmt
-        for i in range(n):
-            img = np.full((size[1], size[0], 3), 16 + (i * 200) // max(1, n - 1), np.uint8)
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            frame.pts = i
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-    return path
+    return make_clip(path, n, size=size, pix_fmt=pix_fmt, pts_ms=[round(i * 1000 / rate) for i in range(n)])
 
 
 # Decode limits for the hostile corpus: "too_large" (1600x1300) and "too_long" (101 s), and from the
