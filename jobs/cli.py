@@ -60,14 +60,14 @@ def _show_answers(cfg, n: int) -> None:
     from pipeline.sink import OutputStore
 
     rows = OutputStore(cfg.output).read_answers(
-        columns=["video_id", "question_id", "status", "answer", Col.ERROR_REASON, Col.ERROR_DETAIL, "references",
-                 "visual_tokens_used"]
+        columns=[Col.VIDEO_ID, Col.QUESTION_ID, Col.STATUS, Col.ANSWER, Col.ERROR_REASON, Col.ERROR_DETAIL,
+                 Col.REFERENCES, Col.VISUAL_TOKENS_USED]
     ).slice(0, n).to_pylist()
     print(f"first {len(rows)} answers rows:")
     for r in rows:
-        text = r["answer"] if r["status"] == "ok" else f"<{r[Col.ERROR_REASON]}: {r[Col.ERROR_DETAIL]}>"
-        print(f"  {r['video_id']} / {r['question_id']} [{r['status']}, N={r['references']}, "
-              f"visual tokens {r['visual_tokens_used']}]: {text!r}"[:160])
+        text = r[Col.ANSWER] if r[Col.STATUS] == "ok" else f"<{r[Col.ERROR_REASON]}: {r[Col.ERROR_DETAIL]}>"
+        print(f"  {r[Col.VIDEO_ID]} / {r[Col.QUESTION_ID]} [{r[Col.STATUS]}, N={r[Col.REFERENCES]}, "
+              f"visual tokens {r[Col.VISUAL_TOKENS_USED]}]: {text!r}"[:160])
 
 
 def _update_search_index(output: str, storage) -> None:

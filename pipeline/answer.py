@@ -119,7 +119,7 @@ class AnswerStage:
                 try:
                     answered[members[0]] = self.llm.answer_many(
                         frame_tokens[np.searchsorted(used, positions)],
-                        [rows[q]["question"] for q in members],
+                        [rows[q][Col.QUESTION] for q in members],
                         system_prompt=self.cfg.system_prompt,
                         generation=self.generation,
                         moref=self.moref,
@@ -132,43 +132,44 @@ class AnswerStage:
         for members in groups.values():
             positions, roi = per_question[members[0]], rois[members[0]]
             for q, result in zip(members, answered.get(members[0], ())):
-                rows[q].update(
-                    status=STATUS_OK,
-                    answer=result.text,
-                    frame_indices=indices[positions].tolist(),
-                    frame_times_s=times[positions].tolist(),
-                    roi_box=roi,
-                    references=result.references,
-                    temporal_units=result.temporal_units,
-                    fusion_layer=result.fusion_layer,
-                    visual_tokens_native=result.visual_tokens_native,
-                    visual_tokens_used=result.visual_tokens_used,
-                    prompt_tokens=result.prompt_tokens,
-                    output_tokens=result.output_tokens,
-                    attn_flops_ratio=result.attn_flops_ratio,
-                    total_flops=result.total_flops,
-                    total_flops_native=result.total_flops_native,
-                    prefill_s=result.prefill_s,
-                    generate_s=result.generate_s,
-                    prefix_shared_with=result.shared_with,
-                )
+                rows[q].update({
+                    Col.STATUS: STATUS_OK,
+                    Col.ANSWER: result.text,
+                    Col.FRAME_INDICES: indices[positions].tolist(),
+                    Col.FRAME_TIMES_S: times[positions].tolist(),
+                    Col.ROI_BOX: roi,
+                    Col.REFERENCES: result.references,
+                    Col.TEMPORAL_UNITS: result.temporal_units,
+                    Col.FUSION_LAYER: result.fusion_layer,
+                    Col.VISUAL_TOKENS_NATIVE: result.visual_tokens_native,
+                    Col.VISUAL_TOKENS_USED: result.visual_tokens_used,
+                    Col.PROMPT_TOKENS: result.prompt_tokens,
+                    Col.OUTPUT_TOKENS: result.output_tokens,
+                    Col.ATTN_FLOPS_RATIO: result.attn_flops_ratio,
+                    Col.TOTAL_FLOPS: result.total_flops,
+                    Col.TOTAL_FLOPS_NATIVE: result.total_flops_native,
+                    Col.PREFILL_S: result.prefill_s,
+                    Col.GENERATE_S: result.generate_s,
+                    Col.PREFIX_SHARED_WITH: result.shared_with,
+                })
         return rows
 
     def _question_rows(self, video: dict) -> list[dict]:
         """One error row per question (status set to ok as answers arrive)."""
         base = {
-            "run_id": self.run_id,
-            "video_id": str(video[Col.VIDEO_ID]),
-            "video_uri": str(video[Col.VIDEO_URI]),
-            "model": self.model_name,
-            "frames_decoded": int(len(video.get(Col.FRAME_TIMES_S, []))),
-            "decode_s": _float_or_none(video.get(Col.DECODE_S)),
-            "guidance_s": _float_or_none(video.get(Col.GUIDANCE_S)),
+            Col.RUN_ID: self.run_id,
+            Col.VIDEO_ID: str(video[Col.VIDEO_ID]),
+            Col.VIDEO_URI: str(video[Col.VIDEO_URI]),
+            Col.MODEL: self.model_name,
+            Col.FRAMES_DECODED: int(len(video.get(Col.FRAME_TIMES_S, []))),
+            Col.DECODE_S: _float_or_none(video.get(Col.DECODE_S)),
+            Col.GUIDANCE_S: _float_or_none(video.get(Col.GUIDANCE_S)),
         }
         rows = []
         for qid, question in zip(as_list(video[Col.QUESTION_IDS]), as_list(video[Col.QUESTIONS])):
             row = empty_answer_row()
-            row.update(base, question_id=str(qid), question=str(question), status=STATUS_ERROR)
+            row.update(base)
+            row.update({Col.QUESTION_ID: str(qid), Col.QUESTION: str(question), Col.STATUS: STATUS_ERROR})
             rows.append(row)
         return rows
 

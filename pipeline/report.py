@@ -37,11 +37,12 @@ DEFAULT_MAX_VIDEOS = 6
 THUMBNAILS_PER_QUESTION = 8
 THUMBNAIL_SIZE = 128
 MAX_SCATTER_POINTS = 5000  # beyond this, per-answer plots show a random sample (and say so)
-STAGES = ("decode_s", "guidance_s", "prefill_s", "generate_s")
-PER_VIDEO_STAGES = ("decode_s", "guidance_s")  # recorded once per video, repeated on its rows
-ANSWER_COLUMNS = ("video_id", "video_uri", "question_id", "question", "status", Col.ERROR_REASON, Col.ERROR_DETAIL,
-                  "frame_times_s", "roi_box", "visual_tokens_native", "visual_tokens_used", "total_flops",
-                  "total_flops_native",
+STAGES = (Col.DECODE_S, Col.GUIDANCE_S, Col.PREFILL_S, Col.GENERATE_S)
+PER_VIDEO_STAGES = (Col.DECODE_S, Col.GUIDANCE_S)  # recorded once per video, repeated on its rows
+ANSWER_COLUMNS = (Col.VIDEO_ID, Col.VIDEO_URI, Col.QUESTION_ID, Col.QUESTION, Col.STATUS, Col.ERROR_REASON,
+                  Col.ERROR_DETAIL,
+                  Col.FRAME_TIMES_S, Col.ROI_BOX, Col.VISUAL_TOKENS_NATIVE, Col.VISUAL_TOKENS_USED, Col.TOTAL_FLOPS,
+                  Col.TOTAL_FLOPS_NATIVE,
                   *STAGES)
 
 
@@ -140,17 +141,17 @@ def _sample(n: int, k: int) -> np.ndarray:
 
 
 def cost_section(answers: pa.Table) -> Section:
-    ok = answers.filter(pc.equal(answers.column("status"), STATUS_OK))
-    cols = ("visual_tokens_used", "visual_tokens_native", "total_flops", "total_flops_native")
+    ok = answers.filter(pc.equal(answers.column(Col.STATUS), STATUS_OK))
+    cols = (Col.VISUAL_TOKENS_USED, Col.VISUAL_TOKENS_NATIVE, Col.TOTAL_FLOPS, Col.TOTAL_FLOPS_NATIVE)
     values = {c: np.asarray(ok.column(c).to_pylist(), dtype=float) for c in cols}
     known = np.all([np.isfinite(v) for v in values.values()], axis=0) if len(ok) else np.zeros(0, bool)
     if not known.any():
         return Section("Tokens and FLOPs", _note("no answered questions with token and FLOP counts"), "cost")
     values = {c: v[known] for c, v in values.items()}
-    pick = _sample(len(values["total_flops"]), MAX_SCATTER_POINTS)
+    pick = _sample(len(values[Col.TOTAL_FLOPS]), MAX_SCATTER_POINTS)
     fig, axes = _figure(10, 4, ncols=2)
-    for ax, (used, native, label) in zip(axes[0], [("visual_tokens_used", "visual_tokens_native", "visual tokens"),
-                                                   ("total_flops", "total_flops_native", "FLOPs")]):
+    for ax, (used, native, label) in zip(axes[0], [(Col.VISUAL_TOKENS_USED, Col.VISUAL_TOKENS_NATIVE, "visual tokens"),
+                                                   (Col.TOTAL_FLOPS, Col.TOTAL_FLOPS_NATIVE, "FLOPs")]):
         x, y = values[native][pick], values[used][pick]
         ax.scatter(x, y, s=12, alpha=0.6, label="answers")
         top = float(max(x.max(), y.max()))
@@ -159,8 +160,8 @@ def cost_section(answers: pa.Table) -> Section:
         ax.set_ylabel(f"{label}, spent")
         ax.set_title(f"{label} per answer")
         ax.legend(loc="upper left")
-    saved = 1 - values["total_flops"].sum() / values["total_flops_native"].sum()
-    tokens_saved = 1 - values["visual_tokens_used"].sum() / values["visual_tokens_native"].sum()
+    saved = 1 - values[Col.TOTAL_FLOPS].sum() / values[Col.TOTAL_FLOPS_NATIVE].sum()
+    tokens_saved = 1 - values[Col.VISUAL_TOKENS_USED].sum() / values[Col.VISUAL_TOKENS_NATIVE].sum()
     text = (f"{known.sum()} answers: {saved:.1%} of the native FLOPs saved, "
             f"{tokens_saved:.1%} of the native visual tokens.")
     if len(pick) < known.sum():
@@ -170,7 +171,7 @@ def cost_section(answers: pa.Table) -> Section:
 
 def stages_section(answers: pa.Table) -> Section:
     totals = {}
-    per_video = answers.group_by("video_id").aggregate([(s, "max") for s in PER_VIDEO_STAGES])
+    per_video = answers.group_by(Col.VIDEO_ID).aggregate([(s, "max") for s in PER_VIDEO_STAGES])
     for stage in STAGES:
         column = per_video.column(f"{stage}_max") if stage in PER_VIDEO_STAGES else answers.column(stage)
         totals[stage.removesuffix("_s")] = float(np.nansum(np.asarray(column.to_pylist(), dtype=float)))
@@ -214,9 +215,9 @@ def _relevance_encoder(frames_index: FramesIndex, video_ids: list[str], clip_mod
 def video_section(video_id: str, rows: list[dict], frames: FrameRows | None, encoder, why_no_relevance: str | None,
                   storage: StorageConfig) -> str:
     parts = [f'<div class="video"><h3>{html.escape(video_id)}</h3>']
-    answered = [r for r in rows if r["status"] == STATUS_OK]
+    answered = [r for r in rows if r[Col.STATUS] == STATUS_OK]
     for r in rows:
-        if r["status"] != STATUS_OK:
+        if r[Col.STATUS] != STATUS_OK:
             parts.append(_note(f"{r[Col.QUESTION_ID]}: {r[Col.ERROR_REASON]}: {r[Col.ERROR_DETAIL]}"))
     if not answered:
         return "".join(parts) + "</div>"
@@ -226,9 +227,9 @@ def video_section(video_id: str, rows: list[dict], frames: FrameRows | None, enc
         fig, axes = _figure(9, 3.2)
         ax = axes[0][0]
         for r in answered:
-            score = emb @ encoder(r["question"])
-            line, = ax.plot(times, score, label=f"{r['question_id']}: {r['question'][:50]}")
-            chosen = np.asarray(r["frame_times_s"] or [], float)
+            score = emb @ encoder(r[Col.QUESTION])
+            line, = ax.plot(times, score, label=f"{r[Col.QUESTION_ID]}: {r[Col.QUESTION][:50]}")
+            chosen = np.asarray(r[Col.FRAME_TIMES_S] or [], float)
             at = np.searchsorted(times, chosen).clip(0, len(times) - 1)
             ax.scatter(chosen, score[at], color=line.get_color(), marker="o", s=28, zorder=3)
         ax.set_xlabel("time (s)")
@@ -245,24 +246,24 @@ def video_section(video_id: str, rows: list[dict], frames: FrameRows | None, enc
 def _thumbnails(answered: list[dict], storage: StorageConfig) -> str:
     wanted = {}
     for r in answered:
-        times = list(r["frame_times_s"] or [])
-        wanted[r["question_id"]] = [times[i] for i in np.unique(
+        times = list(r[Col.FRAME_TIMES_S] or [])
+        wanted[r[Col.QUESTION_ID]] = [times[i] for i in np.unique(
             np.linspace(0, len(times) - 1, min(THUMBNAILS_PER_QUESTION, len(times))).astype(int))] if times else []
     all_times = sorted({t for ts in wanted.values() for t in ts})
     if not all_times:
         return ""
     try:
-        frames = decode_at(answered[0]["video_uri"], all_times, storage)
+        frames = decode_at(answered[0][Col.VIDEO_URI], all_times, storage)
     except Exception as exc:  # noqa: BLE001 - the page still renders without the pictures
-        return _note(f"thumbnails not shown: cannot decode {answered[0]['video_uri']}: {type(exc).__name__}: {exc}")
+        return _note(f"thumbnails not shown: cannot decode {answered[0][Col.VIDEO_URI]}: {type(exc).__name__}: {exc}")
     by_time = dict(zip(all_times, frames))
     out = []
     for r in answered:
-        times = [t for t in wanted[r["question_id"]] if t in by_time]
-        out.append(f'<div class="strip"><p>{html.escape(r["question_id"])}: {html.escape(r["question"])}</p>')
+        times = [t for t in wanted[r[Col.QUESTION_ID]] if t in by_time]
+        out.append(f'<div class="strip"><p>{html.escape(r[Col.QUESTION_ID])}: {html.escape(r[Col.QUESTION])}</p>')
         out.extend(_thumbnail(by_time[t], f"{t:.1f} s") for t in times)
-        if r["roi_box"] is not None and times:
-            out.append(_roi_plot(by_time[times[len(times) // 2]], r["roi_box"], times[len(times) // 2]))
+        if r[Col.ROI_BOX] is not None and times:
+            out.append(_roi_plot(by_time[times[len(times) // 2]], r[Col.ROI_BOX], times[len(times) // 2]))
         out.append("</div>")
     return "".join(out)
 
@@ -292,7 +293,7 @@ def build_report(output: str, storage: StorageConfig | None = None, video_ids: S
     frames_index = FramesIndex(output, storage)
     store = frames_index.store
     answers = store.read_answers(columns=list(ANSWER_COLUMNS))
-    all_videos = sorted(set(answers.column("video_id").to_pylist()))
+    all_videos = sorted(set(answers.column(Col.VIDEO_ID).to_pylist()))
     if video_ids:
         chosen, how = [v for v in video_ids if v in all_videos], "chosen"
     else:
@@ -301,17 +302,18 @@ def build_report(output: str, storage: StorageConfig | None = None, video_ids: S
     sections = [runs_section(store)]
     detail = [_note(f"{len(chosen)} video(s) in detail: {how}.")]
     if chosen:
-        table = answers.filter(pc.is_in(answers.column("video_id"), pa.array(chosen, pa.string())))
+        table = answers.filter(pc.is_in(answers.column(Col.VIDEO_ID), pa.array(chosen, pa.string())))
         rows = table.to_pylist()
         encoder, why = _relevance_encoder(frames_index, chosen, clip_model, clip_pretrained)
         frames_table = frames_index.read(chosen)
         for vid in chosen:
-            vid_frames = frames_table.filter(pc.equal(frames_table.column("video_id"), vid))
+            vid_frames = frames_table.filter(pc.equal(frames_table.column(Col.VIDEO_ID), vid))
             frames = FrameRows.from_table(vid_frames) if vid_frames.num_rows else None
-            detail.append(video_section(vid, [r for r in rows if r["video_id"] == vid], frames, encoder, why, storage))
+            video_rows = [r for r in rows if r[Col.VIDEO_ID] == vid]
+            detail.append(video_section(vid, video_rows, frames, encoder, why, storage))
     sections.append(Section("Videos", "".join(detail), "videos"))
     sections += [cost_section(answers), stages_section(answers), errors_section(answers)]
-    ok = sum(s == STATUS_OK for s in answers.column("status").to_pylist())
+    ok = sum(s == STATUS_OK for s in answers.column(Col.STATUS).to_pylist())
     summary = (f"{len(all_videos)} videos, {answers.num_rows} answers rows "
                f"({ok} ok, {answers.num_rows - ok} errors)")
     return _page(output, summary, sections)

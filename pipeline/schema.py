@@ -46,44 +46,68 @@ class Col:
     SELECTED_POSITIONS = "selected_positions"  # int64 (Q, K): positions into the T candidate frames
     ROI_BOXES = "roi_boxes"  # float32 (Q, 4) as (x0, y0, x1, y1) in [0, 1], or absent
     GUIDANCE_S = "guidance_s"
+    # answers rows (with VIDEO_ID, VIDEO_URI, QUESTION_ID, STATUS, ERROR_*, FRAME_*, *_S above)
+    RUN_ID = "run_id"
+    QUESTION = "question"
+    ANSWER = "answer"
+    MODEL = "model"
+    FRAMES_DECODED = "frames_decoded"
+    ROI_BOX = "roi_box"
+    REFERENCES = "references"
+    TEMPORAL_UNITS = "temporal_units"
+    FUSION_LAYER = "fusion_layer"
+    VISUAL_TOKENS_NATIVE = "visual_tokens_native"
+    VISUAL_TOKENS_USED = "visual_tokens_used"
+    PROMPT_TOKENS = "prompt_tokens"
+    OUTPUT_TOKENS = "output_tokens"
+    ATTN_FLOPS_RATIO = "attn_flops_ratio"
+    TOTAL_FLOPS = "total_flops"
+    TOTAL_FLOPS_NATIVE = "total_flops_native"
+    PREFILL_S = "prefill_s"
+    GENERATE_S = "generate_s"
+    PREFIX_SHARED_WITH = "prefix_shared_with"
+    # frames table rows (with VIDEO_ID and CLIP_MODEL above)
+    FRAME_INDEX = "frame_index"
+    TIME_S = "time_s"
+    EMBEDDING = "embedding"
 
 
 ANSWERS_SCHEMA = pa.schema(
     [
-        ("run_id", pa.string()),
+        (Col.RUN_ID, pa.string()),
         (Col.VIDEO_ID, pa.string()),
         (Col.VIDEO_URI, pa.string()),
         (Col.QUESTION_ID, pa.string()),
-        ("question", pa.string()),
-        ("answer", pa.string()),
+        (Col.QUESTION, pa.string()),
+        (Col.ANSWER, pa.string()),
         (Col.STATUS, pa.string()),
         (Col.ERROR_REASON, pa.string()),
         (Col.ERROR_DETAIL, pa.string()),
-        ("model", pa.string()),
-        ("frames_decoded", pa.int32()),
-        ("frame_indices", pa.list_(pa.int64())),
-        ("frame_times_s", pa.list_(pa.float64())),
+        (Col.MODEL, pa.string()),
+        (Col.FRAMES_DECODED, pa.int32()),
+        (Col.FRAME_INDICES, pa.list_(pa.int64())),
+        (Col.FRAME_TIMES_S, pa.list_(pa.float64())),
         # A variable-size list, not list<float32>[4]: pyarrow < 26 cannot read fixed-size lists
         # with null entries back from Parquet, and readers that bring their own pyarrow (a Ray
         # image, Spark) may be that old. Always 4 values when set.
-        ("roi_box", pa.list_(pa.float32())),
-        ("references", pa.int32()),
-        ("temporal_units", pa.int32()),
-        ("fusion_layer", pa.int32()),
-        ("visual_tokens_native", pa.int64()),
-        ("visual_tokens_used", pa.int64()),
-        ("prompt_tokens", pa.int64()),
-        ("output_tokens", pa.int64()),
-        ("attn_flops_ratio", pa.float64()),
-        ("total_flops", pa.float64()),
-        ("total_flops_native", pa.float64()),
-        ("decode_s", pa.float64()),
-        ("guidance_s", pa.float64()),
-        ("prefill_s", pa.float64()),
-        ("generate_s", pa.float64()),
+        (Col.ROI_BOX, pa.list_(pa.float32())),
+        (Col.REFERENCES, pa.int32()),
+        (Col.TEMPORAL_UNITS, pa.int32()),
+        (Col.FUSION_LAYER, pa.int32()),
+        (Col.VISUAL_TOKENS_NATIVE, pa.int64()),
+        (Col.VISUAL_TOKENS_USED, pa.int64()),
+        (Col.PROMPT_TOKENS, pa.int64()),
+        (Col.OUTPUT_TOKENS, pa.int64()),
+        (Col.ATTN_FLOPS_RATIO, pa.float64()),
+        (Col.TOTAL_FLOPS, pa.float64()),
+        (Col.TOTAL_FLOPS_NATIVE, pa.float64()),
+        (Col.DECODE_S, pa.float64()),
+        (Col.GUIDANCE_S, pa.float64()),
+        (Col.PREFILL_S, pa.float64()),
+        (Col.GENERATE_S, pa.float64()),
         # How many questions shared this row's video prefill (frames, RoI and system prompt):
         # prefill_s holds this row's share of it. 1 = computed for this question alone.
-        ("prefix_shared_with", pa.int32()),
+        (Col.PREFIX_SHARED_WITH, pa.int32()),
     ]
 )
 
@@ -94,16 +118,16 @@ def frames_schema(embedding_dim: int) -> pa.Schema:
     """The frames table: one row per candidate frame, embeddings as fixed-size float32 lists."""
     return pa.schema(
         [
-            ("video_id", pa.string()),
-            ("frame_index", pa.int64()),
-            ("time_s", pa.float64()),
-            ("embedding", pa.list_(pa.float32(), embedding_dim)),
-            ("clip_model", pa.string()),
+            (Col.VIDEO_ID, pa.string()),
+            (Col.FRAME_INDEX, pa.int64()),
+            (Col.TIME_S, pa.float64()),
+            (Col.EMBEDDING, pa.list_(pa.float32(), embedding_dim)),
+            (Col.CLIP_MODEL, pa.string()),
         ]
     )
 
 
-FRAME_COLUMNS = ("video_id", "frame_index", "time_s", "embedding", "clip_model")
+FRAME_COLUMNS = (Col.VIDEO_ID, Col.FRAME_INDEX, Col.TIME_S, Col.EMBEDDING, Col.CLIP_MODEL)
 
 
 def empty_answer_row() -> dict:

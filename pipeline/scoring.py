@@ -21,8 +21,9 @@ from pipeline.question_sets import MultipleChoiceQuestion
 from pipeline.schema import STATUS_OK, Col
 
 SCORE_COLUMNS = [
-    "video_id", "question_id", "status", Col.ERROR_REASON, "answer", "run_id", "model", "frame_indices", "references",
-    "prompt_tokens", "output_tokens", "visual_tokens_used", "total_flops", "total_flops_native", "attn_flops_ratio",
+    Col.VIDEO_ID, Col.QUESTION_ID, Col.STATUS, Col.ERROR_REASON, Col.ANSWER, Col.RUN_ID, Col.MODEL, Col.FRAME_INDICES,
+    Col.REFERENCES, Col.PROMPT_TOKENS, Col.OUTPUT_TOKENS, Col.VISUAL_TOKENS_USED, Col.TOTAL_FLOPS,
+    Col.TOTAL_FLOPS_NATIVE, Col.ATTN_FLOPS_RATIO,
 ]
 NO_GROUP = "(none)"
 ANSWERED, UNANSWERABLE, ERROR, MISSING = "answered", "unanswerable", "error", "missing"
@@ -79,24 +80,24 @@ class Spend:
 
     def add(self, row: dict) -> None:
         self.answers += 1
-        self.prompt_tokens += int(row["prompt_tokens"] or 0)
-        self.output_tokens += int(row["output_tokens"] or 0)
-        self.visual_tokens_used += int(row["visual_tokens_used"] or 0)
-        self.total_flops += float(row["total_flops"] or 0.0)
-        self.total_flops_native += float(row["total_flops_native"] or 0.0)
-        if row["attn_flops_ratio"] is not None:
-            self.attn_flops_ratios.append(float(row["attn_flops_ratio"]))
-        self.frames.append(len(row["frame_indices"] or ()))
-        self.references[int(row["references"] or 1)] += 1
+        self.prompt_tokens += int(row[Col.PROMPT_TOKENS] or 0)
+        self.output_tokens += int(row[Col.OUTPUT_TOKENS] or 0)
+        self.visual_tokens_used += int(row[Col.VISUAL_TOKENS_USED] or 0)
+        self.total_flops += float(row[Col.TOTAL_FLOPS] or 0.0)
+        self.total_flops_native += float(row[Col.TOTAL_FLOPS_NATIVE] or 0.0)
+        if row[Col.ATTN_FLOPS_RATIO] is not None:
+            self.attn_flops_ratios.append(float(row[Col.ATTN_FLOPS_RATIO]))
+        self.frames.append(len(row[Col.FRAME_INDICES] or ()))
+        self.references[int(row[Col.REFERENCES] or 1)] += 1
 
     def to_dict(self) -> dict:
         return {
             "answers": self.answers,
-            "prompt_tokens": self.prompt_tokens,
-            "output_tokens": self.output_tokens,
-            "visual_tokens_used": self.visual_tokens_used,
-            "total_flops": self.total_flops,
-            "total_flops_native": self.total_flops_native,
+            Col.PROMPT_TOKENS: self.prompt_tokens,
+            Col.OUTPUT_TOKENS: self.output_tokens,
+            Col.VISUAL_TOKENS_USED: self.visual_tokens_used,
+            Col.TOTAL_FLOPS: self.total_flops,
+            Col.TOTAL_FLOPS_NATIVE: self.total_flops_native,
             "mean_attn_flops_ratio": _mean(self.attn_flops_ratios),
             "mean_frames": _mean(self.frames),
             "references": {str(k): v for k, v in sorted(self.references.items())},
@@ -117,7 +118,7 @@ def _group_order(name: str):
 
 def score_answers(answers: pa.Table, questions: list[MultipleChoiceQuestion]) -> dict:
     """Score an answers table (at least SCORE_COLUMNS) against `questions`."""
-    rows = {(r["video_id"], r["question_id"]): r for r in answers.select(SCORE_COLUMNS).to_pylist()}
+    rows = {(r[Col.VIDEO_ID], r[Col.QUESTION_ID]): r for r in answers.select(SCORE_COLUMNS).to_pylist()}
     overall, by_category, by_duration = Tally(), dict[str, Tally](), dict[str, Tally]()
     spend = Spend()
     unanswerable, errors = Counter[str](), Counter[str]()
@@ -126,12 +127,12 @@ def score_answers(answers: pa.Table, questions: list[MultipleChoiceQuestion]) ->
         correct = False
         if row is None:
             outcome = MISSING
-        elif row["status"] != STATUS_OK:
+        elif row[Col.STATUS] != STATUS_OK:
             outcome = ERROR
             errors[row[Col.ERROR_REASON] or "unknown"] += 1
         else:
             spend.add(row)
-            choice = extract_choice(row["answer"], list(q.options))
+            choice = extract_choice(row[Col.ANSWER], list(q.options))
             outcome = ANSWERED if choice.letter else UNANSWERABLE
             correct = choice.letter == q.answer
             if not choice.letter:
@@ -149,8 +150,8 @@ def score_answers(answers: pa.Table, questions: list[MultipleChoiceQuestion]) ->
         "unanswerable_by_reason": dict(sorted(unanswerable.items())),
         "errors_by_reason": dict(sorted(errors.items())),
         "rows_not_in_questions": len(rows) - len(scored_rows),
-        "run_ids": sorted({r["run_id"] for r in scored_rows if r["run_id"]}),
-        "models": sorted({r["model"] for r in scored_rows if r["model"]}),
+        "run_ids": sorted({r[Col.RUN_ID] for r in scored_rows if r[Col.RUN_ID]}),
+        "models": sorted({r[Col.MODEL] for r in scored_rows if r[Col.MODEL]}),
         "spend": spend.to_dict(),
     }
 
@@ -193,9 +194,9 @@ def _lookup(score: dict, path: tuple | None) -> dict | None:
 
 
 def _spend_rows(spends: list[dict]) -> list[list[str]]:
-    fields = (("answers", "answers", "{:,}"), ("prompt tokens", "prompt_tokens", "{:,}"),
-              ("output tokens", "output_tokens", "{:,}"), ("visual tokens used", "visual_tokens_used", "{:,}"),
-              ("total FLOPs", "total_flops", "{:.3e}"), ("total FLOPs native", "total_flops_native", "{:.3e}"),
+    fields = (("answers", "answers", "{:,}"), ("prompt tokens", Col.PROMPT_TOKENS, "{:,}"),
+              ("output tokens", Col.OUTPUT_TOKENS, "{:,}"), ("visual tokens used", Col.VISUAL_TOKENS_USED, "{:,}"),
+              ("total FLOPs", Col.TOTAL_FLOPS, "{:.3e}"), ("total FLOPs native", Col.TOTAL_FLOPS_NATIVE, "{:.3e}"),
               ("mean attention FLOPs ratio", "mean_attn_flops_ratio", "{:.3f}"),
               ("mean frames", "mean_frames", "{:.1f}"))
     return [[f"  {label}", *("-" if s[key] is None else fmt.format(s[key]) for s in spends)]

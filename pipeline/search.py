@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from pipeline.config import OutputConfig, StorageConfig
-from pipeline.schema import FRAME_COLUMNS
+from pipeline.schema import FRAME_COLUMNS, Col
 from pipeline.sink import FRAMES_DIR, OutputStore, video_key
 
 # OpenAI CLIP ViT-L/14 puts a matching caption at a cosine of about 0.25-0.35 and an unrelated
@@ -65,10 +65,10 @@ class FrameRows:
     @classmethod
     def from_table(cls, table: pa.Table) -> FrameRows:
         return cls(
-            video_ids=np.asarray(table.column("video_id").to_pylist(), dtype=object),
-            frame_indices=table.column("frame_index").to_numpy(),
-            times_s=table.column("time_s").to_numpy(),
-            embeddings=embedding_matrix(table.column("embedding")),
+            video_ids=np.asarray(table.column(Col.VIDEO_ID).to_pylist(), dtype=object),
+            frame_indices=table.column(Col.FRAME_INDEX).to_numpy(),
+            times_s=table.column(Col.TIME_S).to_numpy(),
+            embeddings=embedding_matrix(table.column(Col.EMBEDDING)),
         )
 
 
@@ -146,7 +146,7 @@ class FramesIndex:
         ds = self.dataset(video_ids)
         if ds is None:
             return {}
-        counts = ds.to_table(columns=["clip_model"]).column("clip_model").value_counts()
+        counts = ds.to_table(columns=[Col.CLIP_MODEL]).column(Col.CLIP_MODEL).value_counts()
         return {str(c["values"]): int(c["counts"]) for c in counts.to_pylist()}
 
     def read(self, video_ids: Sequence[str] | None = None, columns: Sequence[str] = FRAME_COLUMNS) -> pa.Table:
@@ -155,14 +155,14 @@ class FramesIndex:
             return pa.table({c: [] for c in columns})
         table = ds.to_table(columns=list(columns))
         if video_ids is not None:  # one file per video, but a file holds only its own video's rows
-            table = table.filter(pc.is_in(table.column("video_id"), pa.array(list(video_ids), pa.string())))
+            table = table.filter(pc.is_in(table.column(Col.VIDEO_ID), pa.array(list(video_ids), pa.string())))
         return table
 
     def embedding_dim(self) -> int:
         ds = self.dataset()
         if ds is None:
             raise SearchError(f"no frames table under {self.output_cfg.path}")
-        return ds.schema.field("embedding").type.list_size
+        return ds.schema.field(Col.EMBEDDING).type.list_size
 
 
 def the_clip_model(models: dict[str, int]) -> str:

@@ -37,6 +37,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from pipeline.schema import Col
+
 log = logging.getLogger("moref_index")
 
 INDEX_DIR = "search-index"
@@ -133,7 +135,8 @@ class VectorIndex:
             vectors = _embeddings(table)
             keys = np.arange(next_id, next_id + len(vectors), dtype=np.int64)
             index.add_with_ids(vectors, keys)
-            new_ids.append(pa.table({"id": keys, "video_id": table.column("video_id"), "file": table.column("file")}))
+            new_ids.append(pa.table({"id": keys, Col.VIDEO_ID: table.column(Col.VIDEO_ID),
+                                     "file": table.column("file")}))
             next_id += len(vectors)
         files = {} if state is None else {n: fp for n, fp in state["files"].items() if n not in removed}
         files.update({n: fp for n, fp in self.frames_files().items() if n in added})
@@ -175,9 +178,9 @@ class VectorIndex:
         for start in range(0, len(paths), 256):
             chunk = paths[start : start + 256]
             ds = pads.dataset(chunk, filesystem=self.store.fs, format="parquet")
-            for batch in ds.to_batches(columns=["video_id", "embedding", "__filename"], batch_size=ADD_BATCH_ROWS):
+            for batch in ds.to_batches(columns=[Col.VIDEO_ID, Col.EMBEDDING, "__filename"], batch_size=ADD_BATCH_ROWS):
                 names_ = [f.rsplit("/", 1)[-1] for f in batch.column("__filename").to_pylist()]
-                yield pa.table({"video_id": batch.column("video_id"), "embedding": batch.column("embedding"),
+                yield pa.table({Col.VIDEO_ID: batch.column(Col.VIDEO_ID), Col.EMBEDDING: batch.column(Col.EMBEDDING),
                                 "file": pa.array(names_, pa.string())})
 
     def _commit(self, index, ids: pa.Table, files: dict, next_id: int, old: dict | None) -> dict:
@@ -245,7 +248,7 @@ class VectorIndex:
         index, ids = self._open(state)
         params = faiss.SearchParametersIVF(nprobe=min(self.nprobe, index.nlist))
         if video_ids is not None:
-            keep = pc.is_in(ids.column("video_id"), pa.array(list(video_ids), pa.string()))
+            keep = pc.is_in(ids.column(Col.VIDEO_ID), pa.array(list(video_ids), pa.string()))
             params.sel = faiss.IDSelectorBatch(ids.filter(keep).column("id").to_numpy())
         scores, keys = index.search(np.asarray(query, np.float32).reshape(1, -1), k, params=params)
         scores, keys = scores[0], keys[0]
@@ -254,7 +257,7 @@ class VectorIndex:
         # ids are sorted by construction (appended in increasing order; removals keep the order)
         id_column = ids.column("id").to_numpy()
         rows = np.searchsorted(id_column, keys)
-        video = np.asarray(ids.column("video_id").take(pa.array(rows)).to_pylist(), dtype=object)
+        video = np.asarray(ids.column(Col.VIDEO_ID).take(pa.array(rows)).to_pylist(), dtype=object)
         return scores, video
 
     def candidate_videos(self, query: np.ndarray, state: dict, min_score: float, max_videos: int,
@@ -267,12 +270,12 @@ class VectorIndex:
 
 
 def _empty_id_map() -> pa.Table:
-    return pa.table({"id": pa.array([], pa.int64()), "video_id": pa.array([], pa.string()),
+    return pa.table({"id": pa.array([], pa.int64()), Col.VIDEO_ID: pa.array([], pa.string()),
                      "file": pa.array([], pa.string())})
 
 
 def _embeddings(table: pa.Table) -> np.ndarray:
     from pipeline.search import embedding_matrix
 
-    return np.ascontiguousarray(embedding_matrix(table.column("embedding")))
+    return np.ascontiguousarray(embedding_matrix(table.column(Col.EMBEDDING)))
 
