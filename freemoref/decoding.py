@@ -73,10 +73,12 @@ class QuestionBatch:
         self.step_index.fill_(self.generated)
         if self.graph is not None:
             self.graph.replay()
+            assert self.step_logits is not None  # the graph's output buffer, set when it was captured
+            logits = self.step_logits
         else:
-            self.step_logits = self._step()
+            logits = self.step_logits = self._step()
         self.generated += 1
-        return self.step_logits
+        return logits
 
     def capture_cuda_graph(self) -> None:
         """Record `step`'s kernels once as a CUDA graph and replay it for every later token: the

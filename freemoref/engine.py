@@ -157,7 +157,7 @@ def generate_answers(engine: MoRefEngine, prefix, references, positions, suffixe
     shared_s = time.perf_counter() - t0
     per_row = video.prefix_len + (sum(keep_counts(video.lengths, engine.cfg.keep_ratio)) if video.fused
                                   else video.vis_len)
-    outputs: list[MoRefOutput | None] = [None] * len(suffixes)
+    outputs: dict[int, MoRefOutput] = {}  # question_batches covers every question once
     native = sum(video.lengths)
     for batch_ids in question_batches([s.shape[0] for s in suffixes], per_row, engine.max_batch_tokens):
         t1 = time.perf_counter()
@@ -174,7 +174,7 @@ def generate_answers(engine: MoRefEngine, prefix, references, positions, suffixe
                 tokens, reason, shared_s / len(suffixes) + (t2 - t1) / len(batch_ids), (t3 - t2) / len(batch_ids),
                 native, batch.visual_tokens_used[j], prefix.shape[0] + native + suffixes[i].shape[0],
                 fusion.kept_per_reference if fusion is not None else [], len(suffixes))
-    return outputs
+    return [outputs[i] for i in range(len(suffixes))]
 
 
 def moref_prefill_logits(lm, prefix_embeds, references, reference_positions, suffix_embeds, cfg: ResolvedMoRef,

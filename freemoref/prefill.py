@@ -185,7 +185,9 @@ def fuse(engine: MoRefEngine, video: VideoRows, h, blocks, cos, sin, question_le
     """Phase 2, at layer L: each question's fusion, scored by its prompt question's queries (blocks[b]
     leading tokens of h (B, qm, D)) on the rows' visual keys. Returns the fusions, the fused
     sequences (B, Tf, D) = [system | kept visual | question, right-padded] and their real lengths (B,)."""
-    inputs, b, qm, d = video.fusion_inputs, *h.shape
+    inputs = video.fusion_inputs
+    assert inputs is not None  # called only for a fused video (see `prefill_questions`)
+    b, qm, d = h.shape
     if inputs.k_vis is None:  # everything is kept, no need to score
         importance = [video.vis_mask.float()] * b
     else:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pathlib
 import threading
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import numpy as np
 
@@ -27,7 +29,7 @@ def model_label(model: str) -> str:
 class AnswerStage:
     """Ray actor body (map_batches over one video per batch); usable without Ray."""
 
-    reads = {
+    reads: ClassVar[Mapping[str, str]] = {
         Col.VIDEO_ID: "answers row key", Col.VIDEO_URI: "recorded in the row",
         Col.QUESTION_IDS: "one row per question", Col.QUESTIONS: "the questions asked",
         Col.STATUS: "rows already in error become error rows", Col.ERROR_REASON: "carried to error rows",
@@ -38,7 +40,7 @@ class AnswerStage:
     }
     optional_reads = (Col.ROI_BOXES,)  # only when guidance.roi_ratio is set
     keeps_input_columns = False
-    writes = ANSWER_COLUMNS
+    writes: ClassVar[Sequence[str]] = ANSWER_COLUMNS
 
     def __init__(self, cfg: AnswerConfig, run_id: str):
         from freemoref.config import GenerationOptions, MoRefConfig
@@ -65,7 +67,7 @@ class AnswerStage:
             temperature=cfg.temperature,
             top_p=cfg.top_p,
             seed=cfg.seed,
-            stop_strings=list(cfg.stop_strings),
+            stop_strings=tuple(cfg.stop_strings),
         )
         self.moref: MoRefConfig | None = cfg.moref if cfg.moref.enabled else None  # validated by the job config
 
@@ -99,8 +101,8 @@ class AnswerStage:
         # Questions with the same frames and RoI share the video prefix's prefill (one group per
         # question unless guidance.selection_scope is "video" or the selections coincide).
         groups: dict[tuple, list[int]] = {}
-        for q in range(len(rows)):
-            key = (tuple(per_question[q].tolist()), None if rois[q] is None else tuple(rois[q]))
+        for q, (positions, roi) in enumerate(zip(per_question, rois)):
+            key = (tuple(positions.tolist()), None if roi is None else tuple(roi))
             groups.setdefault(key, []).append(q)
         # The vision tower runs once per video, on the frames some question selected only.
         used = np.unique(np.concatenate(per_question)) if per_question else np.arange(0)

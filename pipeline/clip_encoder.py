@@ -133,20 +133,23 @@ class FrameEncoder:
                     pooled, patches = self._forward_with_patches(x)
                 else:
                     pooled, patches = self.bundle.model.encode_image(x), None
-                pooled = _normalised(pooled)
+                pooled_embeddings = _normalised(pooled)
                 offset = 0
                 for v, lo, hi in segments:
                     n = hi - lo
-                    embeddings[v].append(pooled[offset : offset + n])
-                    if texts[v] is not None:
+                    embeddings[v].append(pooled_embeddings[offset : offset + n])
+                    text, video_scores = texts[v], scores[v]
+                    if text is not None:
+                        # a video with text put with_patches on, and got its scores list above
+                        assert patches is not None and video_scores is not None
                         part = F.normalize(patches[offset : offset + n].float(), dim=-1)  # (n, P, D)
-                        s = torch.einsum("bpd,qd->qbp", part, texts[v])
-                        scores[v].append(s.reshape(len(texts[v]), n, gh, gw).cpu().numpy())
+                        s = torch.einsum("bpd,qd->qbp", part, text)
+                        video_scores.append(s.reshape(len(text), n, gh, gw).cpu().numpy())
                     offset += n
         return [
             FrameEncoding(np.concatenate(embeddings[v]),
-                          None if scores[v] is None else np.concatenate(scores[v], axis=1))
-            for v in range(len(videos))
+                          None if video_scores is None else np.concatenate(video_scores, axis=1))
+            for v, video_scores in enumerate(scores)
         ]
 
     def _vit(self):

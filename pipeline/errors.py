@@ -14,7 +14,11 @@ from enum import StrEnum
 class ErrorReason(StrEnum):
     """`StrEnum`: a member is its value string, so it compares, hashes and serialises as one."""
 
-    def __new__(cls, value: str, transient: bool = False, same_for_every_backend: bool = False):
+    # per-member attributes set by __new__ (annotations without a value are not enum members)
+    transient: bool
+    same_for_every_backend: bool
+
+    def __new__(cls, value: str, transient: bool = False, same_for_every_backend: bool = False) -> ErrorReason:
         member = str.__new__(cls, value)
         member._value_ = value
         member.transient = transient

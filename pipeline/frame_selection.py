@@ -66,7 +66,8 @@ def select_frames(
         return np.tile(uniform_positions(num_frames, k), (num_questions, 1)).reshape(num_questions, k)
     if scores is None or np.shape(scores) != (num_questions, num_frames):
         expected = (num_questions, num_frames)
-        raise ValueError(f"{method} selection needs scores of shape {expected}, got {np.shape(scores)}")
+        got = () if scores is None else np.shape(scores)  # what np.shape(None) gives
+        raise ValueError(f"{method} selection needs scores of shape {expected}, got {got}")
     pick = prompt_positions if method == "prompt" else lambda s, n: mix_positions(s, n, prompt_fraction)
     out = np.zeros((num_questions, k), np.int64)
     for q in range(num_questions):

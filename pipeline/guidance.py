@@ -116,10 +116,15 @@ class GuidanceStage:
         # Every question of every video through the text tower at once, then split back.
         asked = [q for qs, need in zip(questions, need_text) if need for q in qs]
         all_text = self.encoder.encode_text(asked) if asked else None
-        texts, used = [], 0
+        texts: list[np.ndarray | None] = []
+        used = 0
         for qs, need in zip(questions, need_text):
-            texts.append(all_text[used : used + len(qs)] if need else None)
-            used += len(qs) if need else 0
+            if not need:
+                texts.append(None)
+                continue
+            assert all_text is not None  # a video that needs text put its questions in `asked`
+            texts.append(all_text[used : used + len(qs)])
+            used += len(qs)
         encodings = self.encoder.encode_videos(videos, texts if self.roi_ratio is not None else [None] * len(videos))
         results = []
         for frames, qs, text, encoding in zip(videos, questions, texts, encodings):

@@ -31,6 +31,8 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -270,7 +272,7 @@ class FramesWriter:
     """Writes one video's frame embeddings to frames/, then drops them from the row (the answer
     stage does not need them). Reads FRAME_EMBEDDINGS, FRAME_TIMES_S, FRAME_INDICES, CLIP_MODEL."""
 
-    reads = {
+    reads: ClassVar[Mapping[str, str]] = {
         Col.VIDEO_ID: "names the frames file",
         Col.STATUS: "only ok rows have frames to write",
         Col.FRAME_EMBEDDINGS: "written, then dropped from the row",
@@ -279,7 +281,7 @@ class FramesWriter:
         Col.CLIP_MODEL: "clip_model column",
     }
     keeps_input_columns = True  # all but FRAME_EMBEDDINGS
-    writes = ()
+    writes: ClassVar[Sequence[str]] = ()
 
     def __init__(self, output: OutputConfig):
         self.store = OutputStore(output)
@@ -302,8 +304,8 @@ class AnswersWriter:
     table (video_id, question_id, status, error_reason) for the driver's run summary. With `supersede`,
     rows of the same pairs already in the table are replaced (see the module docstring)."""
 
-    reads = {name: "written to answers/" for name in ANSWERS_SCHEMA.names}
-    writes = (Col.VIDEO_ID, Col.QUESTION_ID, Col.STATUS, Col.ERROR_REASON)
+    reads: ClassVar[Mapping[str, str]] = {name: "written to answers/" for name in ANSWERS_SCHEMA.names}
+    writes: ClassVar[Sequence[str]] = (Col.VIDEO_ID, Col.QUESTION_ID, Col.STATUS, Col.ERROR_REASON)
     keeps_input_columns = False
 
     def __init__(self, output: OutputConfig, run_id: str, supersede: bool = False):

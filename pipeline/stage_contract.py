@@ -12,8 +12,8 @@ pipeline from the specs alone. Nothing here imports Ray.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal, Protocol
 
 from pipeline.config import ConfigError
 from pipeline.resources import StageRequest
@@ -25,6 +25,20 @@ BatchFormat = Literal["rows", "pyarrow"]
 
 class StageContractError(ConfigError):
     """A stage reads a column that neither the source nor an earlier stage writes."""
+
+
+class Stage(Protocol):
+    """A pipeline stage as `StageSpec` holds it (its class): the columns it reads and writes,
+    declared on the class, and `__call__` on a batch (rows, or an Arrow table: `BatchFormat`).
+    Optional class attributes, read with defaults: `optional_reads` (column names, default none)
+    and `keeps_input_columns` (default True). A stage class annotates its columns with exactly
+    these types (`reads: ClassVar[Mapping[str, str]] = {...}`): mypy matches a protocol's class
+    variables invariantly, so an unannotated `dict` or `tuple` would not satisfy it."""
+
+    reads: ClassVar[Mapping[str, str]]
+    writes: ClassVar[Sequence[str]]
+
+    def __call__(self, batch: Any, /) -> Any: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +54,7 @@ class StageSpec:
     """
 
     name: str
-    stage: Callable[..., Any]
+    stage: type[Stage]
     kwargs: Mapping[str, Any]
     request: StageRequest
     batch_size: int | None = 1

@@ -8,8 +8,8 @@ this list; `stage_contract.check_chain` checks it first.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 from pipeline.answer import AnswerStage
 from pipeline.config import AnswerConfig, GuidanceConfig, JobConfig, OutputConfig
@@ -32,9 +32,10 @@ class GuideThenWriteFrames:
     As a stage of its own the writer would start worker processes that import torch (for
     `frames_table`) only to write a Parquet file, and move every video's embeddings once more."""
 
-    reads = GuidanceStage.reads
+    reads: ClassVar[Mapping[str, str]] = GuidanceStage.reads
     keeps_input_columns = True
-    writes = tuple(c for c in GuidanceStage.writes if c != Col.FRAME_EMBEDDINGS)  # written to frames/, dropped
+    # FRAME_EMBEDDINGS is written to frames/ and dropped
+    writes: ClassVar[Sequence[str]] = tuple(c for c in GuidanceStage.writes if c != Col.FRAME_EMBEDDINGS)
 
     def __init__(self, cfg: GuidanceConfig, output: OutputConfig):
         self.guide = GuidanceStage(cfg)
@@ -49,9 +50,12 @@ class GuideThenAnswer:
     takes the answer stage's device lock, so it never competes with the Video-LLM for the GPU;
     with several videos in flight one video's CLIP pass waits while another is answered."""
 
-    reads = {**GuidanceStage.reads, **{c: why for c, why in AnswerStage.reads.items() if c not in GuidanceStage.writes}}
+    reads: ClassVar[Mapping[str, str]] = {
+        **GuidanceStage.reads,
+        **{c: why for c, why in AnswerStage.reads.items() if c not in GuidanceStage.writes},
+    }
     keeps_input_columns = False
-    writes = AnswerStage.writes
+    writes: ClassVar[Sequence[str]] = AnswerStage.writes
 
     def __init__(self, guidance: GuidanceConfig, output: OutputConfig, answer: AnswerConfig, run_id: str):
         self.answer = AnswerStage(answer, run_id)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from pipeline.config import DecodeConfig
+from pipeline.decode.source import ByteStream
 
 
 @dataclass(frozen=True)
@@ -63,10 +64,10 @@ class Backend(Protocol):
     name: str
     needs_local_path: bool
 
-    def probe(self, file: str | BinaryIO, limits: Limits | None = None) -> VideoInfo:
+    def probe(self, file: str | ByteStream, limits: Limits | None = None) -> VideoInfo:
         """The video's metadata; raises DecodeError, also when `limits` are exceeded."""
         ...
 
-    def read(self, file: str | BinaryIO, times_s: np.ndarray, info: VideoInfo) -> ReadResult:
+    def read(self, file: str | ByteStream, times_s: np.ndarray, info: VideoInfo) -> ReadResult:
         """The frames shown at `times_s` (seconds from the stream start), once each, in time order."""
         ...

@@ -8,14 +8,13 @@ from __future__ import annotations
 import contextlib
 import struct
 from collections.abc import Iterator
-from typing import BinaryIO
 
 import av
 import numpy as np
 
 from pipeline.decode.backend import ReadResult, VideoInfo
 from pipeline.decode.errors import DecodeError
-from pipeline.decode.source import file_size
+from pipeline.decode.source import ByteStream, file_size
 from pipeline.errors import ErrorReason
 
 _MAX_BOX_WALK = 10_000  # ISO-BMFF boxes inspected when diagnosing an unreadable MP4
@@ -43,7 +42,7 @@ def _sniff_container(head: bytes) -> str | None:
     return None
 
 
-def _read_at(file: str | BinaryIO, offset: int, n: int) -> bytes:
+def _read_at(file: str | ByteStream, offset: int, n: int) -> bytes:
     if isinstance(file, str):
         with open(file, "rb") as f:
             f.seek(offset)
@@ -52,7 +51,7 @@ def _read_at(file: str | BinaryIO, offset: int, n: int) -> bytes:
     return file.read(n)
 
 
-def _diagnose_unopenable(file: str | BinaryIO, exc: Exception) -> DecodeError:
+def _diagnose_unopenable(file: str | ByteStream, exc: Exception) -> DecodeError:
     """FFmpeg says only "invalid data": tell a non-video from a damaged known container."""
     try:
         head = _read_at(file, 0, 512)
@@ -66,11 +65,12 @@ def _diagnose_unopenable(file: str | BinaryIO, exc: Exception) -> DecodeError:
     return DecodeError(ErrorReason.UNREADABLE_CONTAINER, f"{kind} container cannot be parsed ({exc})")
 
 
-def _diagnose_mp4(file: str | BinaryIO) -> DecodeError:
+def _diagnose_mp4(file: str | ByteStream) -> DecodeError:
     size = file_size(file)
     if size is None:
         return DecodeError(ErrorReason.UNREADABLE_CONTAINER, "mp4 container cannot be parsed")
-    pos, seen = 0, []
+    pos = 0
+    seen: list[bytes] = []  # box types
     while pos + 8 <= size and len(seen) < _MAX_BOX_WALK:
         box_size, box_type = struct.unpack(">I4s", _read_at(file, pos, 8))
         if box_size == 1:
@@ -92,7 +92,7 @@ def _diagnose_mp4(file: str | BinaryIO) -> DecodeError:
 
 
 @contextlib.contextmanager
-def open_container(file: str | BinaryIO) -> Iterator[av.container.InputContainer]:
+def open_container(file: str | ByteStream) -> Iterator[av.container.InputContainer]:
     if not isinstance(file, str):
         file.seek(0)
     try:
@@ -122,7 +122,7 @@ def check_index_within_file(stream, size: int | None) -> None:
         raise DecodeError(ErrorReason.TRUNCATED, f"the index needs {end} bytes; the file has {size}")
 
 
-def _media_end_s(file: str | BinaryIO, video_end_s: float, info: VideoInfo) -> float:
+def _media_end_s(file: str | ByteStream, video_end_s: float, info: VideoInfo) -> float:
     """Where the last packet of any stream ends, reading only from the video's end on. Tells a
     video legitimately shorter than the container (audio runs on) from data lost after it."""
     end = video_end_s
@@ -154,21 +154,25 @@ def ends_early(result: ReadResult, targets: np.ndarray, info: VideoInfo) -> bool
     )
 
 
-def raise_if_cut_short(src: str | BinaryIO, result: ReadResult, info: VideoInfo) -> None:
-    """The video stream ended early: say whether data is missing (decode_failed, truncated); return
-    when the container's duration is a longer audio or subtitle stream's."""
+def raise_if_cut_short(src: str | ByteStream, result: ReadResult, info: VideoInfo) -> float:
+    """The video stream ended early (`ends_early`): say whether data is missing (decode_failed,
+    truncated); when the container's duration is a longer audio or subtitle stream's, return where
+    the video stream ends (s)."""
+    ended_s = result.ended_s
+    assert ended_s is not None  # ends_early is true only for a stream that ended
     if result.errors:
         raise DecodeError(
             ErrorReason.DECODE_FAILED,
-            f"decoding stops at {result.ended_s:.2f} s of {info.duration_s:.2f} s after "
+            f"decoding stops at {ended_s:.2f} s of {info.duration_s:.2f} s after "
             f"{result.errors} errors (last: {result.last_error})",
             info,
         )
     # A stream's own duration is the video's; a container's may be another stream's: trust it only
     # if some stream's packets really reach it.
-    if info.duration_source != "container" or _media_end_s(src, result.ended_s, info) + _tail_tolerance(
+    if info.duration_source != "container" or _media_end_s(src, ended_s, info) + _tail_tolerance(
         info
     ) < info.duration_s:
         raise DecodeError(
-            ErrorReason.TRUNCATED, f"video ends at {result.ended_s:.2f} s of {info.duration_s:.2f} s", info
+            ErrorReason.TRUNCATED, f"video ends at {ended_s:.2f} s of {info.duration_s:.2f} s", info
         )
+    return ended_s

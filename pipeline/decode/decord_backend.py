@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import BinaryIO
-
 import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
@@ -12,6 +10,7 @@ from pipeline.decode.backend import Limits, ReadResult, VideoInfo
 from pipeline.decode.errors import DecodeError
 from pipeline.decode.pyav_backend import PyAVBackend
 from pipeline.decode.sampling import pick_frames
+from pipeline.decode.source import ByteStream
 from pipeline.errors import ErrorReason
 
 
@@ -25,11 +24,11 @@ class DecordBackend:
         self.frame_size = frame_size
         self.threads = max(1, threads)
 
-    def probe(self, file: str | BinaryIO, limits: Limits | None = None) -> VideoInfo:
+    def probe(self, file: str | ByteStream, limits: Limits | None = None) -> VideoInfo:
         # decord exposes no codec, rotation or stream choice: one PyAV probe serves both backends
         return PyAVBackend(self.frame_size).probe(file, limits)
 
-    def read(self, file: str | BinaryIO, times_s: np.ndarray, info: VideoInfo) -> ReadResult:
+    def read(self, file: str | ByteStream, times_s: np.ndarray, info: VideoInfo) -> ReadResult:
         import decord
 
         if not isinstance(file, str):

@@ -11,7 +11,6 @@ import collections
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
 
 import av
 import numpy as np
@@ -21,7 +20,7 @@ from pipeline.decode.backend import Limits, ReadResult, VideoInfo
 from pipeline.decode.container import check_index_within_file, open_container
 from pipeline.decode.errors import DecodeError
 from pipeline.decode.sampling import TIME_EPS, monotonic_indices
-from pipeline.decode.source import file_size
+from pipeline.decode.source import ByteStream, file_size
 from pipeline.errors import ErrorReason
 
 _SEEK_GAP_S = 5.0  # without a full index: seek only when the next target is this far ahead
@@ -161,7 +160,7 @@ class PyAVBackend:
         self.frame_size = frame_size
         self.threads = max(1, threads)
 
-    def probe(self, file: str | BinaryIO, limits: Limits | None = None) -> VideoInfo:
+    def probe(self, file: str | ByteStream, limits: Limits | None = None) -> VideoInfo:
         limits = limits or Limits()
         with open_container(file) as container:
             stream = _pick_video_stream(container)
@@ -243,7 +242,7 @@ class PyAVBackend:
                 )
             return info
 
-    def read(self, file: str | BinaryIO, times_s: np.ndarray, info: VideoInfo) -> ReadResult:
+    def read(self, file: str | ByteStream, times_s: np.ndarray, info: VideoInfo) -> ReadResult:
         s = self.frame_size
         with open_container(file) as container:
             stream = container.streams[info.stream_index]

@@ -13,7 +13,7 @@ import os
 import pathlib
 import tempfile
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import fsspec
 
@@ -24,6 +24,16 @@ from pipeline.errors import ErrorReason
 def is_local(uri: str) -> bool:
     protocol, _ = fsspec.core.split_protocol(uri)
     return protocol in (None, "file", "local")
+
+
+class ByteStream(Protocol):
+    """A seekable file object as the decoders read it: a binary file, or a `StorageFile`."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+    def seek(self, offset: int, whence: int = 0, /) -> int: ...
+
+    def tell(self) -> int: ...
 
 
 class StorageFile:
@@ -74,7 +84,7 @@ def storage_error(uri: str, exc: BaseException) -> DecodeError:
 @contextlib.contextmanager
 def open_source(
     uri: str, storage_options: dict | None, max_bytes: int, local_path: bool
-) -> Iterator[str | BinaryIO]:
+) -> Iterator[str | ByteStream]:
     """Yield something a backend can open: an absolute local path, or (remote, `local_path` False)
     a seekable fsspec file object wrapped in `StorageFile`; with `local_path` True a remote file is
     copied to a temporary file first. The size limit and emptiness are checked before anything is
@@ -143,7 +153,7 @@ def _copy_bounded(src: BinaryIO, dst: BinaryIO, max_bytes: int) -> None:
         dst.write(chunk)
 
 
-def file_size(file: str | BinaryIO) -> int | None:
+def file_size(file: str | ByteStream) -> int | None:
     if isinstance(file, str):
         return os.path.getsize(file)
     try:

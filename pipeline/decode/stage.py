@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import av
 import numpy as np
@@ -89,8 +90,8 @@ def decode_video(
             if ends_early(result, targets, info):
                 # Either data is missing, or the container's duration covers a longer audio or
                 # subtitle stream: then sample the video's own span (a second pass, rare).
-                raise_if_cut_short(src, result, info)
-                info = dataclasses.replace(info, duration_s=result.ended_s, duration_source="decoded")
+                ended_s = raise_if_cut_short(src, result, info)
+                info = dataclasses.replace(info, duration_s=ended_s, duration_source="decoded")
                 result = impl.read(src, sample_times(info.duration_s, cfg), info)
     except Exception as exc:  # noqa: BLE001 - classified below
         failure = exc
@@ -164,12 +165,12 @@ class DecodeStage:
     backend, then an error row. Rows already in error pass through with their status and error
     untouched (missing decode columns are added empty, so every row has the same columns)."""
 
-    reads = {
+    reads: ClassVar[Mapping[str, str]] = {
         Col.VIDEO_URI: "the file or object to decode (local path or fsspec URL)",
     }
     optional_reads = (Col.STATUS,)  # rows already in error pass through
     keeps_input_columns = True
-    writes = (
+    writes: ClassVar[Sequence[str]] = (
         Col.FRAMES, Col.FRAME_TIMES_S, Col.FRAME_INDICES, Col.WIDTH, Col.HEIGHT, Col.FPS,
         Col.DURATION_S, Col.ROTATION, Col.CODEC, Col.DECODE_BACKEND, Col.DECODE_S, Col.STATUS,
         Col.ERROR_REASON, Col.ERROR_DETAIL,

@@ -171,7 +171,7 @@ def _answers_by_pair(out: pathlib.Path) -> dict:
     return {(r["video_id"], r["question_id"]): {k: v for k, v in r.items() if k not in _TIMING} for r in rows}
 
 
-def _frames(out: pathlib.Path) -> list:
+def _frames(out: pathlib.Path) -> tuple[list[dict], np.ndarray]:
     table = pq.read_table(out / "frames").sort_by([("video_id", "ascending"), ("frame_index", "ascending")])
     embeddings = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
     return table.select(["video_id", "frame_index", "time_s"]).to_pylist(), embeddings
