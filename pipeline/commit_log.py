@@ -85,16 +85,17 @@ class CommitLog:
         return [p.rsplit("/", 1)[-1] for p in self.store.list_files(sub)]
 
     def _manifests(self, sub: str) -> list[str]:
-        return self.store.list_files(f"{COMMITS_DIR}/{sub}")
+        return self.store.list_files((COMMITS_DIR, sub))
 
     def _read_manifests(self, paths: list[str], schema: pa.Schema) -> pa.Table:
         if not paths:
             return schema.empty_table()
         return pads.dataset(paths, filesystem=self.store.fs, format="parquet", schema=schema).to_table()
 
-    def record(self, sub: str) -> pa.Table:
+    def record(self, sub: str, save: bool = True) -> pa.Table:
         """Every row of the data files now in `sub`, as the record has them; unrecorded files are
-        read once and recorded first."""
+        read (and with `save`, recorded, so it happens once; readers that must not write pass
+        False)."""
         schema = RECORDS[sub]
         files = self.data_files(sub)
         manifests = self._manifests(sub)
@@ -104,12 +105,13 @@ class CommitLog:
         if unrecorded:
             log.info("recording %d %s file(s) written without a record (read once)", len(unrecorded), sub)
             found = self._read_unrecorded(sub, unrecorded)
-            self.write_manifest(sub, found)
+            if save:
+                self.write_manifest(sub, found)
             table = pa.concat_tables([table, found])
         table = table.filter(pc.is_in(table.column("file"), pa.array(files, pa.string())))
         # a manifest consolidated but not yet deleted (a crash in between) repeats rows
         table = table.group_by(schema.names, use_threads=False).aggregate([]).select(schema.names)
-        if len(manifests) >= CONSOLIDATE_AT:
+        if save and len(manifests) >= CONSOLIDATE_AT:
             self.consolidate(sub, table, manifests)
         return table
 
