@@ -12,10 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.committer import OutputCommitter
 from pipeline.config import OutputConfig
 from pipeline.guidance import frames_table
 from pipeline.schema import ANSWERS_SCHEMA, STATUS_OK, Col, empty_answer_row
-from pipeline.committer import OutputCommitter
 from pipeline.sink import FramesWriter, OutputStore
 from tests.paths import REPO
 
