@@ -54,14 +54,16 @@ class OutputCommitter:
         self.files_written = 0
 
     def add(self, rows: pa.Table) -> None:
-        """Buffer answers rows (any columns of the answers schema and more); commit when due."""
-        if not rows.num_rows:
-            return
-        self._buffer.append(rows.select(ANSWERS_SCHEMA.names).cast(ANSWERS_SCHEMA))
-        self._videos.update(dict.fromkeys(rows.column(Col.VIDEO_ID).to_pylist()))
-        self._oldest = self._oldest or time.monotonic()
-        if self.flush_due():
-            self.flush()
+        """Buffer answers rows (any columns of the answers schema and more); commit when due, video
+        by video (Ray Data may hand over several videos in one batch)."""
+        table = rows.select(ANSWERS_SCHEMA.names).cast(ANSWERS_SCHEMA)
+        ids = table.column(Col.VIDEO_ID)
+        for vid in dict.fromkeys(ids.to_pylist()):
+            self._buffer.append(table.filter(pc.equal(ids, vid)))
+            self._videos[vid] = None
+            self._oldest = self._oldest or time.monotonic()
+            if self.flush_due():
+                self.flush()
 
     def flush_due(self) -> bool:
         if not self._buffer:
