@@ -34,14 +34,15 @@ def test_batched_files_incremental_rerun_compaction_and_lock(where, tmp_path, ra
         fs, bucket, options = request.getfixturevalue("s3_bucket")
         put = lambda name: fs.put_file(str(src), f"{bucket}/in/{name}")  # noqa: E731
         videos, out = f"s3://{bucket}/in/*.mp4", f"s3://{bucket}/out"
-        storage = {"endpoint_url": options["client_kwargs"]["endpoint_url"]}
+        # credentials in the config: the session's Ray workers may predate the S3 fixture's environment
+        storage = {"endpoint_url": options["client_kwargs"]["endpoint_url"], "key": "testing", "secret": "testing"}
     for i in range(5):
         put(f"v{i}.mp4")
     opts = {"max_videos_per_file": 2}
     cfg = job(out, videos=videos, storage=storage, run_id="first", output_opts=opts)
     summary = run_job(cfg)
     store = OutputStore(cfg.output)
-    assert (summary.processed, summary.ok, summary.status) == (10, 10, "complete")
+    assert (summary.processed, summary.ok, summary.status) == (10, 10, "complete"), summary.errors_by_reason
     assert len(store.list_files(ANSWERS_DIR)) == 3 and len(store.list_files(FRAMES_DIR)) == 3
     expected = {(f"v{i}.mp4", p["question_id"]) for i in range(5) for p in PROMPTS}
     assert_exactly_once(rows_of(cfg), expected)
