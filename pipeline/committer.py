@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,8 +37,11 @@ SIZE_CHECK_EVERY = 32  # videos between listings of the staged frames' sizes
 class OutputCommitter:
     """Buffers a run's answers rows and commits them in large files (see the module docstring)."""
 
-    def __init__(self, store: OutputStore, run_id: str, supersede: bool):
+    def __init__(self, store: OutputStore, run_id: str, supersede: bool,
+                 on_commit: Callable[[pa.Table], None] | None = None):
+        """`on_commit` is called with each committed answers table, once it is committed."""
         self.store, self.run_id, self.supersede = store, run_id, supersede
+        self.on_commit = on_commit
         self.log = CommitLog(store)
         cfg = store.cfg
         self.target_bytes = cfg.target_file_mb * MB
@@ -115,6 +119,8 @@ class OutputCommitter:
         for f in new:
             self._remember(f, removes.get(f.sub, []))
         self.files_written += 1
+        if self.on_commit is not None:
+            self.on_commit(answers)
         log.info("committed %s: %d answers rows of %d videos%s", name, answers.num_rows, len(self._videos),
                  f", rewrote {sum(map(len, removes.values()))} older file(s)" if removes else "")
         self._buffer, self._videos, self._oldest = [], {}, None

@@ -269,20 +269,24 @@ def _run_holding_lease(cfg: JobConfig, store: OutputStore, lease: OutputLease, s
             requests = stage_requests(cfg, gpus_usable=not (local and not cluster_gpus), cluster_gpus=cluster_gpus)
             check_resources(cfg, requests, local)
             log.info("resources per actor: %s", {name: (r.describe(), r.count) for name, r in requests.items()})
+            def count(committed) -> None:
+                """The summary counts committed rows: a failed run's `processed` pairs are final."""
+                statuses = committed.column(Col.STATUS).to_pylist()
+                ok = statuses.count(STATUS_OK)
+                summary.processed, summary.ok = summary.processed + len(statuses), summary.ok + ok
+                summary.errors += len(statuses) - ok
+                reasons.update(r for st, r in zip(statuses, committed.column(Col.ERROR_REASON).to_pylist())
+                               if st != STATUS_OK)
+
             # rows of these pairs may exist already (retried errors, or resume off): replace them
             committer = OutputCommitter(store, summary.run_id,
-                                        supersede=bool(cfg.output.retry_reasons()) or not cfg.output.resume)
+                                        supersede=bool(cfg.output.retry_reasons()) or not cfg.output.resume,
+                                        on_commit=count)
             dataset = build_dataset(rows, cfg, summary.run_id, requests)
             for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
                 if lease.lost:
                     raise OutputLockedError(lease.lost)
                 committer.add(batch)
-                statuses = batch.column(Col.STATUS).to_pylist()
-                ok = statuses.count(STATUS_OK)
-                summary.processed, summary.ok = summary.processed + len(statuses), summary.ok + ok
-                summary.errors += len(statuses) - ok
-                reasons.update(r for st, r in zip(statuses, batch.column(Col.ERROR_REASON).to_pylist())
-                               if st != STATUS_OK)
             committer.close()
     except BaseException as exc:
         summary.status = "failed"
