@@ -43,6 +43,31 @@ def _iso(t: float) -> str:
     return _dt.datetime.fromtimestamp(t, _dt.UTC).isoformat(timespec="seconds")
 
 
+def _pid_scope() -> str | None:
+    """Where a pid means one process: this kernel's boot and pid namespace (None if unknown)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
+
+
+def _holder_is_dead(lease: dict) -> bool:
+    """The lease was written by a process of this host and pid namespace that no longer exists (a
+    killed driver): the next run need not wait for its expiry. A reused pid only makes it wait."""
+    scope, pid = lease.get("pid_scope"), lease.get("pid")
+    if scope is None or scope != _pid_scope() or not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 class OutputLease:
     """The lease of one output (`OutputStore`); a context manager that renews it while held."""
 
@@ -61,7 +86,8 @@ class OutputLease:
     def _payload(self) -> bytes:
         now = _now()
         return json.dumps({"holder": self.holder, "run_id": self.run_id, "host": socket.gethostname(),
-                           "pid": os.getpid(), "acquired_at": _iso(now), "expires_at": now + self.ttl_s,
+                           "pid": os.getpid(), "pid_scope": _pid_scope(), "acquired_at": _iso(now),
+                           "expires_at": now + self.ttl_s,
                            "expires_at_utc": _iso(now + self.ttl_s)}, indent=2).encode()
 
     def _read(self) -> tuple[dict | None, str | None]:
@@ -117,6 +143,10 @@ class OutputLease:
             return
         if lease.get("holder") == self.holder:
             return
+        if _holder_is_dead(lease):
+            log.warning("taking over the lease of run %s: its process (pid %s) on this host has exited",
+                        lease.get("run_id"), lease.get("pid"))
+            return
         if float(lease.get("expires_at", 0)) > _now():
             raise OutputLockedError(self._message(lease))
         log.warning("taking over the expired lease of run %s (host %s, pid %s, expired %s)",
@@ -127,7 +157,7 @@ class OutputLease:
         return (f"output {self.store.cfg.path} is in use by another job: run {lease.get('run_id')!r} on host "
                 f"{lease.get('host')} (pid {lease.get('pid')}), lease until {lease.get('expires_at_utc')}. "
                 f"One job per output path; if that job is dead its lease expires after output.lock_ttl_s "
-                f"({self.ttl_s:g} s) and the next run takes over")
+                f"({self.ttl_s:g} s) and the next run takes over (at once from the same host)")
 
     # ---- holding it
 

@@ -75,7 +75,9 @@ def test_driver_killed_then_rerun_completes_exactly_once(tmp_path, s3_bucket):
 
     def written() -> list[str]:
         try:
-            return [p for p in fs.ls(f"{bucket}/out/answers", refresh=True) if p.endswith(".parquet")]
+            # committed files only: a commit's '_pending-' files are not visible yet
+            return [p for p in fs.ls(f"{bucket}/out/answers", refresh=True)
+                    if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith("_")]
         except FileNotFoundError:
             return []
 

@@ -4,6 +4,8 @@ renewed and is taken over once it expired, on a local disk and on S3 (moto, cond
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -53,6 +55,21 @@ def test_an_expired_lease_of_a_crashed_job_is_taken_over(store):
         # the crashed job, were it only paused, finds it lost at its next renewal
         with pytest.raises(OutputLockedError):
             crashed._exchange(renew=True)
+
+
+def test_the_lease_of_a_killed_driver_on_this_host_is_taken_over_at_once(store):
+    killed = OutputLease(store, ttl_s=300, run_id="killed")
+    killed._exchange(renew=False)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a process of this host that has exited: the lease as a killed driver left it
+    lease = json.loads(store.fs.cat_file(store.path(LOCK_FILE)))
+    store.fs.pipe_file(store.path(LOCK_FILE), json.dumps({**lease, "pid": child.pid}).encode())
+    with OutputLease(store, ttl_s=300, run_id="next") as taken:
+        assert json.loads(store.fs.cat_file(store.path(LOCK_FILE)))["holder"] == taken.holder
+    # a lease of a live process elsewhere (another pid namespace or host) still waits for its expiry
+    store.fs.pipe_file(store.path(LOCK_FILE), json.dumps({**lease, "pid": child.pid, "pid_scope": "x:1"}).encode())
+    with pytest.raises(OutputLockedError):
+        OutputLease(store, ttl_s=300, run_id="next").acquire()
 
 
 def test_of_two_jobs_racing_for_a_free_output_exactly_one_wins(store):
