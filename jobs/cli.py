@@ -8,6 +8,7 @@
     moref-index search "TEXT" --index OUTPUT [--top-k 20] [--json]
     moref-index index OUTPUT [--rebuild]
     moref-index report OUTPUT [--out report.html]
+    moref-index compact OUTPUT [--target-mb 128]
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def _parse_overrides(pairs: list[str]) -> dict:
 
 def cmd_run(args) -> int:
     from pipeline.config import ConfigError, load_job_config
+    from pipeline.output_lock import OutputLockedError
     from pipeline.resources import UnschedulableError
     from pipeline.runner import run_job
 
@@ -46,6 +48,9 @@ def cmd_run(args) -> int:
     except UnschedulableError as exc:
         print(f"error: the job can never be scheduled: {exc}", file=sys.stderr)
         return 2
+    except OutputLockedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     print(summary.render())
     _update_search_index(cfg.output.path, cfg.output.storage)
     if args.show:
@@ -138,6 +143,24 @@ def cmd_report(args) -> int:
     path = write_report(args.output, args.out, storage=_storage(args), video_ids=list(args.video) or None,
                         max_videos=args.max_videos, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained)
     print(f"wrote {path}")
+    return 0
+
+
+def cmd_compact(args) -> int:
+    from pipeline.compact import compact
+    from pipeline.config import OutputConfig
+    from pipeline.output_lock import OutputLockedError
+    from pipeline.sink import OutputStore
+
+    store = OutputStore(OutputConfig(path=args.output, storage=_storage(args)))
+    try:
+        result = compact(store, target_mb=args.target_mb)
+    except OutputLockedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for sub in result.files_before:
+        print(f"{sub}: {result.files_before[sub]} -> {result.files_after[sub]} files "
+              f"({result.rows[sub]} rows rewritten)")
     return 0
 
 
@@ -281,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     _model_args(report)
     _storage_args(report)
     report.set_defaults(func=cmd_report)
+
+    compact = sub.add_parser("compact", help="rewrite an output's small answers and frames files into large ones")
+    compact.add_argument("output")
+    compact.add_argument("--target-mb", type=float, help="file size to pack up to (default output.target_file_mb)")
+    _storage_args(compact)
+    compact.set_defaults(func=cmd_compact)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -203,6 +203,16 @@ class OutputConfig(_Strict):
     # false / [] = errors are final; true = the transient ErrorReasons; or a list of reasons.
     retry_errors: bool | list[str] = False
     write_retries: int = Field(default=6, ge=0, le=20)  # retries of a failed write, with backoff
+    # Answers and frames are committed in files of many videos: a file is closed when the buffered
+    # rows reach target_file_mb (answers or frames), max_videos_per_file videos (None: no cap; tests
+    # use it to force several files), or when the oldest buffered row is flush_interval_s old (a
+    # crash loses at most that much work) - and at the end of the run.
+    target_file_mb: float = Field(default=128.0, gt=0)
+    max_videos_per_file: int | None = Field(default=None, ge=1)
+    flush_interval_s: float = Field(default=600.0, gt=0)
+    # One job per output path: a lease in <output>/_lock.json renewed every lock_ttl_s / 3 by the
+    # driver; a lease not renewed for lock_ttl_s (a crashed driver) is taken over by the next job.
+    lock_ttl_s: float = Field(default=300.0, ge=5)
 
     @field_validator("retry_errors")
     @classmethod

@@ -1,12 +1,14 @@
 """Ray wiring: the stages assembled into one streaming Ray Data pipeline.
 
 list videos + questions -> resume filter -> decode (CPU tasks) -> guidance (CLIP actors, which
-also write the frames table) -> answer (VLM actors) -> answers sink (tasks) -> run summary.
+also stage the frames) -> answer (VLM actors) -> answers rows (tasks) -> the driver, which commits
+answers and frames in files of many videos (pipeline/committer.py) and counts the run summary.
+The driver holds the output's lease (pipeline/output_lock.py) for the whole run.
 
 Faults: a decode task whose worker dies is retried (`max_retries`); Ray Data restarts a dead actor
-and retries its tasks (its defaults: max_restarts=-1, max_task_retries=-1). Output file names are
-deterministic, so a retried write replaces, never duplicates. Storage errors are retried inside the
-stages (decode.read_retries, output.write_retries).
+and retries its tasks (its defaults: max_restarts=-1, max_task_retries=-1). Staged frames have
+deterministic names and only the driver commits, so a retry never duplicates. Storage errors are
+retried inside the stages (decode.read_retries, output.write_retries).
 
 Stages are plain classes with one method (rows in, rows out) that declare the columns they read
 and write (pipeline/stage_contract.py); pipeline/stages.py lists the job's stages with their
@@ -23,7 +25,10 @@ import time
 
 import numpy as np
 
+from pipeline.commit_log import CommitLog
+from pipeline.committer import OutputCommitter
 from pipeline.config import JobConfig
+from pipeline.output_lock import OutputLease, OutputLockedError
 from pipeline.resources import (
     StageRequest,
     UnschedulableError,
@@ -235,7 +240,18 @@ def run_job(cfg: JobConfig) -> RunSummary:
     output storage stays down past the write retries) still writes its summary, with status
     'failed', before raising: every pair it wrote is final, a rerun does the rest."""
     start = time.perf_counter()
+    # one run id for the lease, the plan and the files (resolved_run_id mints a new one per call)
+    cfg = cfg.model_copy(update={"run_id": cfg.resolved_run_id()})
     store = OutputStore(cfg.output)
+    lease = OutputLease(store, cfg.output.lock_ttl_s, cfg.run_id or "").acquire()  # OutputLockedError: in use
+    try:
+        return _run_holding_lease(cfg, store, lease, start)
+    finally:
+        lease.release()
+
+
+def _run_holding_lease(cfg: JobConfig, store: OutputStore, lease: OutputLease, start: float) -> RunSummary:
+    CommitLog(store).recover()
     removed = store.clean_temporaries()
     if removed:
         log.info("removed %d temporary files left by an interrupted run", removed)
@@ -253,13 +269,25 @@ def run_job(cfg: JobConfig) -> RunSummary:
             requests = stage_requests(cfg, gpus_usable=not (local and not cluster_gpus), cluster_gpus=cluster_gpus)
             check_resources(cfg, requests, local)
             log.info("resources per actor: %s", {name: (r.describe(), r.count) for name, r in requests.items()})
-            for out in build_dataset(rows, cfg, summary.run_id, requests).iter_rows():
-                summary.processed += 1
-                if out[Col.STATUS] == STATUS_OK:
-                    summary.ok += 1
-                else:
-                    summary.errors += 1
-                    reasons[out[Col.ERROR_REASON]] += 1
+            def count(committed) -> None:
+                """The summary counts committed rows: a failed run's `processed` pairs are final."""
+                statuses = committed.column(Col.STATUS).to_pylist()
+                ok = statuses.count(STATUS_OK)
+                summary.processed, summary.ok = summary.processed + len(statuses), summary.ok + ok
+                summary.errors += len(statuses) - ok
+                reasons.update(r for st, r in zip(statuses, committed.column(Col.ERROR_REASON).to_pylist())
+                               if st != STATUS_OK)
+
+            # rows of these pairs may exist already (retried errors, or resume off): replace them
+            committer = OutputCommitter(store, summary.run_id,
+                                        supersede=bool(cfg.output.retry_reasons()) or not cfg.output.resume,
+                                        on_commit=count)
+            dataset = build_dataset(rows, cfg, summary.run_id, requests)
+            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                if lease.lost:
+                    raise OutputLockedError(lease.lost)
+                committer.add(batch)
+            committer.close()
     except BaseException as exc:
         summary.status = "failed"
         summary.failure = f"{type(exc).__name__}: {exc}"[:2000]

@@ -23,7 +23,7 @@ import pyarrow.dataset as pads
 
 from pipeline.config import OutputConfig, StorageConfig
 from pipeline.schema import FRAME_COLUMNS, Col
-from pipeline.sink import FRAMES_DIR, OutputStore, video_key
+from pipeline.sink import FRAMES_DIR, OutputStore
 
 # OpenAI CLIP ViT-L/14 puts a matching caption at a cosine of about 0.25-0.35 and an unrelated
 # one below 0.2; other models need their own value (--min-score).
@@ -127,36 +127,42 @@ class FramesIndex:
         self.store = OutputStore(self.output_cfg)
 
     def files(self, video_ids: Sequence[str] | None = None) -> list[str]:
-        """Frames files, all of them or those of the given videos (one file per video)."""
+        """Frames files: all of them, or those holding the given videos (by the output's record)."""
         if video_ids is None:
             return self.store.list_files(FRAMES_DIR)
-        paths = [self.store.path(FRAMES_DIR, f"{video_key(v)}.parquet") for v in dict.fromkeys(video_ids)]
-        return [p for p in paths if self.store.fs.exists(p)]
+        from pipeline.commit_log import CommitLog
+
+        record = CommitLog(self.store).record(FRAMES_DIR, save=False)  # searching never writes
+        held = record.filter(pc.is_in(record.column("video_id"), pa.array(list(video_ids), pa.string())))
+        return [self.store.path(FRAMES_DIR, name) for name in sorted(set(held.column("file").to_pylist()))]
 
     def dataset(self, video_ids: Sequence[str] | None = None) -> pads.Dataset | None:
         files = self.files(video_ids)
         return pads.dataset(files, filesystem=self.store.fs, format="parquet") if files else None
 
+    @staticmethod
+    def _only(video_ids: Sequence[str] | None) -> pc.Expression | None:
+        """The filter to the given videos' rows: a frames file holds many videos."""
+        return None if video_ids is None else pc.field("video_id").isin(list(video_ids))
+
     def count(self, video_ids: Sequence[str] | None = None) -> int:
         ds = self.dataset(video_ids)
-        return 0 if ds is None else ds.count_rows()
+        return 0 if ds is None else ds.count_rows(filter=self._only(video_ids))
 
     def models(self, video_ids: Sequence[str] | None = None) -> dict[str, int]:
         """CLIP model name -> frames embedded with it."""
         ds = self.dataset(video_ids)
         if ds is None:
             return {}
-        counts = ds.to_table(columns=[Col.CLIP_MODEL]).column(Col.CLIP_MODEL).value_counts()
+        table = ds.to_table(columns=[Col.CLIP_MODEL], filter=self._only(video_ids))
+        counts = table.column(Col.CLIP_MODEL).value_counts()
         return {str(c["values"]): int(c["counts"]) for c in counts.to_pylist()}
 
     def read(self, video_ids: Sequence[str] | None = None, columns: Sequence[str] = FRAME_COLUMNS) -> pa.Table:
         ds = self.dataset(video_ids)
         if ds is None:
             return pa.table({c: [] for c in columns})
-        table = ds.to_table(columns=list(columns))
-        if video_ids is not None:  # one file per video, but a file holds only its own video's rows
-            table = table.filter(pc.is_in(table.column(Col.VIDEO_ID), pa.array(list(video_ids), pa.string())))
-        return table
+        return ds.to_table(columns=list(columns), filter=self._only(video_ids))
 
     def embedding_dim(self) -> int:
         ds = self.dataset()

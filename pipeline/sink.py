@@ -1,25 +1,22 @@
 """Parquet outputs: the answers and frames tables, written so that reruns resume exactly.
 
 Layout under the output path:
-    answers/<video-key>-<digest>.parquet   one file per (video, set of questions answered together)
-    frames/<video-key>.parquet             the frame embeddings of one video (rewritten on rerun)
-    runs/<run_id>.json                     the run summary
+    answers/part-<run_id>-<id>.parquet   answers rows of many videos (pipeline/committer.py)
+    frames/part-<run_id>-<id>.parquet    the frame embeddings of the same videos
+    _commits/                            the record of what is committed (pipeline/commit_log.py)
+    _staging/frames/<video-key>.parquet  one video's frames, written by guidance, until committed
+    _lock.json                           the running job's lease (pipeline/output_lock.py)
+    runs/<run_id>.json                   the run summary
 
 Every file appears whole or not at all: local files are written beside their final name and
-renamed, object-store uploads become visible only when complete. A killed run therefore leaves
-complete files (whose pairs are skipped on rerun) or none, so each (video_id, question_id) pair
-lands exactly once. Temporary names start with '_' so DuckDB/Spark/pyarrow globs skip them; a run
-deletes the ones a killed run left behind (`clean_temporaries`), so one job runs at a time per
-output path.
+renamed, object-store uploads become visible only when complete; a commit of several files goes
+through a journal (commit_log.py). Temporary names start with '_' so DuckDB/Spark/pyarrow globs
+skip them; a run deletes the ones a killed run left behind (`clean_temporaries`) while it holds the
+output's lease, so one job runs at a time per output path.
 
 Writes that fail (storage down, throttled, a full disk) are retried with exponential backoff
 (`output.write_retries`); when they still fail the error ends the run (nothing can be recorded),
 and a rerun resumes.
-
-Superseding rows: when a run answers pairs that may already have rows (`output.retry_errors`, or
-`output.resume: false`), the new file is written under a '_pending-' name, the old rows of those
-pairs are removed from their files (a file left empty is deleted), and only then is the new file
-renamed into place. A crash in between leaves the pairs absent, never twice: the next run does them.
 """
 
 from __future__ import annotations
@@ -35,18 +32,18 @@ from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline.config import OutputConfig
-from pipeline.errors import ErrorReason, reason_from_old_error_column
+from pipeline.errors import ErrorReason
 from pipeline.schema import ANSWERS_SCHEMA, Col
 from pipeline.sources import filesystem
 
 ANSWERS_DIR = "answers"
 FRAMES_DIR = "frames"
 RUNS_DIR = "runs"
+STAGING_DIR = "_staging"
 TEMP_PREFIXES = ("_tmp-", "_pending-")
 
 # failed writes are retried after 1, 2, 4, ... s, at most this long apart
@@ -56,15 +53,6 @@ WRITE_RETRY_MAX_WAIT_S = 30.0
 log = logging.getLogger("moref_index")
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-# What resuming reads of every answers row; `error` is the single error column of files written
-# before error_reason/error_detail (null in newer files, as error_reason is in older ones).
-_OLD_ERROR_COLUMN = "error"
-_STATUS_SCHEMA = pa.schema(
-    [ANSWERS_SCHEMA.field(c) for c in (Col.VIDEO_ID, Col.QUESTION_ID, Col.STATUS, Col.ERROR_REASON)]
-    + [pa.field(_OLD_ERROR_COLUMN, pa.string())]
-)
-
 
 def video_key(video_id: str) -> str:
     """A file-name-safe, collision-free key for a video id (ids may hold '/', '..' or anything)."""
@@ -170,9 +158,10 @@ class OutputStore:
 
         self._retrying(path, once)
 
-    def list_files(self, sub: str, prefix: str = "") -> list[str]:
-        """Parquet files under `sub` whose names start with `prefix` (temporaries excluded)."""
-        base = self.path(sub)
+    def list_files(self, sub: str | tuple[str, ...], prefix: str = "") -> list[str]:
+        """Parquet files under `sub` (a folder, or a path as a tuple of folders) whose names start
+        with `prefix` (temporaries excluded)."""
+        base = self.path(*((sub,) if isinstance(sub, str) else sub))
         self._invalidate()
         if not self.fs.exists(base):
             return []
@@ -186,17 +175,20 @@ class OutputStore:
         )
 
     def clean_temporaries(self) -> int:
-        """Delete the temporary files a killed run left ('_tmp-*', '_pending-*'); returns how many.
-        Readers skip them anyway; this only reclaims the space. Assumes no other run of this job
-        writes to the same output at the same time."""
+        """Delete what a killed run left: temporaries ('_tmp-*', '_pending-*' of commits that never
+        reached their journal; finish half-applied commits first, `CommitLog.recover`) and staged
+        frames (their videos' answers were never committed, so they are redone). Returns how many.
+        Readers skip them anyway; this only reclaims the space. Call it holding the output's lease."""
+        from pipeline.commit_log import COMMITS_DIR
+
         removed = 0
-        for sub in (ANSWERS_DIR, FRAMES_DIR):
+        for sub in (ANSWERS_DIR, FRAMES_DIR, COMMITS_DIR, STAGING_DIR):
             base = self.path(sub)
             self._invalidate()
             if not self.fs.exists(base):
                 continue
             for p in self.fs.find(base):
-                if p.rsplit("/", 1)[-1].startswith(TEMP_PREFIXES):
+                if sub == STAGING_DIR or p.rsplit("/", 1)[-1].startswith(TEMP_PREFIXES):
                     self.remove(p)
                     removed += 1
         return removed
@@ -225,15 +217,12 @@ class OutputStore:
 
     def answer_status_table(self) -> pa.Table:
         """Every answers row's (video_id, question_id, status, error_reason) as one Arrow table:
-        what resuming needs, without the rows' content. Rows of files written before
-        `error_reason` existed get theirs from the old `error` column."""
-        ds = self._dataset(ANSWERS_DIR, _STATUS_SCHEMA)
-        t = _STATUS_SCHEMA.empty_table() if ds is None else ds.to_table()
-        old_errors = t.column(_OLD_ERROR_COLUMN).to_pylist()
-        reasons = [reason or _value(reason_from_old_error_column(old))
-                   for reason, old in zip(t.column(Col.ERROR_REASON).to_pylist(), old_errors)]
-        return t.select([Col.VIDEO_ID, Col.QUESTION_ID, Col.STATUS]).append_column(
-            Col.ERROR_REASON, pa.array(reasons, pa.string()))
+        what resuming needs, from the record under _commits/ (files written without one, e.g. by
+        versions before it, are read once and recorded; their `error` column gives the reason)."""
+        from pipeline.commit_log import CommitLog
+
+        return CommitLog(self).record(ANSWERS_DIR).select([Col.VIDEO_ID, Col.QUESTION_ID, Col.STATUS,
+                                                           Col.ERROR_REASON])
 
     def answer_status(self) -> dict[tuple[str, str], tuple[str, ErrorReason | None]]:
         """(video_id, question_id) -> (status, error reason) of every row in the answers table."""
@@ -244,36 +233,14 @@ class OutputStore:
     def _read_file(self, path: str) -> pa.Table:
         return self._retrying(path, lambda: pq.read_table(path, filesystem=self.fs))
 
-    def supersede(self, video_id: str, question_ids: set[str], keep: str) -> None:
-        """Remove the rows of (video_id, q in question_ids) from every answers file of the video
-        except `keep`; rewrite each such file atomically, delete it when nothing is left."""
-        for path in self.list_files(ANSWERS_DIR, prefix=f"{video_key(video_id)}-"):
-            if path == keep:
-                continue
-            table = self._read_file(path)
-            stale = pc.and_(
-                pc.equal(table.column("video_id"), video_id),
-                pc.is_in(table.column("question_id"), pa.array(sorted(question_ids), pa.string())),
-            )
-            n_stale = pc.sum(pc.cast(stale, pa.int64())).as_py() or 0
-            if n_stale == 0:
-                continue
-            if n_stale == table.num_rows:
-                self.remove(path)
-            else:
-                self.write_table(table.filter(pc.invert(stale)), ANSWERS_DIR, path.rsplit("/", 1)[-1])
-
-
-def _value(reason: ErrorReason | None) -> str | None:
-    return None if reason is None else reason.value
-
 
 class FramesWriter:
-    """Writes one video's frame embeddings to frames/, then drops them from the row (the answer
-    stage does not need them). Reads FRAME_EMBEDDINGS, FRAME_TIMES_S, FRAME_INDICES, CLIP_MODEL."""
+    """Stages one video's frame embeddings under _staging/frames/ (the driver commits them with the
+    video's answers, in files of many videos: pipeline/committer.py), then drops them from the row
+    (the answer stage does not need them). A retried video rewrites its own staged file."""
 
     reads: ClassVar[Mapping[str, str]] = {
-        Col.VIDEO_ID: "names the frames file",
+        Col.VIDEO_ID: "names the staged frames file",
         Col.STATUS: "only ok rows have frames to write",
         Col.FRAME_EMBEDDINGS: "written, then dropped from the row",
         Col.FRAME_INDICES: "frame_index column",
@@ -294,38 +261,19 @@ class FramesWriter:
 
         row = dict(row)
         if row.get(Col.STATUS) == "ok" and len(row.get(Col.FRAME_EMBEDDINGS, ())):
-            self.store.write_table(frames_table(row), FRAMES_DIR, f"{video_key(row[Col.VIDEO_ID])}.parquet")
+            self.store.write_table(frames_table(row), STAGING_DIR, FRAMES_DIR,
+                                   f"{video_key(row[Col.VIDEO_ID])}.parquet")
         row.pop(Col.FRAME_EMBEDDINGS, None)
         return row
 
 
-class AnswersWriter:
-    """Writes answers rows, one file per video group in the batch, and returns a small summary
-    table (video_id, question_id, status, error_reason) for the driver's run summary. With `supersede`,
-    rows of the same pairs already in the table are replaced (see the module docstring)."""
+class AnswersRows:
+    """The last stage: each batch as answers-table rows (the schema's columns and types), which
+    stream to the driver; its OutputCommitter writes them in files of many videos."""
 
-    reads: ClassVar[Mapping[str, str]] = {name: "written to answers/" for name in ANSWERS_SCHEMA.names}
-    writes: ClassVar[Sequence[str]] = (Col.VIDEO_ID, Col.QUESTION_ID, Col.STATUS, Col.ERROR_REASON)
+    reads: ClassVar[Mapping[str, str]] = {name: "a column of the answers table" for name in ANSWERS_SCHEMA.names}
+    writes: ClassVar[Sequence[str]] = tuple(ANSWERS_SCHEMA.names)
     keeps_input_columns = False
 
-    def __init__(self, output: OutputConfig, run_id: str, supersede: bool = False):
-        self.store = OutputStore(output)
-        self.run_id = run_id
-        self.supersede = supersede
-
     def __call__(self, batch: pa.Table) -> pa.Table:
-        table = batch.select(ANSWERS_SCHEMA.names).cast(ANSWERS_SCHEMA)
-        ids = table.column("video_id").to_pylist()
-        for vid in dict.fromkeys(ids):
-            rows = table.filter(pc.equal(table.column("video_id"), vid))
-            qids = sorted(rows.column("question_id").to_pylist())
-            digest = hashlib.sha256("\n".join([self.run_id, *qids]).encode()).hexdigest()[:12]
-            name = f"{video_key(vid)}-{digest}.parquet"
-            if not self.supersede:
-                self.store.write_table(rows, ANSWERS_DIR, name)
-                continue
-            pending = self.store.write_table(rows, ANSWERS_DIR, f"_pending-{name}")
-            final = self.store.path(ANSWERS_DIR, name)
-            self.store.supersede(vid, set(qids), keep=pending)
-            self.store.move(pending, final)
-        return table.select([Col.VIDEO_ID, Col.QUESTION_ID, Col.STATUS, Col.ERROR_REASON])
+        return batch.select(ANSWERS_SCHEMA.names).cast(ANSWERS_SCHEMA)

@@ -1,9 +1,9 @@
 """The job's stages, in order, as `StageSpec`s: what each runs, reads, writes and asks Ray for.
 
-decode (CPU tasks) -> guidance (CLIP actors; they also write the frames table) -> answer
-(Video-LLM actors) -> answers sink (tasks). With `guidance.placement: answer_actor` guidance and
-answer are one actor stage. The runner (the only module that knows Ray) builds the pipeline from
-this list; `stage_contract.check_chain` checks it first.
+decode (CPU tasks) -> guidance (CLIP actors; they also stage the frames table) -> answer
+(Video-LLM actors) -> answers rows (tasks), which the driver commits in files of many videos.
+With `guidance.placement: answer_actor` guidance and answer are one actor stage. The runner
+(the only module that knows Ray) builds the pipeline from this list; `stage_contract.check_chain` checks it first.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pipeline.decode import DecodeStage
 from pipeline.guidance import GuidanceStage
 from pipeline.resources import StageRequest
 from pipeline.schema import Col
-from pipeline.sink import AnswersWriter, FramesWriter
+from pipeline.sink import AnswersRows, FramesWriter
 from pipeline.stage_contract import StageSpec
 
 # What planning (runner.plan_work) puts in each row: one video and its pending questions.
@@ -73,12 +73,8 @@ def job_stages(cfg: JobConfig, run_id: str, requests: dict[str, StageRequest]) -
     in_flight = cfg.answer.videos_in_flight
     decode = StageSpec("decode", DecodeStage, {"cfg": cfg.decode, "storage": cfg.input.storage}, requests["decode"],
                        max_retries=DECODE_TASK_RETRIES)
-    sink = StageSpec(
-        "answers_sink", AnswersWriter,
-        # rows of these pairs may exist already (retried errors, or resume off): replace them
-        {"output": cfg.output, "run_id": run_id,
-         "supersede": bool(cfg.output.retry_reasons()) or not cfg.output.resume},
-        requests["sink"], batch_size=None, batch_format="pyarrow")
+    # answers rows stream to the driver, whose OutputCommitter writes them in files of many videos
+    sink = StageSpec("answers_rows", AnswersRows, {}, requests["sink"], batch_size=None, batch_format="pyarrow")
     if cfg.guidance.placement == "answer_actor":
         answer = StageSpec("guidance_and_answer", GuideThenAnswer,
                            {"guidance": cfg.guidance, "output": cfg.output, "answer": cfg.answer, "run_id": run_id},

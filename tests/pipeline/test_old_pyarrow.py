@@ -12,10 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.committer import OutputCommitter
 from pipeline.config import OutputConfig
 from pipeline.guidance import frames_table
 from pipeline.schema import ANSWERS_SCHEMA, STATUS_OK, Col, empty_answer_row
-from pipeline.sink import AnswersWriter, FramesWriter
+from pipeline.sink import FramesWriter, OutputStore
 from tests.paths import REPO
 
 OLDEST_PYARROW = "14.0.2"
@@ -69,11 +70,13 @@ def _answers() -> pa.Table:
 
 def test_answers_and_frames_read_back_with_pyarrow_14_and_duckdb(tmp_path, old_python):
     cfg = OutputConfig(path=str(tmp_path / "out"))
-    AnswersWriter(cfg, "r1")(_answers())
     video = {Col.VIDEO_ID: "clips/a.mp4", Col.STATUS: STATUS_OK, Col.CLIP_MODEL: "tiny-clip",
              Col.FRAME_EMBEDDINGS: np.eye(4, 8, dtype=np.float32), Col.FRAME_INDICES: np.arange(4) * 3,
              Col.FRAME_TIMES_S: np.arange(4) * 0.25}
-    FramesWriter(cfg).write_row(video)
+    FramesWriter(cfg).write_row(video)  # staged, then committed with the video's answers
+    committer = OutputCommitter(OutputStore(cfg), "r1", supersede=False)
+    committer.add(_answers())
+    committer.close()
     expected = {f"{p.parent.name}/{p.name}": pq.read_table(p).to_pylist()
                 for p in sorted((tmp_path / "out").glob("*/*.parquet"))}
     assert len(expected) == 2 and frames_table(video).num_rows == 4

@@ -27,8 +27,8 @@ def test_the_job_stages_chain_up(tmp_path, placement):
     cfg, chain = specs(tmp_path, placement)
     check_chain(SOURCE_COLUMNS, chain)
     names = [s.name for s in chain]
-    assert names == (["decode", "guidance", "answer", "answers_sink"] if placement == "separate"
-                     else ["decode", "guidance_and_answer", "answers_sink"])
+    assert names == (["decode", "guidance", "answer", "answers_rows"] if placement == "separate"
+                     else ["decode", "guidance_and_answer", "answers_rows"])
     answer = chain[-2]
     assert answer.is_actor and answer.concurrent_calls == cfg.answer.videos_in_flight
     assert set(answer.writes) == set(ANSWER_COLUMNS) and not answer.keeps_input_columns

@@ -64,7 +64,8 @@ def test_driver_killed_then_rerun_completes_exactly_once(tmp_path, s3_bucket):
     key, secret = f"AKID{uuid.uuid4().hex[:12].upper()}", f"secret-{uuid.uuid4().hex}"
     storage = {"endpoint_url": options["client_kwargs"]["endpoint_url"], "key": key, "secret": secret}
     data = job_dict(f"s3://{bucket}/out", manifest=f"s3://{bucket}/in/manifest.jsonl", storage=storage,
-                    run_id="driver", answer={"max_new_tokens": 96}, ray={"num_cpus": 4})
+                    run_id="driver", answer={"max_new_tokens": 96}, ray={"num_cpus": 4},
+                    output_opts={"max_videos_per_file": 1})  # a commit per video: files appear mid-run
     data["guidance"]["videos_per_batch"] = 1  # videos reach the answer stage one by one: room to kill mid-run
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(data))
@@ -74,7 +75,9 @@ def test_driver_killed_then_rerun_completes_exactly_once(tmp_path, s3_bucket):
 
     def written() -> list[str]:
         try:
-            return [p for p in fs.ls(f"{bucket}/out/answers", refresh=True) if p.endswith(".parquet")]
+            # committed files only: a commit's '_pending-' files are not visible yet
+            return [p for p in fs.ls(f"{bucket}/out/answers", refresh=True)
+                    if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith("_")]
         except FileNotFoundError:
             return []
 

@@ -10,6 +10,7 @@ import threading
 
 import pytest
 
+from pipeline.config import parse_job_config
 from pipeline.runner import run_job
 from pipeline.schema import Col
 from pipeline.sink import OutputStore
@@ -19,6 +20,7 @@ from tests.reliability.helpers import (
     assert_exactly_once,
     free_port,
     job,
+    job_dict,
     kill,
     my_ray_processes,
     rows_of,
@@ -73,16 +75,21 @@ def test_worker_and_actors_killed_mid_run(tmp_path, ray_local):
     for vid in ids:
         shutil.copy(CLIP, videos / vid)
     out = tmp_path / "out"
-    # longer answers, so answering is still going on when its actor dies
-    cfg = job(str(out), videos=f"{videos}/*.avi", answer={"max_new_tokens": 48}, run_id="kills")
+    # longer answers, so answering is still going on when its actor dies; the driver commits each
+    # video as its rows arrive, so committed files show how far the run is
+    data = job_dict(str(out), videos=f"{videos}/*.avi", answer={"max_new_tokens": 48}, run_id="kills",
+                    output_opts={"max_videos_per_file": 1})
+    data["guidance"]["videos_per_batch"] = 1  # videos reach the answer stage one by one: room to kill mid-run
+    cfg = parse_job_config(data)
     run = Background(cfg)
 
     # a decode worker in the middle of a task (its title names the task while it runs)
     decode_pid = wait_until(lambda: my_ray_processes("ray::MapBatches(DecodeStage)"), 120, what="a decode task")[0]
     assert kill(decode_pid)
-    # the guidance actor (which also writes frames) once it has written one video's frames
-    wait_until(lambda: list((out / "frames").glob("*.parquet")) if (out / "frames").is_dir() else [], 120,
-               what="the first frames file")
+    # the guidance actor (which also stages frames) once it has staged one video's frames
+    staged = out / "_staging" / "frames"
+    wait_until(lambda: list(staged.glob("*.parquet")) if staged.is_dir() else [], 120,
+               what="the first staged frames file")
     guide = alive_actor(ray_local, "GuideThenWriteFrames")
     assert guide, "the guidance actor was gone before it could be killed"
     guide_id, guide_pid = guide

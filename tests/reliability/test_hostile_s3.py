@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 import requests
 
 from pipeline.runner import run_job
-from pipeline.sink import video_key
 from tests.paths import video
 from tests.reliability.helpers import (
     OK,
@@ -99,10 +99,14 @@ def test_hostile_corpus_s3_then_fixed_permissions_and_a_grown_archive(tmp_path, 
         len(expected), len(expected) - 4, 2, 4, 4)
     by_run = {r["run_id"] for r in rows if r["video_id"] in ("locked.mp4", "new.mkv")}
     assert by_run == {"s3-second"} and {r["run_id"] for r in rows if r["video_id"] == "cut.mp4"} == {"s3-first"}
-    # the refused video's old error file is gone, not shadowed: one file per video and run
-    answer_files = fs.ls(f"{bucket}/out/answers", refresh=True)
-    locked = [p for p in answer_files if p.rsplit("/", 1)[-1].startswith(video_key("locked.mp4"))]
-    assert len(locked) == 1
+    # the refused video's old error rows are gone from storage, not shadowed: every answers file
+    # read on its own holds the video's rows once, all of the second run
+    locked = []
+    for path in fs.ls(f"{bucket}/out/answers", refresh=True):
+        if path.endswith(".parquet") and not path.rsplit("/", 1)[-1].startswith(("_", ".")):
+            table = pq.read_table(path, filesystem=fs, columns=["video_id", "run_id", "status"])
+            locked += [r for r in table.to_pylist() if r["video_id"] == "locked.mp4"]
+    assert sorted((r["run_id"], r["status"]) for r in locked) == [("s3-second", "ok")] * len(PROMPTS)
     # the run summaries record both runs; no output holds the credentials
     runs = {p.rsplit("/", 1)[-1]: json.loads(fs.cat(p)) for p in fs.ls(f"{bucket}/out/runs", refresh=True)}
     assert runs["s3-second.json"]["retried_errors"] == 2 and runs["s3-first.json"]["errors"] == 8

@@ -1,16 +1,25 @@
 """Replacing rows (output.retry_errors, resume off) keeps each pair exactly once, also when the
-writer dies half-way: the stages are driven directly here, without Ray."""
+writer dies half-way: the driver's committer is driven directly here, without Ray."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 
+from pipeline.commit_log import CommitLog, NewFile
+from pipeline.committer import OutputCommitter
 from pipeline.runner import plan_work
 from pipeline.schema import ANSWERS_SCHEMA, Col, empty_answer_row
-from pipeline.sink import ANSWERS_DIR, AnswersWriter, OutputStore, video_key
+from pipeline.sink import ANSWERS_DIR, OutputStore
 from tests.reliability.helpers import PROMPTS, job, pairs_of, rows_of
 
 CAPTION, COUNT = (p["question_id"] for p in PROMPTS)
+
+
+def write(cfg, run_id: str, *tables: pa.Table, supersede: bool = False) -> None:
+    committer = OutputCommitter(OutputStore(cfg.output), run_id, supersede)
+    for table in tables:
+        committer.add(table)
+    committer.close()
 
 
 def answers(run_id: str, video: str, outcomes: dict[str, str | None]) -> pa.Table:
@@ -42,9 +51,8 @@ def test_retried_errors_replace_their_rows_and_a_crash_never_duplicates(tmp_path
         (tmp_path / "in" / name).write_bytes(b"x")
     out = str(tmp_path / "out")
     cfg = job(out, videos=str(tmp_path / "in" / "*.mp4"), output_opts={"retry_errors": True})
-    first = AnswersWriter(cfg.output, "r1")
-    first(answers("r1", "a.mp4", {CAPTION: "timeout", COUNT: None}))
-    first(answers("r1", "b.mp4", {CAPTION: "not_a_video", COUNT: "crashed"}))
+    write(cfg, "r1", answers("r1", "a.mp4", {CAPTION: "timeout", COUNT: None}),
+          answers("r1", "b.mp4", {CAPTION: "not_a_video", COUNT: "crashed"}))
     store = OutputStore(cfg.output)
 
     rows, summary = plan_work(cfg, store)
@@ -52,38 +60,55 @@ def test_retried_errors_replace_their_rows_and_a_crash_never_duplicates(tmp_path
     assert todo == {"a.mp4": [CAPTION], "b.mp4": [COUNT]}  # not_a_video is final, the others transient
     assert (summary.inputs, summary.skipped_done, summary.retried_errors) == (4, 2, 2)
 
-    # the retry of a.mp4 succeeds: its row replaces the error row, the file keeps the other pair
-    AnswersWriter(cfg.output, "r2", supersede=True)(answers("r2", "a.mp4", {CAPTION: None}))
+    # the retry of a.mp4 succeeds: its row replaces the error row, the file keeps the other pairs
+    write(cfg, "r2", answers("r2", "a.mp4", {CAPTION: None}), supersede=True)
     table = rows_of(cfg)
     every_pair = {("a.mp4", CAPTION), ("a.mp4", COUNT), ("b.mp4", CAPTION), ("b.mp4", COUNT)}
     assert sorted(pairs_of(table)) == sorted(every_pair)
     assert {(r["video_id"], r["question_id"]): r["run_id"] for r in table}[("a.mp4", CAPTION)] == "r2"
 
-    # the retry of b.mp4 dies after removing the old row, before its new file is in place
-    writer = AnswersWriter(cfg.output, "r2", supersede=True)
+    # the retry of b.mp4 dies after writing its files and record, before the commit's journal:
+    # nothing of it is visible, the old row stays, the pair is retried again
     new = answers("r2", "b.mp4", {COUNT: None})
-    pending = store.write_table(new, ANSWERS_DIR, f"_pending-{video_key('b.mp4')}-x.parquet")
-    store.supersede("b.mp4", {COUNT}, keep=pending)
-    # ... crash. The pair is absent, never twice; the next run cleans up and does it again.
-    assert ("b.mp4", COUNT) not in pairs_of(rows_of(cfg)) and len(rows_of(cfg)) == 3
+    log = CommitLog(store)
+    log.store.write_table(new, ANSWERS_DIR, "_pending-part-r2-crashed.parquet")
+    log.write_manifest(ANSWERS_DIR, NewFile(new, ANSWERS_DIR, "part-r2-crashed.parquet").record())
+    assert sorted(pairs_of(rows_of(cfg))) == sorted(every_pair)
     assert store.clean_temporaries() == 1
     rows, summary = plan_work(cfg, store)
     assert {r["video_id"]: r["question_ids"] for r in rows} == {"b.mp4": [COUNT]}
-    writer(new)
+
+    # ... and dies again, after the journal, with the old file removed but the new one not moved
+    # into place: the pair is absent (never twice) until the next run rolls the commit forward
+    old_files = [p.rsplit("/", 1)[-1] for p in store.list_files(ANSWERS_DIR)]
+    holder = [n for n in old_files if any(r["video_id"] == "b.mp4" for r in
+                                          store._read_file(store.path(ANSWERS_DIR, n)).to_pylist())]
+    kept = store._read_file(store.path(ANSWERS_DIR, holder[0]))
+    kept = kept.filter(pa.array([not (r["video_id"] == "b.mp4" and r["question_id"] == COUNT)
+                                 for r in kept.to_pylist()]))
+    files = [NewFile(new, ANSWERS_DIR, "part-r2-new.parquet"), NewFile(kept, ANSWERS_DIR, "part-r2-kept.parquet")]
+    for f in files:
+        store.write_table(f.table, ANSWERS_DIR, "_pending-" + f.name)
+        log.write_manifest(ANSWERS_DIR, f.record())
+    store.write_json({"moves": [[ANSWERS_DIR, f.name] for f in files], "removes": [[ANSWERS_DIR, holder[0]]]},
+                     "_commits", "_txn", "crashed.json")
+    store.remove(store.path(ANSWERS_DIR, holder[0]))
+    assert len(set(pairs_of(rows_of(cfg)))) == len(pairs_of(rows_of(cfg)))  # never twice
+    assert log.recover() == 1
     final = rows_of(cfg)
-    assert len(final) == 4 and len(set(pairs_of(final))) == 4
+    assert sorted(pairs_of(final)) == sorted(every_pair)
     assert all(r["status"] == "ok" for r in final if (r["video_id"], r["question_id"]) != ("b.mp4", CAPTION))
+    assert plan_work(cfg, store)[0] == []
 
     # resume off recomputes everything; the new rows replace the old ones
     again = job(out, videos=str(tmp_path / "in" / "*.mp4"), output_opts={"resume": False})
     rows, summary = plan_work(again, store)
     assert sum(len(r["question_ids"]) for r in rows) == 4 and summary.skipped_done == 0
-    redo = AnswersWriter(again.output, "r3", supersede=True)
-    redo(answers("r3", "a.mp4", {CAPTION: None, COUNT: None}))
-    redo(answers("r3", "b.mp4", {CAPTION: "not_a_video: text", COUNT: None}))
+    write(again, "r3", answers("r3", "a.mp4", {CAPTION: None, COUNT: None}),
+          answers("r3", "b.mp4", {CAPTION: "not_a_video: text", COUNT: None}), supersede=True)
     final = rows_of(again)
     assert len(final) == 4 and {r["run_id"] for r in final} == {"r3"}
-    assert len(store.list_files(ANSWERS_DIR)) == 2
+    assert len(store.list_files(ANSWERS_DIR)) == 1
 
 
 def test_answers_files_of_the_previous_version_are_resumed_by_their_error_prefix(tmp_path):
@@ -98,7 +123,7 @@ def test_answers_files_of_the_previous_version_are_resumed_by_their_error_prefix
     store.write_table(old_answers("b.mp4", {CAPTION: "truncated: video ends at 1.00 s of 9.00 s",
                                             COUNT: "failed before the answer stage"}), ANSWERS_DIR, "old-b.parquet")
     # a file of the current version beside them: its rows are read by error_reason
-    AnswersWriter(cfg.output, "r2")(answers("r2", "c.mp4", {CAPTION: "vision_failed", COUNT: "no_frames"}))
+    write(cfg, "r2", answers("r2", "c.mp4", {CAPTION: "vision_failed", COUNT: "no_frames"}))
 
     status = store.answer_status()
     assert status[("a.mp4", CAPTION)] == ("error", "read_failed") and status[("a.mp4", COUNT)] == ("ok", None)
