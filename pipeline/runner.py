@@ -1,8 +1,9 @@
 """Ray wiring: the stages assembled into one streaming Ray Data pipeline.
 
-list videos + questions -> resume filter -> decode (CPU tasks) -> guidance (CLIP actors, which
-also stage the frames) -> answer (VLM actors) -> answers rows (tasks) -> the driver, which commits
-answers and frames in files of many videos (pipeline/committer.py) and counts the run summary.
+plan (Ray tasks list the videos and attach their pending questions: pipeline/planning.py) ->
+decode (CPU tasks) -> guidance (CLIP actors, which also stage the frames) -> answer (VLM actors)
+-> answers rows (tasks) -> the driver, which commits answers and frames in files of many videos
+(pipeline/committer.py) and counts the run summary.
 The driver holds the output's lease (pipeline/output_lock.py) for the whole run.
 
 Faults: a decode task whose worker dies is retried (`max_retries`); Ray Data restarts a dead actor
@@ -25,10 +26,12 @@ import time
 
 import numpy as np
 
+from pipeline import planning
 from pipeline.commit_log import CommitLog
 from pipeline.committer import OutputCommitter
 from pipeline.config import JobConfig
 from pipeline.output_lock import OutputLease, OutputLockedError
+from pipeline.planning import Plan
 from pipeline.resources import (
     StageRequest,
     UnschedulableError,
@@ -39,7 +42,6 @@ from pipeline.resources import (
 )
 from pipeline.schema import STATUS_OK, Col
 from pipeline.sink import RUNS_DIR, OutputStore
-from pipeline.sources import list_videos, load_questions, questions_for
 from pipeline.stage_contract import StageSpec, check_chain
 
 log = logging.getLogger("moref_index")
@@ -83,47 +85,17 @@ class RunSummary:
         return "\n".join(lines)
 
 
-def plan_work(cfg: JobConfig, store: OutputStore) -> tuple[list[dict], RunSummary]:
-    """One row per video with the questions still to answer, and the summary so far."""
+def plan_work(cfg: JobConfig, store: OutputStore) -> tuple[Plan, RunSummary]:
+    """The videos with questions still to answer (a Ray Dataset computed by Ray tasks:
+    pipeline/planning.py) and the summary so far. Starts or joins Ray as the config says."""
     run_id = cfg.resolved_run_id()
     summary = RunSummary(run_id=run_id, output=cfg.output.path)
-    videos = list_videos(cfg.input)
-    per_video, prompts = load_questions(cfg.questions, cfg.input.storage)
-    done: set[tuple[str, str]] = set()
-    retry: set[tuple[str, str]] = set()
-    if cfg.output.resume:
-        reasons = cfg.output.retry_reasons()
-        for pair, (status, reason) in store.answer_status().items():
-            if status != STATUS_OK and reason in reasons:
-                retry.add(pair)
-            else:
-                done.add(pair)
-    listed = {v.video_id for v in videos}
-    unmatched = {vid: len(qs) for vid, qs in per_video.items() if vid not in listed}
-    summary.unmatched_questions = sum(unmatched.values())
-    if unmatched:
-        log.warning("%d questions name %d video_ids that match no listed video, e.g. %s",
-                    summary.unmatched_questions, len(unmatched), sorted(unmatched)[:3])
-    rows = []
-    for video in videos:
-        questions = questions_for(video.video_id, per_video, prompts)
-        summary.inputs += len(questions)
-        todo = [q for q in questions if (video.video_id, q.question_id) not in done]
-        summary.skipped_done += len(questions) - len(todo)
-        summary.retried_errors += sum((video.video_id, q.question_id) in retry for q in todo)
-        if questions:
-            summary.videos += 1
-        if todo:
-            rows.append(
-                {
-                    Col.VIDEO_ID: video.video_id,
-                    Col.VIDEO_URI: video.video_uri,
-                    Col.SIZE_BYTES: video.size_bytes if video.size_bytes is not None else -1,
-                    Col.QUESTION_IDS: [q.question_id for q in todo],
-                    Col.QUESTIONS: [q.question for q in todo],
-                }
-            )
-    return rows, summary
+    _init_ray(cfg)
+    plan = planning.plan_work(cfg, store)
+    summary.videos, summary.inputs = plan.videos, plan.inputs
+    summary.skipped_done, summary.retried_errors = plan.skipped_done, plan.retried_errors
+    summary.unmatched_questions = plan.unmatched_questions
+    return plan, summary
 
 
 def _init_ray(cfg: JobConfig) -> bool:
@@ -159,15 +131,14 @@ def check_resources(cfg: JobConfig, requests: dict[str, StageRequest], local: bo
         log.warning("%s; waiting for the autoscaler (set ray.node_shapes to check against the nodes it can add)", exc)
 
 
-def build_dataset(rows: list[dict], cfg: JobConfig, run_id: str, requests: dict[str, StageRequest]):
-    """The Ray Data pipeline of the job's stages (pipeline/stages.py), checked first."""
-    import ray
-
+def build_dataset(source, cfg: JobConfig, run_id: str, requests: dict[str, StageRequest]):
+    """The Ray Data pipeline of the job's stages (pipeline/stages.py) over `source` (the planned
+    videos, one per block: `planning.Plan.work`), checked first."""
     from pipeline.stages import SOURCE_COLUMNS, job_stages
 
     specs = job_stages(cfg, run_id, requests)
     check_chain(SOURCE_COLUMNS, specs)
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))  # one video per block
+    ds = source
     for spec in specs:
         ds = _map_stage(ds, spec)
     return ds
@@ -255,11 +226,11 @@ def _run_holding_lease(cfg: JobConfig, store: OutputStore, lease: OutputLease, s
     removed = store.clean_temporaries()
     if removed:
         log.info("removed %d temporary files left by an interrupted run", removed)
-    rows, summary = plan_work(cfg, store)
-    log.info("planned %d videos with %d pending pairs", len(rows), summary.inputs - summary.skipped_done)
+    plan, summary = plan_work(cfg, store)
+    log.info("planned %d videos with %d pending pairs", plan.pending_videos, plan.pending_pairs)
     reasons: collections.Counter = collections.Counter()
     try:
-        if rows:
+        if plan.work is not None:
             import ray
 
             local = _init_ray(cfg)
@@ -282,7 +253,7 @@ def _run_holding_lease(cfg: JobConfig, store: OutputStore, lease: OutputLease, s
             committer = OutputCommitter(store, summary.run_id,
                                         supersede=bool(cfg.output.retry_reasons()) or not cfg.output.resume,
                                         on_commit=count)
-            dataset = build_dataset(rows, cfg, summary.run_id, requests)
+            dataset = build_dataset(plan.work, cfg, summary.run_id, requests)
             for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
                 if lease.lost:
                     raise OutputLockedError(lease.lost)

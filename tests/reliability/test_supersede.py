@@ -45,7 +45,7 @@ def old_answers(video: str, outcomes: dict[str, str | None]) -> pa.Table:
     )
 
 
-def test_retried_errors_replace_their_rows_and_a_crash_never_duplicates(tmp_path):
+def test_retried_errors_replace_their_rows_and_a_crash_never_duplicates(tmp_path, ray_local):
     (tmp_path / "in").mkdir()
     for name in ("a.mp4", "b.mp4"):
         (tmp_path / "in" / name).write_bytes(b"x")
@@ -55,7 +55,8 @@ def test_retried_errors_replace_their_rows_and_a_crash_never_duplicates(tmp_path
           answers("r1", "b.mp4", {CAPTION: "not_a_video", COUNT: "crashed"}))
     store = OutputStore(cfg.output)
 
-    rows, summary = plan_work(cfg, store)
+    plan, summary = plan_work(cfg, store)
+    rows = plan.rows()
     todo = {r["video_id"]: r["question_ids"] for r in rows}
     assert todo == {"a.mp4": [CAPTION], "b.mp4": [COUNT]}  # not_a_video is final, the others transient
     assert (summary.inputs, summary.skipped_done, summary.retried_errors) == (4, 2, 2)
@@ -75,7 +76,8 @@ def test_retried_errors_replace_their_rows_and_a_crash_never_duplicates(tmp_path
     log.write_manifest(ANSWERS_DIR, NewFile(new, ANSWERS_DIR, "part-r2-crashed.parquet").record())
     assert sorted(pairs_of(rows_of(cfg))) == sorted(every_pair)
     assert store.clean_temporaries() == 1
-    rows, summary = plan_work(cfg, store)
+    plan, summary = plan_work(cfg, store)
+    rows = plan.rows()
     assert {r["video_id"]: r["question_ids"] for r in rows} == {"b.mp4": [COUNT]}
 
     # ... and dies again, after the journal, with the old file removed but the new one not moved
@@ -98,11 +100,12 @@ def test_retried_errors_replace_their_rows_and_a_crash_never_duplicates(tmp_path
     final = rows_of(cfg)
     assert sorted(pairs_of(final)) == sorted(every_pair)
     assert all(r["status"] == "ok" for r in final if (r["video_id"], r["question_id"]) != ("b.mp4", CAPTION))
-    assert plan_work(cfg, store)[0] == []
+    assert plan_work(cfg, store)[0].rows() == []
 
     # resume off recomputes everything; the new rows replace the old ones
     again = job(out, videos=str(tmp_path / "in" / "*.mp4"), output_opts={"resume": False})
-    rows, summary = plan_work(again, store)
+    plan, summary = plan_work(again, store)
+    rows = plan.rows()
     assert sum(len(r["question_ids"]) for r in rows) == 4 and summary.skipped_done == 0
     write(again, "r3", answers("r3", "a.mp4", {CAPTION: None, COUNT: None}),
           answers("r3", "b.mp4", {CAPTION: "not_a_video: text", COUNT: None}), supersede=True)
@@ -111,7 +114,7 @@ def test_retried_errors_replace_their_rows_and_a_crash_never_duplicates(tmp_path
     assert len(store.list_files(ANSWERS_DIR)) == 1
 
 
-def test_answers_files_of_the_previous_version_are_resumed_by_their_error_prefix(tmp_path):
+def test_answers_files_of_the_previous_version_are_resumed_by_their_error_prefix(tmp_path, ray_local):
     (tmp_path / "in").mkdir()
     for name in ("a.mp4", "b.mp4", "c.mp4"):
         (tmp_path / "in" / name).write_bytes(b"x")
@@ -130,12 +133,13 @@ def test_answers_files_of_the_previous_version_are_resumed_by_their_error_prefix
     assert status[("b.mp4", CAPTION)] == ("error", "truncated")
     assert status[("b.mp4", COUNT)] == ("error", "failed_before_answer")
     assert status[("c.mp4", CAPTION)] == ("error", "vision_failed")
-    rows, summary = plan_work(cfg, store)
+    plan, summary = plan_work(cfg, store)
+    rows = plan.rows()
     # transient: read_failed (old file) and vision_failed (new file); the others are final
     assert {r["video_id"]: r["question_ids"] for r in rows} == {"a.mp4": [CAPTION], "c.mp4": [CAPTION]}
     assert (summary.inputs, summary.skipped_done, summary.retried_errors) == (6, 4, 2)
 
     # naming the reasons works on old rows alike
     named = job(out, videos=str(tmp_path / "in" / "*.mp4"), output_opts={"retry_errors": ["truncated"]})
-    rows, _ = plan_work(named, store)
+    rows = plan_work(named, store)[0].rows()
     assert {r["video_id"]: r["question_ids"] for r in rows} == {"b.mp4": [CAPTION]}
