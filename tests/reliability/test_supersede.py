@@ -138,3 +138,18 @@ def test_answers_files_of_the_previous_version_are_resumed_by_their_error_prefix
     named = job(out, videos=str(tmp_path / "in" / "*.mp4"), output_opts={"retry_errors": ["truncated"]})
     rows, _ = plan_work(named, store)
     assert {r["video_id"]: r["question_ids"] for r in rows} == {"b.mp4": [CAPTION]}
+
+
+def test_a_retried_pair_of_a_previous_version_file_replaces_its_row(tmp_path):
+    """The older file is rewritten without the pair in its own (old) schema, and its record rows
+    take their reasons from its `error` column."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.mp4").write_bytes(b"x")
+    cfg = job(str(tmp_path / "out"), videos=str(tmp_path / "in" / "*.mp4"), output_opts={"retry_errors": True})
+    store = OutputStore(cfg.output)
+    store.write_table(old_answers("a.mp4", {CAPTION: "read_failed: s3://b/a.mp4: reset", COUNT: "timeout: slow"}),
+                      ANSWERS_DIR, "old-a.parquet")
+    write(cfg, "r2", answers("r2", "a.mp4", {CAPTION: None}), supersede=True)
+    rows = {(r["video_id"], r["question_id"]): (r["run_id"], r["status"]) for r in rows_of(cfg)}
+    assert rows == {("a.mp4", CAPTION): ("r2", "ok"), ("a.mp4", COUNT): ("old", "error")}
+    assert store.answer_status() == {("a.mp4", CAPTION): ("ok", None), ("a.mp4", COUNT): ("error", "timeout")}
