@@ -44,7 +44,7 @@ def make_inputs(n: int, work: pathlib.Path) -> dict:
     redo) and the job config."""
     import numpy as np
 
-    from pipeline.commit_log import CommitLog, NewFile
+    from pipeline.commit_log import CommitLog, write_pending
     from pipeline.config import parse_job_config
     from pipeline.schema import ANSWERS_SCHEMA
     from pipeline.sink import ANSWERS_DIR, OutputStore
@@ -55,7 +55,8 @@ def make_inputs(n: int, work: pathlib.Path) -> dict:
     cfg = parse_job_config({"run_id": "bench", "input": {"manifest": str(work / "manifest.parquet")},
                             "questions": {"prompts": PROMPTS},
                             "output": {"path": str(work / "out"), "retry_errors": True}})
-    store, log = OutputStore(cfg.output), CommitLog(OutputStore(cfg.output))
+    store = OutputStore(cfg.output)
+    log = CommitLog(store)
     p = len(PROMPTS)
     done = int(n * DONE_SHARE)
     rows = done * p
@@ -71,7 +72,8 @@ def make_inputs(n: int, work: pathlib.Path) -> dict:
                     question=pa.array([PROMPTS[i % p]["question"] for i in pair]),
                     status=pc.if_else(error, "error", "ok"),
                     error_reason=pc.if_else(error, pa.scalar("timeout"), pa.scalar(None, pa.string())))
-        log.apply([NewFile(pa.table(cols, schema=ANSWERS_SCHEMA), ANSWERS_DIR, f"part-old-{start:09d}.parquet")], {})
+        table = pa.table(cols, schema=ANSWERS_SCHEMA)
+        log.apply([write_pending(store, table, ANSWERS_DIR, f"part-old-{start:09d}.parquet")], {})
     return {"config": cfg.model_dump(mode="json"), "expected": {
         "videos": n, "inputs": n * p, "skipped_done": rows - retry, "retried_errors": retry,
         "pending_pairs": n * p - rows + retry}}

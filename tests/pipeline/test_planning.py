@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import planning
-from pipeline.commit_log import CommitLog, NewFile
+from pipeline.commit_log import CommitLog, write_pending
 from pipeline.config import ConfigError, QuestionsConfig, StorageConfig, parse_job_config
 from pipeline.listing import split_glob
 from pipeline.schema import ANSWERS_SCHEMA, Col
@@ -192,8 +192,8 @@ def test_resume_skips_recorded_pairs_and_redoes_transient_errors(tmp_path, ray_l
             if (vid, qid) == ("v0008", "who"):
                 row.update({Col.STATUS: "error", Col.ERROR_REASON: "not_a_video"})  # final: kept
             done.append(row)
-    CommitLog(store).apply([NewFile(pa.Table.from_pylist(done, schema=ANSWERS_SCHEMA), ANSWERS_DIR,
-                                    "part-r0-x.parquet")], {})
+    table = pa.Table.from_pylist(done, schema=ANSWERS_SCHEMA)
+    CommitLog(store).apply([write_pending(store, table, ANSWERS_DIR, "part-r0-x.parquet")], {})
     monkeypatch.setattr(planning, "PLAN_BATCH_VIDEOS", 64)  # several planning tasks
     p = plan(tmp_path, {"manifest": str(manifest)}, questions={"prompts": prompts}, output={"retry_errors": True})
     got = {r["video_id"]: r["question_ids"] for r in p.rows()}
