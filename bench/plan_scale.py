@@ -53,7 +53,8 @@ def make_inputs(n: int, work: pathlib.Path) -> dict:
     ids = pc.binary_join_element_wise("archive/", pa.array([f"{i:08d}" for i in range(n)]), ".mp4", "")
     pq.write_table(pa.table({"video_id": ids, "video_uri": pc.binary_join_element_wise("/data/", ids, "")}),
                    work / "manifest.parquet")
-    cfg = parse_job_config({"run_id": "bench", "input": {"manifest": str(work / "manifest.parquet")},
+    manifest = {"manifest": str(work / "manifest.parquet"), "planning": "tasks"}
+    cfg = parse_job_config({"run_id": "bench", "input": manifest,
                             "questions": {"prompts": PROMPTS},
                             "output": {"path": str(work / "out"), "retry_errors": True}})
     store = OutputStore(cfg.output)
@@ -94,7 +95,7 @@ def measure(config: dict) -> dict:
     t1 = time.perf_counter()
     plan, summary = plan_work(cfg, OutputStore(cfg.output))
     t2 = time.perf_counter()
-    first = plan.work.take(1)  # the pipeline's source streams: its first video is ready
+    first = plan.source().take(1)  # the pipeline's source streams: its first video is ready
     t3 = time.perf_counter()
     plan_work(cfg, OutputStore(cfg.output))  # again, on warm workers: the part that grows with N
     t4 = time.perf_counter()

@@ -1,5 +1,5 @@
-"""Which videos a job reads, as a Ray Dataset: read and listed by Ray tasks, never gathered on the
-driver.
+"""Which videos a job reads, as a Ray Dataset read and listed by Ray tasks (`list_videos`), or as
+one Arrow table for inputs small enough to plan on the driver (`listing_table`).
 
 A manifest (Parquet, JSONL or CSV; local or object storage) is read by Ray Data. A glob is split
 at its first wildcard: the driver lists the fixed prefix's top level once and each matching
@@ -17,10 +17,11 @@ import pyarrow as pa
 
 from pipeline.config import ConfigError, InputConfig, StorageConfig
 from pipeline.schema import Col
-from pipeline.sources import filesystem, full_uri, glob_root, read_dataset
+from pipeline.sources import filesystem, full_uri, glob_root, read_dataset, read_table
 
 # The listing's rows; size_bytes is -1 when unknown (manifests do not carry sizes).
 VIDEO_SCHEMA = pa.schema([(Col.VIDEO_ID, pa.string()), (Col.VIDEO_URI, pa.string()), (Col.SIZE_BYTES, pa.int64())])
+_UNIT_SCHEMA = pa.schema([("url", pa.string()), ("root", pa.string())])  # split_glob's units
 
 
 def list_videos(cfg: InputConfig):
@@ -37,6 +38,15 @@ def list_videos(cfg: InputConfig):
     # one unit per block, so each sub-prefix is listed by its own task
     return ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
         glob_unit, fn_kwargs={"storage": cfg.storage}, batch_format="pyarrow", batch_size=1)
+
+
+def listing_table(cfg: InputConfig) -> pa.Table:
+    """The same listing read in this process, for inputs small enough to plan on the driver."""
+    if cfg.manifest:
+        table = read_table(cfg.manifest, cfg.storage, "input.manifest")
+        return manifest_rows(table, base=posixpath.dirname(cfg.manifest))
+    units = [unit for pattern in cfg.videos or [] for unit in split_glob(pattern, cfg.storage)]
+    return glob_unit(pa.Table.from_pylist(units, schema=_UNIT_SCHEMA), cfg.storage)
 
 
 def manifest_rows(batch: pa.Table, base: str) -> pa.Table:

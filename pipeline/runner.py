@@ -86,11 +86,12 @@ class RunSummary:
 
 
 def plan_work(cfg: JobConfig, store: OutputStore) -> tuple[Plan, RunSummary]:
-    """The videos with questions still to answer (a Ray Dataset computed by Ray tasks:
-    pipeline/planning.py) and the summary so far. Starts or joins Ray as the config says."""
+    """The videos with questions still to answer (pipeline/planning.py) and the summary so far.
+    Starts or joins Ray as the config says when planning runs in Ray tasks."""
     run_id = cfg.resolved_run_id()
     summary = RunSummary(run_id=run_id, output=cfg.output.path)
-    _init_ray(cfg)
+    if not planning.plans_on_driver(cfg.input):
+        _init_ray(cfg)
     plan = planning.plan_work(cfg, store)
     summary.videos, summary.inputs = plan.videos, plan.inputs
     summary.skipped_done, summary.retried_errors = plan.skipped_done, plan.retried_errors
@@ -133,7 +134,7 @@ def check_resources(cfg: JobConfig, requests: dict[str, StageRequest], local: bo
 
 def build_dataset(source, cfg: JobConfig, run_id: str, requests: dict[str, StageRequest]):
     """The Ray Data pipeline of the job's stages (pipeline/stages.py) over `source` (the planned
-    videos, one per block: `planning.Plan.work`), checked first."""
+    videos, one per block: `planning.Plan.source`), checked first."""
     from pipeline.stages import SOURCE_COLUMNS, job_stages
 
     specs = job_stages(cfg, run_id, requests)
@@ -230,7 +231,7 @@ def _run_holding_lease(cfg: JobConfig, store: OutputStore, lease: OutputLease, s
     log.info("planned %d videos with %d pending pairs", plan.pending_videos, plan.pending_pairs)
     reasons: collections.Counter = collections.Counter()
     try:
-        if plan.work is not None:
+        if plan.pending is not None:
             import ray
 
             local = _init_ray(cfg)
@@ -253,7 +254,7 @@ def _run_holding_lease(cfg: JobConfig, store: OutputStore, lease: OutputLease, s
             committer = OutputCommitter(store, summary.run_id,
                                         supersede=bool(cfg.output.retry_reasons()) or not cfg.output.resume,
                                         on_commit=count)
-            dataset = build_dataset(plan.work, cfg, summary.run_id, requests)
+            dataset = build_dataset(plan.source(), cfg, summary.run_id, requests)
             for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
                 if lease.lost:
                     raise OutputLockedError(lease.lost)
