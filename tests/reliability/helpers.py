@@ -31,12 +31,13 @@ TINY: dict[str, str] = {}  # filled by the tiny_models fixture (tests/reliabilit
 
 
 def job_dict(output: str, *, videos=None, manifest=None, questions_file=None, storage=None,
-             run_id="rel", decode=None, answer=None, output_opts=None, ray=None) -> dict:
+             run_id="rel", decode=None, answer=None, output_opts=None, ray=None, planning="auto") -> dict:
     """A job on the tiny models with small frames; every knob that matters here can be overridden."""
     storage = storage or {}
     data = {
         "run_id": run_id,
-        "input": {"storage": storage, **({"videos": videos} if videos else {"manifest": manifest})},
+        "input": {"storage": storage, "planning": planning,
+                  **({"videos": videos} if videos else {"manifest": manifest})},
         "questions": {"prompts": PROMPTS, **({"file": questions_file} if questions_file else {})},
         "decode": {"num_frames": NUM_FRAMES, "frame_size": 32, "num_cpus": 0.5, "timeout_s": 120,
                    **(decode or {})},

@@ -1,12 +1,16 @@
 """End to end on real Ray, local disk and S3 (moto): answers and frames in files of many videos with
 exact row counts, an incremental rerun doing exactly the new videos, compaction keeping the row
-multiset, and a second job refused while the output's lease is held."""
+multiset, and a second job refused while the output's lease is held. Locally the videos are a glob
+planned on the driver; on S3 they come from a Parquet manifest read by Ray Data and planned in Ray
+tasks."""
 
 from __future__ import annotations
 
 import collections
 import shutil
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.compact import compact
@@ -32,14 +36,23 @@ def test_batched_files_incremental_rerun_compaction_and_lock(where, tmp_path, ra
         videos, out, storage = str(tmp_path / "in" / "*.mp4"), str(tmp_path / "out"), None
     else:
         fs, bucket, options = request.getfixturevalue("s3_bucket")
-        put = lambda name: fs.put_file(str(src), f"{bucket}/in/{name}")  # noqa: E731
-        videos, out = f"s3://{bucket}/in/*.mp4", f"s3://{bucket}/out"
+        listed: list[str] = []
+
+        def put(name: str) -> None:
+            """The video and a manifest listing every video so far (URIs relative to it)."""
+            fs.put_file(str(src), f"{bucket}/in/{name}")
+            listed.append(name)
+            with fs.open(f"{bucket}/in/manifest.parquet", "wb") as f:
+                pq.write_table(pa.table({"video_uri": listed}), f)
+
+        videos, out = None, f"s3://{bucket}/out"
         # credentials in the config: the session's Ray workers may predate the S3 fixture's environment
         storage = {"endpoint_url": options["client_kwargs"]["endpoint_url"], "key": "testing", "secret": "testing"}
+    inputs = {"videos": videos} if videos else {"manifest": f"s3://{bucket}/in/manifest.parquet", "planning": "tasks"}
     for i in range(5):
         put(f"v{i}.mp4")
     opts = {"max_videos_per_file": 2}
-    cfg = job(out, videos=videos, storage=storage, run_id="first", output_opts=opts)
+    cfg = job(out, **inputs, storage=storage, run_id="first", output_opts=opts)
     summary = run_job(cfg)
     store = OutputStore(cfg.output)
     assert (summary.processed, summary.ok, summary.status) == (10, 10, "complete"), summary.errors_by_reason
@@ -51,7 +64,7 @@ def test_batched_files_incremental_rerun_compaction_and_lock(where, tmp_path, ra
     # incremental: two new videos, exactly their pairs are processed
     put("v5.mp4")
     put("v6.mp4")
-    summary = run_job(job(out, videos=videos, storage=storage, run_id="second", output_opts=opts))
+    summary = run_job(job(out, **inputs, storage=storage, run_id="second", output_opts=opts))
     assert (summary.skipped_done, summary.processed) == (10, 4)
     expected |= {(v, p["question_id"]) for v in ("v5.mp4", "v6.mp4") for p in PROMPTS}
     assert_exactly_once(rows_of(cfg), expected)
@@ -68,6 +81,6 @@ def test_batched_files_incremental_rerun_compaction_and_lock(where, tmp_path, ra
     # one job per output: refused while another holds the lease, nothing planned or written
     with OutputLease(store, ttl_s=60, run_id="other"):
         with pytest.raises(OutputLockedError, match="run 'other'"):
-            run_job(job(out, videos=videos, storage=storage, run_id="third", output_opts=opts))
-    summary = run_job(job(out, videos=videos, storage=storage, run_id="third", output_opts=opts))
+            run_job(job(out, **inputs, storage=storage, run_id="third", output_opts=opts))
+    summary = run_job(job(out, **inputs, storage=storage, run_id="third", output_opts=opts))
     assert (summary.skipped_done, summary.processed) == (14, 0)
