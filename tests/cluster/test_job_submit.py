@@ -2,12 +2,15 @@
 with the `ray job submit` CLI and `--working-dir` (the repository, cut down by .rayignore), its
 Parquet outputs checked, and the job's metrics scraped from the head's Prometheus endpoint.
 
-The head is this test's own: its own short --temp-dir, every port it listens on picked free (Ray's
-defaults, e.g. the dashboard agent's 52365 or the client server's 10001, would collide with any
-other Ray on the machine), its own token for Ray's token authentication (on by default for a head
-in Ray 2.60), and an environment without the session's RAY_* variables. It runs in its own process
-group, which the teardown kills (`ray stop` would stop every Ray on the machine: it takes no
-temp dir). On a failure the head's logs are printed.
+The head is this test's own: its own short --temp-dir (so no other `ray.init()` on the machine finds
+and joins it), every port it listens on picked free (Ray's defaults, e.g. the dashboard agent's
+52365 or the client server's 10001, would collide with any other Ray on the machine), its own token
+(a head turns Ray's token authentication on whenever a token exists, e.g. the ~/.ray/auth_token an
+earlier ray.init() wrote: the test makes it explicit), and an environment without the session's
+RAY_* variables. Its dashboard, which the CLI talks to, listens on loopback (Ray resolves the node
+address 127.0.0.1 to the machine's own). It runs in its own process group, which the teardown kills
+(`ray stop` takes no temp dir: it would stop every Ray on the machine). A failure prints the
+head's logs.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ RAY = str(pathlib.Path(sys.executable).parent / "ray")
 DEMO_CONFIG = REPO / "jobs" / "configs" / "demo.yaml"
 # ray start gives the raylet a fixed 30 s to register (not configurable) after the dashboard came
 # up within RAY_DASHBOARD_STARTUP_TIMEOUT_S (60 s by default): on 2 cores shared with other test
-# runs either can pass. The dashboard's limit is raised below; a start that still fails is retried
+# runs either can run out. The dashboard's limit is raised below; a start that still fails is retried
 # once, on fresh ports, after its output and logs are printed.
 START_ATTEMPTS = 2
 START_TIMEOUT_S = 300
