@@ -11,9 +11,10 @@ without rewriting it. Data files the record does not know (written by versions b
 by hand) are read once and recorded. `consolidate` merges the manifests into one when they pile up.
 
 A commit (`apply`) makes several data files appear and others disappear together: new files are
-written under '_pending-' names (readers skip them) and their manifests under the final names; then
-the journal is written, and from then on the commit is rolled forward: old files removed, pending
-files renamed, journal deleted. `recover` finishes a journal a killed run left. Until the journal
+first written under '_pending-' names (readers skip them), by the driver or by a merge task
+(`write_pending`, pipeline/file_merge.py); `apply` writes their manifests under the final names,
+then the journal, and from then on the commit is rolled forward: old files removed, pending files
+renamed, journal deleted. `recover` finishes a journal a killed run left. Until the journal
 exists nothing is visible, so a crash before it loses only that commit's rows, which a rerun redoes;
 while a commit is applied a reader may briefly miss its rows, never see one twice.
 """
@@ -51,22 +52,32 @@ _OLD_ERROR_COLUMN = "error"
 _STATUS_SCHEMA = pa.schema(list(ANSWERS_RECORD)[:4] + [pa.field(_OLD_ERROR_COLUMN, pa.string())])
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class NewFile:
-    """A data file to commit: its table, folder ('answers' or 'frames'), name and record rows."""
+    """A data file a commit makes visible, already written under its pending name (PENDING + name):
+    its folder ('answers' or 'frames'), name, record rows, and for the log its rows and bytes. It
+    carries no data, so whoever wrote the file (the driver, or a merge task: pipeline/file_merge.py)
+    hands the commit only this."""
 
-    table: pa.Table
     sub: str
     name: str
+    record: pa.Table
+    num_rows: int
+    size_bytes: int
 
-    def record(self) -> pa.Table:
-        schema = RECORDS[self.sub]
-        cols = [self.table.column(c) for c in schema.names[:-1]]
-        if self.sub == "frames":  # one record row per video, not per frame
-            ids = pc.unique(self.table.column(Col.VIDEO_ID))
-            cols = [ids]
-        files = pa.array([self.name] * len(cols[0]), pa.string())
-        return pa.Table.from_arrays([*cols, files], schema=schema)
+
+def write_pending(store, table: pa.Table, sub: str, name: str) -> NewFile:
+    """Write `table` under the pending name of `sub`/`name`, invisible until a commit (`apply`)."""
+    path = store.write_table(table, sub, PENDING + name)
+    return NewFile(sub, name, record_rows(sub, table, name), table.num_rows, store.size(path))
+
+
+def record_rows(sub: str, table: pa.Table, name: str) -> pa.Table:
+    """The record rows of data file `name` holding `table`."""
+    if sub == "frames":  # one record row per video, not per frame
+        ids = pc.unique(table.column(Col.VIDEO_ID))
+        return pa.table({Col.VIDEO_ID: ids, "file": pa.array([name] * len(ids), pa.string())}, schema=FRAMES_RECORD)
+    return _answers_record(_status_columns(table), pa.array([name] * table.num_rows, pa.string()))
 
 
 def _stamp() -> str:
@@ -126,12 +137,8 @@ class CommitLog:
                             schema=FRAMES_RECORD)
         ds = pads.dataset(paths, filesystem=self.store.fs, format="parquet", schema=_STATUS_SCHEMA)
         t = ds.to_table(columns=[*_STATUS_SCHEMA.names, "__filename"])
-        reasons = [reason or _value(reason_from_old_error_column(old)) for reason, old in
-                   zip(t.column(Col.ERROR_REASON).to_pylist(), t.column(_OLD_ERROR_COLUMN).to_pylist())]
         files = [p.rsplit("/", 1)[-1] for p in t.column("__filename").to_pylist()]
-        return pa.Table.from_arrays(
-            [t.column(Col.VIDEO_ID), t.column(Col.QUESTION_ID), t.column(Col.STATUS),
-             pa.array(reasons, pa.string()), pa.array(files, pa.string())], schema=ANSWERS_RECORD)
+        return _answers_record(t, pa.array(files, pa.string()))
 
     # ---- writing
 
@@ -148,11 +155,10 @@ class CommitLog:
         log.info("consolidated %d %s manifests into one", len(manifests), sub)
 
     def apply(self, new: list[NewFile], remove: dict[str, list[str]]) -> None:
-        """Commit: the `new` files appear and the files in `remove` ({sub: names}) go, together."""
+        """Commit: the `new` files (written under their pending names, `write_pending`) appear and
+        the files in `remove` ({sub: names}) go, together."""
         for f in new:
-            self.store.write_table(f.table, f.sub, PENDING + f.name)
-        for f in new:
-            self.write_manifest(f.sub, f.record())
+            self.write_manifest(f.sub, f.record)
         journal = {"moves": [[f.sub, f.name] for f in new],
                    "removes": [[sub, name] for sub, names in remove.items() for name in names]}
         name = f"{_stamp()}-{uuid.uuid4().hex[:8]}.json"
@@ -181,6 +187,24 @@ class CommitLog:
         if done:
             log.info("finished %d commit(s) an interrupted run left half-applied", done)
         return done
+
+
+def _status_columns(table: pa.Table) -> pa.Table:
+    """`table`'s columns of _STATUS_SCHEMA, null where it has none (`error` in current files,
+    `error_reason` in files of the version before it)."""
+    return pa.Table.from_arrays(
+        [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+         for f in _STATUS_SCHEMA], schema=_STATUS_SCHEMA)
+
+
+def _answers_record(t: pa.Table, files: pa.Array) -> pa.Table:
+    """Answers record rows from `t` (the columns of _STATUS_SCHEMA) and each row's file name."""
+    reasons = t.column(Col.ERROR_REASON)
+    if t.column(_OLD_ERROR_COLUMN).null_count < t.num_rows:  # rows of a file of the older version
+        reasons = pa.array([reason or _value(reason_from_old_error_column(old)) for reason, old in
+                            zip(reasons.to_pylist(), t.column(_OLD_ERROR_COLUMN).to_pylist())], pa.string())
+    return pa.Table.from_arrays([t.column(Col.VIDEO_ID), t.column(Col.QUESTION_ID), t.column(Col.STATUS),
+                                 pa.array(reasons, pa.string()), files], schema=ANSWERS_RECORD)
 
 
 def _value(reason) -> str | None:

@@ -5,12 +5,15 @@ The guidance stage writes each video's frames to `_staging/frames/<video-key>.pa
 the answers rows stream to the driver (they are small). When the buffer is due (`flush_due`: the
 target size, the per-file video cap, or the age limit) or the run ends (`close`), one answers
 file and one frames file of those videos are committed together through the record
-(pipeline/commit_log.py), and the staged frames are deleted. A crash loses only uncommitted rows;
-their pairs are not in the record, so a rerun redoes them.
+(pipeline/commit_log.py), and the staged frames are deleted. The driver writes the answers file;
+the frames file is merged from the staged files by a Ray task (pipeline/file_merge.py), which hands
+back only its record rows: the frame embeddings, most of the output's bytes, never pass through the
+driver. A crash loses only uncommitted rows; their pairs are not in the record, so a rerun redoes
+them.
 
 Superseding: rows of pairs already recorded (retried errors, `resume: false`) and frames of videos
 already recorded (guided again, e.g. for new questions) are removed in the same commit, by
-rewriting each older file that holds some without them under a new name.
+rewriting each older file that holds some without them under a new name (merge tasks too).
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
-from pipeline.commit_log import CommitLog, NewFile
+from pipeline.commit_log import CommitLog, NewFile, write_pending
+from pipeline.file_merge import FileMerge, row_keys, run_merges
 from pipeline.schema import ANSWERS_SCHEMA, Col
 from pipeline.sink import ANSWERS_DIR, FRAMES_DIR, STAGING_DIR, OutputStore, video_key
 
@@ -100,19 +103,25 @@ class OutputCommitter:
 
     def flush(self) -> None:
         answers = pa.concat_tables(self._buffer)
+        # A staged file's name says its video, so the older frames files to rewrite are known
+        # before the merge and all merges run at once (`_check_frames_videos` holds the merge to it).
+        staged_videos = {f"{video_key(v)}.parquet": v for v in self._videos}
         staged = sorted(self._staged())
-        name = f"part-{self.run_id}-{uuid.uuid4().hex[:12]}.parquet"
-        new = [NewFile(answers, ANSWERS_DIR, name)]
-        frames = None
-        if staged:
-            frames = pads.dataset(staged, filesystem=self.store.fs, format="parquet").to_table()
-            new.append(NewFile(frames, FRAMES_DIR, name))
+        frames_videos = sorted({staged_videos[p.rsplit("/", 1)[-1]] for p in staged})
+        name = self._file_name()
+        new = [write_pending(self.store, answers, ANSWERS_DIR, name)]
+        # the frames file and every rewrite are written by merges (Ray tasks in a job): the frames'
+        # bytes never come here, only the new files' record rows
+        merges = [FileMerge(FRAMES_DIR, tuple(staged), name)] if staged else []
         removes: dict[str, list[str]] = {}
         if self.supersede:
-            keys = pc.binary_join_element_wise(answers.column(Col.VIDEO_ID), answers.column(Col.QUESTION_ID), "\x00")
-            self._rewrite(ANSWERS_DIR, self.answers, keys, new, removes)
-        if frames is not None:
-            self._rewrite(FRAMES_DIR, self.frames, frames.column(Col.VIDEO_ID), new, removes)
+            merges += self._rewrites(ANSWERS_DIR, self.answers, row_keys(ANSWERS_DIR, answers), removes)
+        if staged:
+            merges += self._rewrites(FRAMES_DIR, self.frames, pa.array(frames_videos, pa.string()), removes)
+        merged = run_merges(self.store.cfg, merges)
+        if staged:
+            _check_frames_videos(merged[0], frames_videos)
+        new += [f for f in merged if f is not None]
         self.log.apply(new, removes)
         for path in staged:
             self.store.remove(path)
@@ -121,23 +130,27 @@ class OutputCommitter:
         self.files_written += 1
         if self.on_commit is not None:
             self.on_commit(answers)
-        log.info("committed %s: %d answers rows of %d videos%s", name, answers.num_rows, len(self._videos),
+        frames_mb = sum(f.size_bytes for f in new if f.sub == FRAMES_DIR and f.name == name) / MB
+        log.info("committed %s: %d answers rows of %d videos, %.1f MB of frames%s", name, answers.num_rows,
+                 len(self._videos), frames_mb,
                  f", rewrote {sum(map(len, removes.values()))} older file(s)" if removes else "")
         self._buffer, self._videos, self._oldest = [], {}, None
         self._staged_bytes = self._checked_at = 0
 
-    def _rewrite(self, sub: str, record: pa.Table, keys: pa.ChunkedArray | pa.Array, new: list[NewFile],
-                 removes: dict[str, list[str]]) -> None:
+    def _rewrites(self, sub: str, record: pa.Table, keys: pa.ChunkedArray | pa.Array,
+                  removes: dict[str, list[str]]) -> list[FileMerge]:
         """Older files of `sub` holding rows of `keys` (pairs for answers, videos for frames) are
         rewritten without them under a new name; the old ones are removed in the same commit."""
         unique = pc.unique(keys)
-        stale = record.filter(pc.is_in(_key(sub, record), unique))
+        stale = record.filter(pc.is_in(row_keys(sub, record), unique))  # the record has the key columns
+        drop, merges = tuple(unique.to_pylist()), []
         for old in sorted(set(stale.column("file").to_pylist())):
-            table = self.store._read_file(self.store.path(sub, old))
-            table = table.filter(pc.invert(pc.is_in(_key(sub, table), unique)))
             removes.setdefault(sub, []).append(old)
-            if table.num_rows:
-                new.append(NewFile(table, sub, f"part-{self.run_id}-{uuid.uuid4().hex[:12]}.parquet"))
+            merges.append(FileMerge(sub, (self.store.path(sub, old),), self._file_name(), drop=drop))
+        return merges
+
+    def _file_name(self) -> str:
+        return f"part-{self.run_id}-{uuid.uuid4().hex[:12]}.parquet"
 
     def _remember(self, f: NewFile, removed: list[str]) -> None:
         if f.sub == ANSWERS_DIR:
@@ -146,12 +159,16 @@ class OutputCommitter:
             self.frames = _updated(self.frames, f, removed)
 
 
-def _key(sub: str, table: pa.Table):
-    if sub == FRAMES_DIR:
-        return table.column(Col.VIDEO_ID)
-    return pc.binary_join_element_wise(table.column(Col.VIDEO_ID), table.column(Col.QUESTION_ID), "\x00")
+def _check_frames_videos(merged: NewFile | None, expected: list[str]) -> None:
+    """The merged frames file must hold exactly the videos whose staged files it merged: older
+    frames of those videos were rewritten away on that promise. Raised before the journal, so
+    nothing of the commit becomes visible."""
+    got = set(merged.record.column(Col.VIDEO_ID).to_pylist()) if merged is not None else set()
+    if got != set(expected):
+        raise RuntimeError(f"the staged frames files hold the wrong videos: missing {sorted(set(expected) - got)[:5]}, "
+                           f"unexpected {sorted(got - set(expected))[:5]}")
 
 
 def _updated(record: pa.Table, f: NewFile, removed: list[str]) -> pa.Table:
     kept = record.filter(pc.invert(pc.is_in(record.column("file"), pa.array(removed, pa.string()))))
-    return pa.concat_tables([kept, f.record()])
+    return pa.concat_tables([kept, f.record])

@@ -6,7 +6,8 @@ about the target, largest first, each bin one commit (pipeline/commit_log.py): t
 and the old ones go together, so no row is lost or duplicated, also when it is killed half-way.
 Files whose schema is not the current one (answers files of older versions) are left as they are:
 rewriting them under the current schema would drop their old columns. It holds the output's lease,
-so it never runs beside a job.
+so it never runs beside a job. Each bin is merged by `file_merge.merge_file`: a Ray task when Ray is
+running, in this process otherwise (the CLI does not start Ray for it).
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ import dataclasses
 import logging
 import uuid
 
-import pyarrow as pa
-
-from pipeline.commit_log import CommitLog, NewFile
+from pipeline.commit_log import CommitLog
+from pipeline.file_merge import FileMerge, run_merges
 from pipeline.output_lock import OutputLease
 from pipeline.schema import ANSWERS_SCHEMA
 from pipeline.sink import ANSWERS_DIR, FRAMES_DIR, OutputStore
@@ -47,16 +47,18 @@ def compact(store: OutputStore, target_mb: float | None = None, run_id: str = "c
             moved[sub] = 0
             current = ANSWERS_SCHEMA if sub == ANSWERS_DIR else None
             for bin_ in _bins(sizes, target):
-                tables = [store._read_file(store.path(sub, name)) for name in bin_]
-                schema = current or tables[0].schema
-                same = [(name, t) for name, t in zip(bin_, tables) if t.schema.equals(schema)]
+                paths = [store.path(sub, name) for name in bin_]
+                schemas = [store.read_schema(p) for p in paths]  # footers only: the merge reads the data
+                schema = current or schemas[0]
+                same = [name for name, s in zip(bin_, schemas) if s.equals(schema)]
                 if len(same) < 2:
                     continue
-                table = pa.concat_tables([t for _, t in same])
                 name = f"part-{run_id}-{uuid.uuid4().hex[:12]}.parquet"
-                commits.apply([NewFile(table, sub, name)], {sub: [n for n, _ in same]})
-                moved[sub] += table.num_rows
-                log.info("compacted %d %s files (%d rows) into %s", len(same), sub, table.num_rows, name)
+                merged = run_merges(store.cfg, [FileMerge(sub, tuple(store.path(sub, n) for n in same), name)])[0]
+                commits.apply([merged] if merged else [], {sub: same})
+                rows = merged.num_rows if merged else 0
+                moved[sub] += rows
+                log.info("compacted %d %s files (%d rows) into %s", len(same), sub, rows, name)
             after[sub] = len(store.list_files(sub))
             commits.record(sub)  # consolidates the manifests when they piled up
     return CompactionResult(before, after, moved)

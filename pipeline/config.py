@@ -58,6 +58,9 @@ class InputConfig(_Strict):
     manifest: str | None = None
     limit: int | None = Field(default=None, ge=1)
     storage: StorageConfig = StorageConfig()
+    # Where the videos are listed and paired with their pending questions (pipeline/planning.py):
+    # in Ray tasks, on the driver, or auto: the driver for local globs and manifests up to 8 MiB.
+    planning: Literal["auto", "driver", "tasks"] = "auto"
 
     @field_validator("videos", mode="before")
     @classmethod

@@ -230,29 +230,30 @@ class Progress:
         self.emit(self.line(final="stopped" if failed else "done"))
 
 
-def quiet_ray_data_progress() -> None:
-    """Ray Data's progress bars off (in a log they are blocks of lines every few seconds). Datasets
-    copy the DataContext when they are made: call this before building one."""
+def quiet_ray_data_progress(interactive: bool | None = None) -> bool:
+    """Off a terminal (stderr by default), Ray Data's progress bars off: in a log they are blocks of
+    lines every few seconds. True when they were turned off. Datasets copy the DataContext when
+    they are made, so this runs before any is (the runner calls it when it starts or joins Ray)."""
+    if sys.stderr.isatty() if interactive is None else interactive:
+        return False
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
+    return True
 
 
 class RunReport:
     """The runner's one handle on metrics and progress: `committed` from the committer's on_commit,
     `received` for each batch of answers rows reaching the driver; `with report:` around the loop
-    runs the progress line. Make it before building the dataset (see quiet_ray_data_progress)."""
+    runs the progress line."""
 
     def __init__(self, run_id: str, planned_pairs: int, progress_interval_s: float,
                  interactive: bool | None = None):
         self.metrics = RunMetrics(run_id, planned_pairs)
-        interactive = sys.stderr.isatty() if interactive is None else interactive
-        # On a terminal Ray Data's bars stay: they redraw in place.
-        self.progress = None if interactive else Progress(planned_pairs, progress_interval_s)
-        if self.progress is not None:
-            quiet_ray_data_progress()
+        # On a terminal Ray Data's bars stay (they redraw in place); elsewhere the line replaces them.
+        self.progress = Progress(planned_pairs, progress_interval_s) if quiet_ray_data_progress(interactive) else None
 
     def committed(self, rows: pa.Table) -> None:
         self.metrics.record(CommitStats.of(rows))

@@ -1,8 +1,9 @@
 """Ray wiring: the stages assembled into one streaming Ray Data pipeline.
 
-list videos + questions -> resume filter -> decode (CPU tasks) -> guidance (CLIP actors, which
-also stage the frames) -> answer (VLM actors) -> answers rows (tasks) -> the driver, which commits
-answers and frames in files of many videos (pipeline/committer.py) and counts the run summary.
+plan (Ray tasks list the videos and attach their pending questions: pipeline/planning.py) ->
+decode (CPU tasks) -> guidance (CLIP actors, which also stage the frames) -> answer (VLM actors)
+-> answers rows (tasks) -> the driver, which commits answers and frames in files of many videos
+(pipeline/committer.py) and counts the run summary.
 The driver holds the output's lease (pipeline/output_lock.py) for the whole run.
 
 Faults: a decode task whose worker dies is retried (`max_retries`); Ray Data restarts a dead actor
@@ -25,11 +26,13 @@ import time
 
 import numpy as np
 
+from pipeline import planning
 from pipeline.commit_log import CommitLog
 from pipeline.committer import OutputCommitter
 from pipeline.config import JobConfig
-from pipeline.metrics import RunReport
+from pipeline.metrics import RunReport, quiet_ray_data_progress
 from pipeline.output_lock import OutputLease, OutputLockedError
+from pipeline.planning import Plan
 from pipeline.resources import (
     StageRequest,
     UnschedulableError,
@@ -40,7 +43,6 @@ from pipeline.resources import (
 )
 from pipeline.schema import STATUS_OK, Col
 from pipeline.sink import RUNS_DIR, OutputStore
-from pipeline.sources import list_videos, load_questions, questions_for
 from pipeline.stage_contract import StageSpec, check_chain
 
 log = logging.getLogger("moref_index")
@@ -84,53 +86,25 @@ class RunSummary:
         return "\n".join(lines)
 
 
-def plan_work(cfg: JobConfig, store: OutputStore) -> tuple[list[dict], RunSummary]:
-    """One row per video with the questions still to answer, and the summary so far."""
+def plan_work(cfg: JobConfig, store: OutputStore) -> tuple[Plan, RunSummary]:
+    """The videos with questions still to answer (pipeline/planning.py) and the summary so far.
+    Starts or joins Ray as the config says when planning runs in Ray tasks."""
     run_id = cfg.resolved_run_id()
     summary = RunSummary(run_id=run_id, output=cfg.output.path)
-    videos = list_videos(cfg.input)
-    per_video, prompts = load_questions(cfg.questions, cfg.input.storage)
-    done: set[tuple[str, str]] = set()
-    retry: set[tuple[str, str]] = set()
-    if cfg.output.resume:
-        reasons = cfg.output.retry_reasons()
-        for pair, (status, reason) in store.answer_status().items():
-            if status != STATUS_OK and reason in reasons:
-                retry.add(pair)
-            else:
-                done.add(pair)
-    listed = {v.video_id for v in videos}
-    unmatched = {vid: len(qs) for vid, qs in per_video.items() if vid not in listed}
-    summary.unmatched_questions = sum(unmatched.values())
-    if unmatched:
-        log.warning("%d questions name %d video_ids that match no listed video, e.g. %s",
-                    summary.unmatched_questions, len(unmatched), sorted(unmatched)[:3])
-    rows = []
-    for video in videos:
-        questions = questions_for(video.video_id, per_video, prompts)
-        summary.inputs += len(questions)
-        todo = [q for q in questions if (video.video_id, q.question_id) not in done]
-        summary.skipped_done += len(questions) - len(todo)
-        summary.retried_errors += sum((video.video_id, q.question_id) in retry for q in todo)
-        if questions:
-            summary.videos += 1
-        if todo:
-            rows.append(
-                {
-                    Col.VIDEO_ID: video.video_id,
-                    Col.VIDEO_URI: video.video_uri,
-                    Col.SIZE_BYTES: video.size_bytes if video.size_bytes is not None else -1,
-                    Col.QUESTION_IDS: [q.question_id for q in todo],
-                    Col.QUESTIONS: [q.question for q in todo],
-                }
-            )
-    return rows, summary
+    if not planning.plans_on_driver(cfg.input):
+        _init_ray(cfg)
+    plan = planning.plan_work(cfg, store)
+    summary.videos, summary.inputs = plan.videos, plan.inputs
+    summary.skipped_done, summary.retried_errors = plan.skipped_done, plan.retried_errors
+    summary.unmatched_questions = plan.unmatched_questions
+    return plan, summary
 
 
 def _init_ray(cfg: JobConfig) -> bool:
     """Join the configured cluster, or start a local Ray. Returns True when Ray was local."""
     import ray
 
+    quiet_ray_data_progress()  # before planning or the pipeline makes a dataset (pipeline/metrics.py)
     if ray.is_initialized():
         return cfg.ray.address is None
     # Under `ray job submit` RAY_ADDRESS names the cluster the job runs on: join it.
@@ -160,15 +134,14 @@ def check_resources(cfg: JobConfig, requests: dict[str, StageRequest], local: bo
         log.warning("%s; waiting for the autoscaler (set ray.node_shapes to check against the nodes it can add)", exc)
 
 
-def build_dataset(rows: list[dict], cfg: JobConfig, run_id: str, requests: dict[str, StageRequest]):
-    """The Ray Data pipeline of the job's stages (pipeline/stages.py), checked first."""
-    import ray
-
+def build_dataset(source, cfg: JobConfig, run_id: str, requests: dict[str, StageRequest]):
+    """The Ray Data pipeline of the job's stages (pipeline/stages.py) over `source` (the planned
+    videos, one per block: `planning.Plan.source`), checked first."""
     from pipeline.stages import SOURCE_COLUMNS, job_stages
 
     specs = job_stages(cfg, run_id, requests)
     check_chain(SOURCE_COLUMNS, specs)
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))  # one video per block
+    ds = source
     for spec in specs:
         ds = _map_stage(ds, spec)
     return ds
@@ -256,11 +229,11 @@ def _run_holding_lease(cfg: JobConfig, store: OutputStore, lease: OutputLease, s
     removed = store.clean_temporaries()
     if removed:
         log.info("removed %d temporary files left by an interrupted run", removed)
-    rows, summary = plan_work(cfg, store)
-    log.info("planned %d videos with %d pending pairs", len(rows), summary.inputs - summary.skipped_done)
+    plan, summary = plan_work(cfg, store)
+    log.info("planned %d videos with %d pending pairs", plan.pending_videos, plan.pending_pairs)
     reasons: collections.Counter = collections.Counter()
     try:
-        if rows:
+        if plan.pending is not None:
             import ray
 
             local = _init_ray(cfg)
@@ -270,9 +243,7 @@ def _run_holding_lease(cfg: JobConfig, store: OutputStore, lease: OutputLease, s
             requests = stage_requests(cfg, gpus_usable=not (local and not cluster_gpus), cluster_gpus=cluster_gpus)
             check_resources(cfg, requests, local)
             log.info("resources per actor: %s", {name: (r.describe(), r.count) for name, r in requests.items()})
-            # metrics and the progress line (pipeline/metrics.py); made before the dataset, which
-            # copies the DataContext whose progress bars it may turn off
-            report = RunReport(summary.run_id, summary.inputs - summary.skipped_done, cfg.ray.progress_interval_s)
+            report = RunReport(summary.run_id, plan.pending_pairs, cfg.ray.progress_interval_s)  # metrics.py
 
             def count(committed) -> None:
                 """The summary counts committed rows: a failed run's `processed` pairs are final."""
@@ -288,7 +259,7 @@ def _run_holding_lease(cfg: JobConfig, store: OutputStore, lease: OutputLease, s
             committer = OutputCommitter(store, summary.run_id,
                                         supersede=bool(cfg.output.retry_reasons()) or not cfg.output.resume,
                                         on_commit=count)
-            dataset = build_dataset(rows, cfg, summary.run_id, requests)
+            dataset = build_dataset(plan.source(), cfg, summary.run_id, requests)
             with report:
                 for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
                     if lease.lost:

@@ -86,19 +86,21 @@ class OutputStore:
     def path(self, *parts: str) -> str:
         return "/".join((self.root, *(_safe_part(p) for p in parts)))
 
-    def _retrying(self, what: str, fn):
-        """Run a write, retrying any failure with exponential backoff; OutputWriteError at the end."""
+    def _retrying(self, what: str, fn, reading: bool = False):
+        """Run a write (or a read of the output), retrying any failure with exponential backoff;
+        OutputWriteError at the end."""
+        verb, doing = ("read", "reading") if reading else ("write", "writing")
         for attempt in range(self.retries + 1):
             try:
                 return fn()
             except Exception as exc:  # noqa: BLE001 - storage clients raise many types (botocore ...)
                 if attempt == self.retries:
                     raise OutputWriteError(
-                        f"cannot write {what} after {attempt + 1} attempts: {type(exc).__name__}: {exc}"
+                        f"cannot {verb} {what} after {attempt + 1} attempts: {type(exc).__name__}: {exc}"
                     ) from exc
                 wait = min(WRITE_RETRY_MAX_WAIT_S, WRITE_RETRY_FIRST_WAIT_S * 2**attempt)
-                log.warning("writing %s failed (%s: %s); retry %d of %d in %.0f s",
-                            what, type(exc).__name__, exc, attempt + 1, self.retries, wait)
+                log.warning("%s %s failed (%s: %s); retry %d of %d in %.0f s",
+                            doing, what, type(exc).__name__, exc, attempt + 1, self.retries, wait)
                 self._invalidate()
                 time.sleep(wait)
 
@@ -127,6 +129,11 @@ class OutputStore:
             with self.fs.open(final, "wb") as f:
                 pq.write_table(table, f)
         return final
+
+    def size(self, path: str) -> int:
+        """Bytes of the file at `path` (one stat or HEAD request)."""
+        self._invalidate()
+        return int(self.fs.size(path) or 0)
 
     def write_json(self, payload: dict, *parts: str) -> str:
         return self.write_bytes(json.dumps(payload, indent=2, sort_keys=True).encode(), *parts)
@@ -230,8 +237,16 @@ class OutputStore:
         cols = [t.column(c).to_pylist() for c in (Col.VIDEO_ID, Col.QUESTION_ID, Col.STATUS, Col.ERROR_REASON)]
         return {(v, q): (st, ErrorReason(reason) if reason else None) for v, q, st, reason in zip(*cols)}
 
-    def _read_file(self, path: str) -> pa.Table:
-        return self._retrying(path, lambda: pq.read_table(path, filesystem=self.fs))
+    def read_files(self, paths: list[str]) -> pa.Table:
+        """The rows of these Parquet files under the output, in order, as one table (the first
+        file's schema); failures are retried like writes."""
+        what = paths[0] if len(paths) == 1 else f"{len(paths)} files from {paths[0]}"
+        return self._retrying(what, lambda: pads.dataset(paths, filesystem=self.fs, format="parquet").to_table(),
+                              reading=True)
+
+    def read_schema(self, path: str) -> pa.Schema:
+        """The schema of a Parquet file under the output, from its footer (the data is not read)."""
+        return self._retrying(path, lambda: pq.read_schema(path, filesystem=self.fs), reading=True)
 
 
 class FramesWriter:

@@ -1,14 +1,15 @@
-"""Inputs: which videos to read and which questions to ask of each.
+"""Input files: filesystems, tables, and the wording of questions.
 
 Videos come from glob(s) over a local path or any fsspec URL (s3://, gs://, file://), or from a
-manifest file (Parquet, JSONL or CSV) of URIs and optional ids. Questions come from a per-video
-file (video_id, question_id, question, and `options` for multiple choice) and/or global prompts
-asked of every video.
+manifest file (Parquet, JSONL or CSV) of URIs and optional ids (pipeline/listing.py lists them).
+Questions come from a per-video file (video_id, question_id, question, and `options` for multiple
+choice) and/or global prompts asked of every video (pipeline/planning.py pairs them with videos).
+Small tables are read whole (`read_table`); a job's manifest is read by Ray Data (`read_dataset`),
+so its size never lands on the driver.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 import posixpath
 
@@ -19,20 +20,10 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from freemoref.prompts import multiple_choice_question, open_ended_question
-from pipeline.config import ConfigError, InputConfig, QuestionsConfig, StorageConfig
+from pipeline.config import ConfigError, QuestionsConfig, StorageConfig
 
-
-@dataclasses.dataclass(frozen=True)
-class VideoSource:
-    video_id: str
-    video_uri: str
-    size_bytes: int | None
-
-
-@dataclasses.dataclass(frozen=True)
-class Question:
-    question_id: str
-    question: str
+# Ids are text: type inference would turn "0001" into 1 and lose the match.
+_TEXT_COLUMNS = ("video_id", "question_id", "video_uri", "uri")
 
 
 def filesystem(url: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -41,48 +32,18 @@ def filesystem(url: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSys
     return fsspec.core.url_to_fs(url, **storage.fsspec_options(protocol))
 
 
-def _full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
 
-def _glob_root(pattern: str) -> str:
+def glob_root(pattern: str) -> str:
     """The directory part of a glob before its first wildcard: ids are paths relative to it."""
     parts = pattern.split("/")
     for i, part in enumerate(parts):
         if any(ch in part for ch in "*?["):
             return "/".join(parts[:i])
     return posixpath.dirname(pattern)
-
-
-def list_videos(cfg: InputConfig) -> list[VideoSource]:
-    videos = _from_manifest(cfg) if cfg.manifest else _from_globs(cfg)
-    seen: dict[str, str] = {}
-    for v in videos:
-        if v.video_id in seen and seen[v.video_id] != v.video_uri:
-            raise ConfigError(
-                f"input: video_id {v.video_id!r} names two videos ({seen[v.video_id]} and {v.video_uri})"
-            )
-        seen[v.video_id] = v.video_uri
-    unique = {v.video_id: v for v in videos}
-    ordered = sorted(unique.values(), key=lambda v: v.video_id)
-    return ordered[: cfg.limit] if cfg.limit else ordered
-
-
-def _from_globs(cfg: InputConfig) -> list[VideoSource]:
-    out = []
-    for pattern in cfg.videos or []:
-        fs, path = filesystem(pattern, cfg.storage)
-        root = _glob_root(path)
-        matches = fs.glob(path, detail=True) if fs.exists(root or "/") else {}
-        for name, info in sorted(matches.items()):
-            if info.get("type") == "directory":
-                continue
-            rel = posixpath.relpath(name, root) if root else name
-            out.append(VideoSource(video_id=rel, video_uri=_full_uri(fs, name), size_bytes=info.get("size")))
-    if not out:
-        raise ConfigError(f"input.videos: no files match {cfg.videos}")
-    return out
 
 
 def read_table(url: str, storage: StorageConfig, what: str) -> pa.Table:
@@ -96,13 +57,33 @@ def read_table(url: str, storage: StorageConfig, what: str) -> pa.Table:
             if suffix in (".jsonl", ".json", ".ndjson"):
                 return pa_json.read_json(f)
             if suffix == ".csv":
-                # Ids are text: type inference would turn "0001" into 1 and lose the match.
-                as_text = {c: pa.string() for c in ("video_id", "question_id", "video_uri", "uri")}
+                as_text = {c: pa.string() for c in _TEXT_COLUMNS}
                 return pa_csv.read_csv(f, convert_options=pa_csv.ConvertOptions(column_types=as_text))
     except FileNotFoundError:
         raise ConfigError(f"{what}: file not found: {url}") from None
     except pa.ArrowInvalid as exc:
         raise ConfigError(f"{what}: cannot parse {url}: {exc}") from None
+    raise ConfigError(f"{what}: {url} must end in .parquet, .jsonl or .csv")
+
+
+def read_dataset(url: str, storage: StorageConfig, what: str):
+    """A Parquet, JSONL or CSV file (chosen by extension) as a Ray Dataset, read by Ray tasks
+    through the storage config's filesystem (credentials and endpoint included)."""
+    import ray
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = filesystem(url, storage)
+    if not fs.exists(path):
+        raise ConfigError(f"{what}: file not found: {url}")
+    arrow_fs = PyFileSystem(FSSpecHandler(fs))
+    suffix = pathlib.PurePosixPath(path).suffix.lower()
+    if suffix == ".parquet":
+        return ray.data.read_parquet(path, filesystem=arrow_fs)
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return ray.data.read_json(path, filesystem=arrow_fs, file_extensions=None)
+    if suffix == ".csv":
+        convert = pa_csv.ConvertOptions(column_types={c: pa.string() for c in _TEXT_COLUMNS})
+        return ray.data.read_csv(path, filesystem=arrow_fs, convert_options=convert)
     raise ConfigError(f"{what}: {url} must end in .parquet, .jsonl or .csv")
 
 
@@ -120,47 +101,6 @@ def manifest_ids(table: pa.Table) -> list[str]:
     return [posixpath.basename(str(u)) for u in table.column(uri_col).to_pylist()]
 
 
-def _from_manifest(cfg: InputConfig) -> list[VideoSource]:
-    what = "input.manifest"
-    manifest = cfg.manifest
-    assert manifest is not None  # called only when cfg.manifest is set
-    table = read_table(manifest, cfg.storage, what)
-    uri_col = "video_uri" if "video_uri" in table.column_names else "uri"
-    _require_columns(table, (uri_col,), what)
-    uris = [str(u) for u in table.column(uri_col).to_pylist()]
-    ids = manifest_ids(table)
-    base = posixpath.dirname(manifest)
-    out = []
-    for vid, uri in zip(ids, uris):
-        if "://" not in uri and not uri.startswith("/"):
-            uri = posixpath.join(base, uri)  # relative entries are relative to the manifest
-        out.append(VideoSource(video_id=vid, video_uri=uri, size_bytes=None))
-    return out
-
-
-def load_questions(cfg: QuestionsConfig, storage: StorageConfig) -> tuple[dict[str, list[Question]], list[Question]]:
-    """Per-video questions (video_id -> questions) and the global prompts for every video."""
-    per_video: dict[str, list[Question]] = {}
-    if cfg.file:
-        what = "questions.file"
-        table = read_table(cfg.file, storage, what)
-        _require_columns(table, ("video_id", "question_id", "question"), what)
-        seen = set()
-        columns = [table.column(c).to_pylist() for c in ("video_id", "question_id", "question")]
-        # Multiple-choice sets (pipeline.question_sets) carry options; CSV files cannot.
-        options = table.column("options").to_pylist() if "options" in table.column_names else [None] * len(table)
-        for vid, qid, text, choices in zip(*columns, options):
-            vid, qid = str(vid), str(qid)
-            if not text:
-                raise ConfigError(f"{what}: empty question for video_id={vid!r} question_id={qid!r}")
-            if (vid, qid) in seen:
-                raise ConfigError(f"{what}: duplicate (video_id, question_id) = ({vid!r}, {qid!r})")
-            seen.add((vid, qid))
-            per_video.setdefault(vid, []).append(Question(qid, _worded(str(text), choices, cfg, what)))
-    prompts = [Question(p.question_id, p.question) for p in cfg.prompts]
-    return per_video, prompts
-
-
 def _worded(question: str, options: list | None, cfg: QuestionsConfig, what: str) -> str:
     """The question as the model sees it: with its lettered options and the benchmark's
     instructions (`multiple_choice_prompt`), or with the open-ended post-prompt."""
@@ -172,10 +112,23 @@ def _worded(question: str, options: list | None, cfg: QuestionsConfig, what: str
         raise ConfigError(f"{what}: {exc}") from None
 
 
-def questions_for(video_id: str, per_video: dict[str, list[Question]], prompts: list[Question]) -> list[Question]:
-    own = per_video.get(video_id, [])
-    own_ids = {q.question_id for q in own}
-    clash = [p.question_id for p in prompts if p.question_id in own_ids]
-    if clash:
-        raise ConfigError(f"questions: question_id(s) {clash} used both in the file and in prompts for {video_id!r}")
-    return own + prompts
+def word_questions(table: pa.Table, cfg: QuestionsConfig) -> pa.Table:
+    """The questions file as (video_id, question_id, question) text columns in file order, each
+    question worded as the model sees it (`_worded`); checked: no empty question, no pair twice."""
+    what = "questions.file"
+    _require_columns(table, ("video_id", "question_id", "question"), what)
+    vids = [str(v) for v in table.column("video_id").to_pylist()]
+    qids = [str(q) for q in table.column("question_id").to_pylist()]
+    texts = table.column("question").to_pylist()
+    # Multiple-choice sets (pipeline.question_sets) carry options; CSV files cannot.
+    options = table.column("options").to_pylist() if "options" in table.column_names else [None] * len(table)
+    worded, seen = [], set()
+    for vid, qid, text, choices in zip(vids, qids, texts, options):
+        if not text:
+            raise ConfigError(f"{what}: empty question for video_id={vid!r} question_id={qid!r}")
+        if (vid, qid) in seen:
+            raise ConfigError(f"{what}: duplicate (video_id, question_id) = ({vid!r}, {qid!r})")
+        seen.add((vid, qid))
+        worded.append(_worded(str(text), choices, cfg, what))
+    return pa.table({"video_id": pa.array(vids, pa.string()), "question_id": pa.array(qids, pa.string()),
+                     "question": pa.array(worded, pa.string())})

@@ -66,7 +66,7 @@ def test_upstream_errors_become_one_row_per_question(tiny_model_dir):
         ("failed_before_answer", "failed before the answer stage")] * 2
 
 
-def test_questions_for_unlisted_videos_are_counted(tmp_path):
+def test_questions_for_unlisted_videos_are_counted(tmp_path, ray_local):
     from pipeline.config import parse_job_config
 
     (tmp_path / "a.mp4").write_bytes(b"x")
@@ -74,8 +74,8 @@ def test_questions_for_unlisted_videos_are_counted(tmp_path):
                                       '{"video_id": "gone.mp4", "question_id": "1", "question": "?"}\n')
     cfg = parse_job_config({"input": {"videos": f"{tmp_path}/*.mp4"}, "questions": {"file": str(tmp_path / "q.jsonl")},
                             "output": {"path": str(tmp_path / "out")}})
-    rows, summary = plan_work(cfg, OutputStore(cfg.output))
-    assert len(rows) == 1 and summary.inputs == 1 and summary.unmatched_questions == 1
+    plan, summary = plan_work(cfg, OutputStore(cfg.output))
+    assert len(plan.rows()) == 1 and summary.inputs == 1 and summary.unmatched_questions == 1
     assert "questions naming no listed video (not run): 1" in summary.render()
 
 

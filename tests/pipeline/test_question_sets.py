@@ -18,7 +18,7 @@ from pipeline.question_sets import (
     read_question_set,
     write_question_set,
 )
-from pipeline.sources import load_questions
+from pipeline.sources import read_table, word_questions
 
 # Video-MME as published on the Hugging Face hub (videomme/test-*.parquet), one row per question.
 VIDEOMME_ROWS = [
@@ -138,9 +138,9 @@ def test_job_questions_are_worded_with_their_options(tmp_path):
     open_ended = tmp_path / "open.jsonl"
     open_ended.write_text(json.dumps({"video_id": "v.mp4", "question_id": "q2", "question": "Why?"}) + "\n")
     cfg = QuestionsConfig(file=path, multiple_choice_prompt="longvideobench")
-    per_video, _ = load_questions(cfg, StorageConfig())
-    assert per_video["v.mp4"][0].question == ("Who?\nA. a cat\nB. a dog\n"
+    worded = word_questions(read_table(path, StorageConfig(), "questions.file"), cfg)
+    assert worded.column("question")[0].as_py() == ("Who?\nA. a cat\nB. a dog\n"
                                               "Answer with the option's letter from the given choices directly.\n")
     cfg = QuestionsConfig(file=str(open_ended), open_ended_prompt="short_answer")
-    per_video, _ = load_questions(cfg, StorageConfig())
-    assert per_video["v.mp4"][0].question == "Why? Answer the question using a single word or phrase."
+    worded = word_questions(read_table(str(open_ended), StorageConfig(), "questions.file"), cfg)
+    assert worded.column("question")[0].as_py() == "Why? Answer the question using a single word or phrase."

@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 
 from pipeline.commit_log import CommitLog
 from pipeline.committer import OutputCommitter
+from pipeline.compact import compact
 from pipeline.config import OutputConfig
 from pipeline.schema import ANSWERS_SCHEMA, STATUS_OK, Col, empty_answer_row
 from pipeline.sink import ANSWERS_DIR, FRAMES_DIR, FramesWriter, OutputStore, video_key
@@ -108,3 +109,28 @@ def test_partial_temp_files_are_ignored(tmp_path):
     (tmp_path / "out" / "answers" / "_pending-part-x.parquet").write_bytes(b"PAR1 truncated")
     assert OutputStore(cfg).done_pairs() == {("v1", "q1")}
     assert OutputStore(cfg).answer_status_table().num_rows == 1
+
+
+def test_compaction_merges_small_files_into_one_with_the_same_rows(tmp_path):
+    """Without Ray (as `moref-index compact` runs) the merge runs in this process, the same code."""
+    cfg = OutputConfig(path=str(tmp_path / "out"), max_videos_per_file=1)
+    store = OutputStore(cfg)
+    committer = OutputCommitter(store, "r1", supersede=False)
+    for vid in ("a", "b", "c"):
+        _stage_frames(cfg, vid)
+        committer.add(_answers([vid, vid], ["q1", "q2"]))
+    committer.close()
+    assert len(store.list_files(ANSWERS_DIR)) == 3 and len(store.list_files(FRAMES_DIR)) == 3
+    by_answer, by_frame = [("video_id", "ascending"), ("question_id", "ascending")], [("video_id", "ascending"),
+                                                                                      ("frame_index", "ascending")]
+    answers, frames = store.read_answers().sort_by(by_answer), store.read_frames().sort_by(by_frame)
+
+    result = compact(store, target_mb=64)
+    assert result.files_after == {ANSWERS_DIR: 1, FRAMES_DIR: 1} and result.rows == {ANSWERS_DIR: 6, FRAMES_DIR: 9}
+    assert store.read_answers().sort_by(by_answer).equals(answers)
+    assert store.read_frames().sort_by(by_frame).equals(frames)
+    (name,) = [p.rsplit("/", 1)[-1] for p in store.list_files(FRAMES_DIR)]
+    record = CommitLog(store).record(FRAMES_DIR)
+    assert sorted(zip(record.column("video_id").to_pylist(), record.column("file").to_pylist())) == [
+        (v, name) for v in ("a", "b", "c")]
+    assert CommitLog(store).record(ANSWERS_DIR).num_rows == 6

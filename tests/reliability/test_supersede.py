@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from pipeline.commit_log import CommitLog, NewFile
+from pipeline.commit_log import CommitLog, write_pending
 from pipeline.committer import OutputCommitter
 from pipeline.runner import plan_work
 from pipeline.schema import ANSWERS_SCHEMA, Col, empty_answer_row
@@ -45,7 +45,7 @@ def old_answers(video: str, outcomes: dict[str, str | None]) -> pa.Table:
     )
 
 
-def test_retried_errors_replace_their_rows_and_a_crash_never_duplicates(tmp_path):
+def test_retried_errors_replace_their_rows_and_a_crash_never_duplicates(tmp_path, ray_local):
     (tmp_path / "in").mkdir()
     for name in ("a.mp4", "b.mp4"):
         (tmp_path / "in" / name).write_bytes(b"x")
@@ -55,7 +55,8 @@ def test_retried_errors_replace_their_rows_and_a_crash_never_duplicates(tmp_path
           answers("r1", "b.mp4", {CAPTION: "not_a_video", COUNT: "crashed"}))
     store = OutputStore(cfg.output)
 
-    rows, summary = plan_work(cfg, store)
+    plan, summary = plan_work(cfg, store)
+    rows = plan.rows()
     todo = {r["video_id"]: r["question_ids"] for r in rows}
     assert todo == {"a.mp4": [CAPTION], "b.mp4": [COUNT]}  # not_a_video is final, the others transient
     assert (summary.inputs, summary.skipped_done, summary.retried_errors) == (4, 2, 2)
@@ -71,25 +72,25 @@ def test_retried_errors_replace_their_rows_and_a_crash_never_duplicates(tmp_path
     # nothing of it is visible, the old row stays, the pair is retried again
     new = answers("r2", "b.mp4", {COUNT: None})
     log = CommitLog(store)
-    log.store.write_table(new, ANSWERS_DIR, "_pending-part-r2-crashed.parquet")
-    log.write_manifest(ANSWERS_DIR, NewFile(new, ANSWERS_DIR, "part-r2-crashed.parquet").record())
+    log.write_manifest(ANSWERS_DIR, write_pending(store, new, ANSWERS_DIR, "part-r2-crashed.parquet").record)
     assert sorted(pairs_of(rows_of(cfg))) == sorted(every_pair)
     assert store.clean_temporaries() == 1
-    rows, summary = plan_work(cfg, store)
+    plan, summary = plan_work(cfg, store)
+    rows = plan.rows()
     assert {r["video_id"]: r["question_ids"] for r in rows} == {"b.mp4": [COUNT]}
 
     # ... and dies again, after the journal, with the old file removed but the new one not moved
     # into place: the pair is absent (never twice) until the next run rolls the commit forward
     old_files = [p.rsplit("/", 1)[-1] for p in store.list_files(ANSWERS_DIR)]
     holder = [n for n in old_files if any(r["video_id"] == "b.mp4" for r in
-                                          store._read_file(store.path(ANSWERS_DIR, n)).to_pylist())]
-    kept = store._read_file(store.path(ANSWERS_DIR, holder[0]))
+                                          store.read_files([store.path(ANSWERS_DIR, n)]).to_pylist())]
+    kept = store.read_files([store.path(ANSWERS_DIR, holder[0])])
     kept = kept.filter(pa.array([not (r["video_id"] == "b.mp4" and r["question_id"] == COUNT)
                                  for r in kept.to_pylist()]))
-    files = [NewFile(new, ANSWERS_DIR, "part-r2-new.parquet"), NewFile(kept, ANSWERS_DIR, "part-r2-kept.parquet")]
+    files = [write_pending(store, new, ANSWERS_DIR, "part-r2-new.parquet"),
+             write_pending(store, kept, ANSWERS_DIR, "part-r2-kept.parquet")]
     for f in files:
-        store.write_table(f.table, ANSWERS_DIR, "_pending-" + f.name)
-        log.write_manifest(ANSWERS_DIR, f.record())
+        log.write_manifest(ANSWERS_DIR, f.record)
     store.write_json({"moves": [[ANSWERS_DIR, f.name] for f in files], "removes": [[ANSWERS_DIR, holder[0]]]},
                      "_commits", "_txn", "crashed.json")
     store.remove(store.path(ANSWERS_DIR, holder[0]))
@@ -98,11 +99,12 @@ def test_retried_errors_replace_their_rows_and_a_crash_never_duplicates(tmp_path
     final = rows_of(cfg)
     assert sorted(pairs_of(final)) == sorted(every_pair)
     assert all(r["status"] == "ok" for r in final if (r["video_id"], r["question_id"]) != ("b.mp4", CAPTION))
-    assert plan_work(cfg, store)[0] == []
+    assert plan_work(cfg, store)[0].rows() == []
 
     # resume off recomputes everything; the new rows replace the old ones
     again = job(out, videos=str(tmp_path / "in" / "*.mp4"), output_opts={"resume": False})
-    rows, summary = plan_work(again, store)
+    plan, summary = plan_work(again, store)
+    rows = plan.rows()
     assert sum(len(r["question_ids"]) for r in rows) == 4 and summary.skipped_done == 0
     write(again, "r3", answers("r3", "a.mp4", {CAPTION: None, COUNT: None}),
           answers("r3", "b.mp4", {CAPTION: "not_a_video: text", COUNT: None}), supersede=True)
@@ -111,7 +113,7 @@ def test_retried_errors_replace_their_rows_and_a_crash_never_duplicates(tmp_path
     assert len(store.list_files(ANSWERS_DIR)) == 1
 
 
-def test_answers_files_of_the_previous_version_are_resumed_by_their_error_prefix(tmp_path):
+def test_answers_files_of_the_previous_version_are_resumed_by_their_error_prefix(tmp_path, ray_local):
     (tmp_path / "in").mkdir()
     for name in ("a.mp4", "b.mp4", "c.mp4"):
         (tmp_path / "in" / name).write_bytes(b"x")
@@ -130,12 +132,28 @@ def test_answers_files_of_the_previous_version_are_resumed_by_their_error_prefix
     assert status[("b.mp4", CAPTION)] == ("error", "truncated")
     assert status[("b.mp4", COUNT)] == ("error", "failed_before_answer")
     assert status[("c.mp4", CAPTION)] == ("error", "vision_failed")
-    rows, summary = plan_work(cfg, store)
+    plan, summary = plan_work(cfg, store)
+    rows = plan.rows()
     # transient: read_failed (old file) and vision_failed (new file); the others are final
     assert {r["video_id"]: r["question_ids"] for r in rows} == {"a.mp4": [CAPTION], "c.mp4": [CAPTION]}
     assert (summary.inputs, summary.skipped_done, summary.retried_errors) == (6, 4, 2)
 
     # naming the reasons works on old rows alike
     named = job(out, videos=str(tmp_path / "in" / "*.mp4"), output_opts={"retry_errors": ["truncated"]})
-    rows, _ = plan_work(named, store)
+    rows = plan_work(named, store)[0].rows()
     assert {r["video_id"]: r["question_ids"] for r in rows} == {"b.mp4": [CAPTION]}
+
+
+def test_a_retried_pair_of_a_previous_version_file_replaces_its_row(tmp_path):
+    """The older file is rewritten without the pair in its own (old) schema, and its record rows
+    take their reasons from its `error` column."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.mp4").write_bytes(b"x")
+    cfg = job(str(tmp_path / "out"), videos=str(tmp_path / "in" / "*.mp4"), output_opts={"retry_errors": True})
+    store = OutputStore(cfg.output)
+    store.write_table(old_answers("a.mp4", {CAPTION: "read_failed: s3://b/a.mp4: reset", COUNT: "timeout: slow"}),
+                      ANSWERS_DIR, "old-a.parquet")
+    write(cfg, "r2", answers("r2", "a.mp4", {CAPTION: None}), supersede=True)
+    rows = {(r["video_id"], r["question_id"]): (r["run_id"], r["status"]) for r in rows_of(cfg)}
+    assert rows == {("a.mp4", CAPTION): ("r2", "ok"), ("a.mp4", COUNT): ("old", "error")}
+    assert store.answer_status() == {("a.mp4", CAPTION): ("ok", None), ("a.mp4", COUNT): ("error", "timeout")}
