@@ -202,7 +202,9 @@ def test_demo_job_submitted_with_the_cli(ray_head, tiny_model_dir, tmp_path):
     entrypoint = [sys.executable, "-m", "jobs.cli", "run", "jobs/configs/demo.yaml",
                   "--set", f"run_id={run_id}", "--set", f"output.path={out}",
                   "--set", f"guidance.model={tiny_model_dir['clip']}",
-                  "--set", f"answer.model={tiny_model_dir['llava']}", "--set", "ray.progress_interval_s=1"]
+                  "--set", f"answer.model={tiny_model_dir['llava']}", "--set", "ray.progress_interval_s=1",
+                  # planned in Ray tasks, as an archive on object storage is (local globs default to the driver)
+                  "--set", "input.planning=tasks"]
     submit = [RAY, "job", "submit", "--address", ray_head.url, "--working-dir", str(REPO),
               "--submission-id", run_id, "--log-style", "record", "--", *entrypoint]
     with ray_head.logs_on_failure():
@@ -227,7 +229,8 @@ def test_demo_job_submitted_with_the_cli(ray_head, tiny_model_dir, tmp_path):
         summary = json.loads((out / "runs" / f"{run_id}.json").read_text())
         assert (summary["status"], summary["processed"], summary["ok"]) == ("complete", 7, 7)
 
-        # The driver's log is not a terminal: one progress line a second, no Ray Data progress bars.
+        # The driver's log is not a terminal: one progress line a second, and no Ray Data progress
+        # bars, neither the planning's nor the pipeline's.
         progress = re.findall(r"progress: \d+/7 pairs .*", log)
         assert len(progress) >= 2, log[-4000:]
         assert re.fullmatch(r"progress: 7/7 pairs \(7 written\), 3 videos, 0 errors, [\d.]+ pairs/s, done after \S+",
