@@ -234,7 +234,8 @@ def _storage_args(parser) -> None:
                         "the environment")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (tests/infra parses the KubeRay entrypoints with it)."""
     parser = argparse.ArgumentParser(prog="moref-index", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -311,7 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     _storage_args(compact)
     compact.set_defaults(func=cmd_compact)
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args)
 

@@ -248,6 +248,8 @@ class RayConfig(_Strict):
     # nodes of the cluster as it is (strict on a local Ray, a warning on a joined cluster, whose
     # autoscaler may still add nodes).
     node_shapes: list[NodeShape] | None = None
+    # Seconds between the driver's progress lines when stderr is not a terminal (pipeline/metrics.py).
+    progress_interval_s: float = Field(default=30.0, gt=0)
 
 
 class JobConfig(_Strict):

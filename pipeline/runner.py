@@ -30,6 +30,7 @@ from pipeline import planning
 from pipeline.commit_log import CommitLog
 from pipeline.committer import OutputCommitter
 from pipeline.config import JobConfig
+from pipeline.metrics import RunReport, quiet_ray_data_progress
 from pipeline.output_lock import OutputLease, OutputLockedError
 from pipeline.planning import Plan
 from pipeline.resources import (
@@ -103,6 +104,7 @@ def _init_ray(cfg: JobConfig) -> bool:
     """Join the configured cluster, or start a local Ray. Returns True when Ray was local."""
     import ray
 
+    quiet_ray_data_progress()  # before planning or the pipeline makes a dataset (pipeline/metrics.py)
     if ray.is_initialized():
         return cfg.ray.address is None
     # Under `ray job submit` RAY_ADDRESS names the cluster the job runs on: join it.
@@ -241,6 +243,8 @@ def _run_holding_lease(cfg: JobConfig, store: OutputStore, lease: OutputLease, s
             requests = stage_requests(cfg, gpus_usable=not (local and not cluster_gpus), cluster_gpus=cluster_gpus)
             check_resources(cfg, requests, local)
             log.info("resources per actor: %s", {name: (r.describe(), r.count) for name, r in requests.items()})
+            report = RunReport(summary.run_id, plan.pending_pairs, cfg.ray.progress_interval_s)  # metrics.py
+
             def count(committed) -> None:
                 """The summary counts committed rows: a failed run's `processed` pairs are final."""
                 statuses = committed.column(Col.STATUS).to_pylist()
@@ -249,17 +253,20 @@ def _run_holding_lease(cfg: JobConfig, store: OutputStore, lease: OutputLease, s
                 summary.errors += len(statuses) - ok
                 reasons.update(r for st, r in zip(statuses, committed.column(Col.ERROR_REASON).to_pylist())
                                if st != STATUS_OK)
+                report.committed(committed)
 
             # rows of these pairs may exist already (retried errors, or resume off): replace them
             committer = OutputCommitter(store, summary.run_id,
                                         supersede=bool(cfg.output.retry_reasons()) or not cfg.output.resume,
                                         on_commit=count)
             dataset = build_dataset(plan.source(), cfg, summary.run_id, requests)
-            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-                if lease.lost:
-                    raise OutputLockedError(lease.lost)
-                committer.add(batch)
-            committer.close()
+            with report:
+                for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                    if lease.lost:
+                        raise OutputLockedError(lease.lost)
+                    report.received(batch)
+                    committer.add(batch)
+                committer.close()
     except BaseException as exc:
         summary.status = "failed"
         summary.failure = f"{type(exc).__name__}: {exc}"[:2000]

@@ -3,7 +3,7 @@
 decode (CPU tasks) -> guidance (CLIP actors; they also stage the frames table) -> answer
 (Video-LLM actors) -> answers rows (tasks), which the driver commits in files of many videos.
 With `guidance.placement: answer_actor` guidance and answer are one actor stage. The runner
-(the only module that knows Ray) builds the pipeline from this list; `stage_contract.check_chain` checks it first.
+(the only module that drives Ray) builds the pipeline from this list; `stage_contract.check_chain` checks it first.
 """
 
 from __future__ import annotations

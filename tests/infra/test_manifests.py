@@ -7,9 +7,11 @@ read as JSON Schema allows them; objects with declared properties are therefore 
 misspelt field fails like it would on `kubectl apply`. CEL rules (x-kubernetes-validations) and
 int32/int-or-string formats are not checked.
 
-Beyond the schema: the embedded job configs parse with pipeline.config; the GPU group asks for
-what it tells Ray it has; each job fits the cluster; credentials only come from Secrets; one image
-and one Ray/torch version everywhere; the cluster-launcher YAML validates against Ray's own schema.
+Beyond the schema: the embedded job configs load with pipeline.config's loader as the driver loads
+them; the entrypoints parse with the CLI's own parser and run those configs; the GPU group asks for
+what it tells Ray it has; each job fits the cluster; the head serves the metrics port it declares;
+credentials only come from Secrets; one image and one Ray/torch version everywhere, Ray with the
+extras pyproject.toml pins; the cluster-launcher YAML validates against Ray's own schema.
 Each check is also run against a broken copy, so it is shown to fail when it should.
 """
 
@@ -23,6 +25,7 @@ import json
 import math
 import pathlib
 import re
+import shlex
 import tomllib
 from collections.abc import Sequence
 from typing import Any
@@ -30,7 +33,8 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, parse_job_config
+from jobs.cli import build_parser
+from pipeline.config import ConfigError, OutputConfig, load_job_config, parse_job_config
 from tests.paths import REPO
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -277,6 +281,35 @@ def test_job_configs_parse():
         assert cfg.ray.address is None, f"{key}: leave `ray` out; the job joins $RAY_ADDRESS"
 
 
+def mount_configs(root: pathlib.Path, data: dict[str, str]) -> pathlib.Path:
+    """The ConfigMap's keys as files, as the head pod sees them under /configs."""
+    mount = root / "configs"
+    mount.mkdir()
+    for key, text in data.items():
+        (mount / key).write_text(text)
+    return mount
+
+
+def test_job_configs_load_as_the_driver_loads_them(tmp_path):
+    """`jobs.cli run /configs/KEY` reads the file with load_job_config, which resolves relative
+    paths against the file's folder: the result must not depend on where the ConfigMap is mounted."""
+    data = of_kind("ConfigMap")["data"]
+    mount = mount_configs(tmp_path, data)
+    for key, text in data.items():
+        loaded = load_job_config(mount / key)
+        assert loaded == parse_job_config(yaml.safe_load(text)), f"{key}: a path resolved against the mount"
+        out = loaded.output  # the output keys the committer and the lease read
+        assert out.flush_interval_s >= 60 and out.lock_ttl_s >= 60 and out.target_file_mb >= 16, key
+
+
+def test_loader_rejects_a_misspelt_output_key(tmp_path):
+    data = of_kind("ConfigMap")["data"]
+    broken = {"job.yaml": data["job.yaml"].replace("flush_interval_s:", "flush_interval:")}
+    assert broken["job.yaml"] != data["job.yaml"]
+    with pytest.raises(ConfigError, match="output.flush_interval: unknown key"):
+        load_job_config(mount_configs(tmp_path, broken) / "job.yaml")
+
+
 def test_broken_job_config_is_rejected():
     data = copy.deepcopy(next(iter(job_configs().values())))
     data["decode"]["num_frames"] = 0
@@ -284,21 +317,72 @@ def test_broken_job_config_is_rejected():
         parse_job_config(data)
 
 
+def entrypoint_problems(entrypoint: str, configs: dict[str, dict]) -> list[str]:
+    """An entrypoint is `python -m jobs.cli run /configs/KEY`, optionally followed by `&& python -m
+    jobs.cli compact OUTPUT [--target-mb N]` of that config's output at its target_file_mb. Each
+    command is parsed by the CLI's own parser (a bad option fails it, as it would on the head)."""
+    problems: list[str] = []
+    commands = [shlex.split(part) for part in entrypoint.split("&&")]
+    cfg = None
+    for i, argv in enumerate(commands):
+        if argv[:3] != ["python", "-m", "jobs.cli"]:
+            problems.append(f"not a jobs.cli command: {shlex.join(argv)}")
+            continue
+        try:
+            args = build_parser().parse_args(argv[3:])
+        except SystemExit:
+            problems.append(f"jobs.cli rejects {shlex.join(argv[3:])}")
+            continue
+        if i == 0:
+            key = args.config.removeprefix("/configs/") if args.command == "run" else ""
+            if key not in configs:
+                problems.append(f"the first command must run a config of the ConfigMap, not {shlex.join(argv[3:])}")
+            else:
+                cfg = parse_job_config(configs[key])
+        elif args.command == "compact" and cfg is not None:
+            if args.output != cfg.output.path:
+                problems.append(f"compact {args.output} is not the run's output {cfg.output.path}")
+            target = args.target_mb or OutputConfig(path=args.output).target_file_mb
+            if target != cfg.output.target_file_mb:
+                problems.append(f"compact --target-mb {target} != the run's output.target_file_mb "
+                                f"{cfg.output.target_file_mb}")
+        else:
+            problems.append(f"after the run only `compact` of its output belongs here, not {args.command}")
+    return problems
+
+
 def test_entrypoints_run_a_config_from_the_configmap():
     cm = of_kind("ConfigMap")
+    configs = job_configs()
     jobs = {"RayJob": of_kind("RayJob")["spec"], "RayCronJob": of_kind("RayCronJob")["spec"]["jobTemplate"]}
     for kind, spec in jobs.items():
-        m = re.fullmatch(r"python -m jobs\.cli run /configs/([\w.-]+)", spec["entrypoint"])
-        assert m, f"{kind}: entrypoint {spec['entrypoint']!r}"
-        assert m.group(1) in cm["data"], f"{kind} runs {m.group(1)}, not in the ConfigMap"
+        assert entrypoint_problems(spec["entrypoint"], configs) == [], kind
         assert spec["shutdownAfterJobFinishes"] is True
         assert spec["submissionMode"] in ("K8sJobMode", "SidecarMode", "HTTPMode")
+    # the nightly job compacts what its incremental runs leave
+    assert " compact " in of_kind("RayCronJob")["spec"]["jobTemplate"]["entrypoint"]
     for where, spec in cluster_specs().items():
         head = spec["headGroupSpec"]["template"]["spec"]
         volume = next(v["name"] for v in head["volumes"]
                       if v.get("configMap", {}).get("name") == cm["metadata"]["name"])
         mounts = {m["name"]: m["mountPath"] for m in head["containers"][0]["volumeMounts"]}
         assert mounts.get(volume) == "/configs", where
+
+
+@pytest.mark.parametrize("entrypoint,expected", [
+    ("python -m jobs.cli run /configs/nope.yaml", "must run a config of the ConfigMap"),
+    ("python -m jobs.cli run /configs/job.yaml --sett x=1", "jobs.cli rejects"),
+    ("python jobs/cli.py run /configs/job.yaml", "not a jobs.cli command"),
+    ("python -m jobs.cli run /configs/captioning.yaml && python -m jobs.cli compact s3://elsewhere --target-mb 128",
+     "is not the run's output"),
+    ("python -m jobs.cli run /configs/captioning.yaml && "
+     "python -m jobs.cli compact s3://my-video-archive/index/captions --target-mb 64", "!= the run's output"),
+    ("python -m jobs.cli run /configs/job.yaml && python -m jobs.cli index s3://my-video-archive/index/qa-v1",
+     "only `compact`"),
+])  # fmt: skip
+def test_entrypoint_check_catches(entrypoint, expected):
+    assert any(expected in p for p in entrypoint_problems(entrypoint, job_configs())), \
+        entrypoint_problems(entrypoint, job_configs())
 
 
 def test_cron_schedule_and_no_overlap():
@@ -412,6 +496,27 @@ def test_gpu_group_consistent():
 def test_gpu_check_catches(path, value, expected):
     spec = _set(of_kind("RayCluster")["spec"], path, value)
     assert any(expected in p for p in gpu_problems(spec)), gpu_problems(spec)
+
+
+def metrics_problems(spec: dict) -> list[str]:
+    """The head serves Prometheus metrics (the driver's moref_* among them) on the port it declares."""
+    head = spec["headGroupSpec"]
+    port = (head.get("rayStartParams") or {}).get("metrics-export-port")
+    ports = {p.get("name"): p.get("containerPort") for p in _container(head).get("ports", [])}
+    if port is None:
+        return ["head: set rayStartParams metrics-export-port (the job's metrics are served there)"]
+    if ports.get("metrics") != int(port):
+        return [f"head: metrics-export-port {port} is not its container port named metrics ({ports.get('metrics')})"]
+    return []
+
+
+def test_head_serves_metrics_on_its_declared_port():
+    for where, spec in cluster_specs().items():
+        assert metrics_problems(spec) == [], where
+    spec = _set(of_kind("RayCluster")["spec"], "headGroupSpec.rayStartParams.metrics-export-port", "9090")
+    assert "not its container port" in metrics_problems(spec)[0]
+    spec = _set(spec, "headGroupSpec.rayStartParams.metrics-export-port", _DELETE)
+    assert "set rayStartParams metrics-export-port" in metrics_problems(spec)[0]
 
 
 def fit_problems(cfg, spec: dict) -> list[str]:
@@ -627,6 +732,22 @@ def test_one_image_and_one_ray_version_everywhere():
     assert launcher["docker"]["image"].startswith(f"rayproject/ray:{ray}-py311-cu")
     setup = " ".join(launcher["setup_commands"])
     assert f"torch=={torch} " in setup and f"torchvision=={pins['torchvision']} " in setup
+
+
+def test_image_and_launcher_install_ray_as_pyproject_pins_it():
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    ray = [d for d in deps if re.match(r"ray\b", d)]
+    assert len(ray) == 1 and (m := re.fullmatch(r"ray\[([\w,]+)\]==[\d.]+", ray[0])), ray
+    # data: Ray Data; default: what a head needs for `ray start --head`, `ray job submit` and metrics
+    assert {"data", "default"} <= set(m.group(1).split(","))
+    # The image and the launcher take Ray from the package's own dependencies, never pin it apart.
+    dockerfile = DOCKERFILE.read_text()
+    installs = [line for line in dockerfile.splitlines() if "pip install" in line]
+    assert any(re.search(r'pip install "\.\$\{EXTRAS', line) for line in installs), installs
+    assert not [line for line in installs if re.search(r"\bray\b", line)], installs
+    setup = yaml.safe_load(LAUNCHER.read_text())["setup_commands"]
+    assert "pip install -q /home/ray/moref-index" in setup
+    assert not [c for c in setup if re.search(r"\bray\b", c.replace("/home/ray/", ""))], setup
 
 
 # ---------------------------------------------------------------------------------------------
