@@ -54,10 +54,16 @@ def tiny_model_dir(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the session; 4 logical CPUs so fractional stages never starve on 2 cores."""
+    """One local Ray for the session; 4 logical CPUs so fractional stages never starve on 2 cores.
+    A start that times out (Ray 2.60 gives the raylet a fixed 30 s to register, which a loaded
+    2-core machine can miss) is tried once more."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
+    try:
+        ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
+    except Exception:  # noqa: BLE001 - Ray raises a bare Exception for the startup timeout
+        ray.shutdown()
+        ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
