@@ -14,32 +14,7 @@ mkdir -p "$OUT"
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests moref question-sets)
 
-if [ -f .gpu/pkgs.tar.xz ]; then
-    mkdir -p /tmp/site && tar -xJf .gpu/pkgs.tar.xz -C /tmp/site || { echo "package tarball failed"; exit 1; }
-    export PYTHONPATH=/tmp/site:$PWD
-elif compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl || { echo "wheel install failed"; exit 1; }
-    export PYTHONPATH=/tmp/site:$PWD
-else
-    echo "no .gpu/pkgs.tar.xz or .whl/ carried: using the image's packages"
-    export PYTHONPATH=$PWD
-fi
-
-python3 - <<'PY' 2>&1 | tee "$OUT/versions.log"
-import platform, sys
-print("python", platform.python_version(), sys.executable)
-import torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(),
-      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
-for name in ("transformers", "tokenizers", "huggingface_hub", "safetensors", "numpy", "ray", "av", "open_clip"):
-    try:
-        module = __import__(name)
-        print(name, getattr(module, "__version__", "?"), module.__file__)
-    except Exception as exc:  # report, do not stop: the tests say what matters
-        print(name, "IMPORT FAILED:", repr(exc))
-PY
-nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.max.sm --format=csv
+source bench/gpu_env.sh
 
 rc=0
 for step in "${steps[@]}"; do

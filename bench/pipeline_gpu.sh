@@ -14,25 +14,7 @@ export RAY_USAGE_STATS_ENABLED=0
 OUT=${OUT:-out/pipeline_gpu}
 mkdir -p "$OUT"
 
-if [ -f .gpu/pkgs.tar.xz ]; then
-    mkdir -p /tmp/site && tar -xJf .gpu/pkgs.tar.xz -C /tmp/site || { echo "unpacking .gpu/pkgs.tar.xz failed"; exit 1; }
-    export PYTHONPATH=/tmp/site:$PWD
-else
-    echo "no .gpu/pkgs.tar.xz carried: using the image's packages"
-    export PYTHONPATH=$PWD
-fi
-
-python3 - <<'PY' 2>&1 | tee "$OUT/versions.log"
-import platform
-print("python", platform.python_version())
-for name in ("torch", "transformers", "ray", "av", "open_clip", "pydantic", "pyarrow", "yaml"):
-    try:
-        module = __import__(name)
-        print(name, getattr(module, "__version__", "?"), module.__file__)
-    except Exception as exc:  # report, do not stop: the benchmark says what matters
-        print(name, "IMPORT FAILED:", repr(exc))
-PY
-nvidia-smi --query-gpu=index,name,memory.total,memory.used,driver_version --format=csv
+source bench/gpu_env.sh
 
 timeout "${PIPELINE_GPU_TIMEOUT_S:-525}" python3 bench/pipeline_gpu.py --out "$OUT" "$@" 2>&1 | tee "$OUT/pipeline_gpu.log"
 rc=${PIPESTATUS[0]}
