@@ -29,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 
@@ -38,6 +37,7 @@ import pytest
 import yaml
 
 from tests.paths import DEMO_VIDEOS, REPO
+from tests.prometheus import sample, scrape
 
 RAY = str(pathlib.Path(sys.executable).parent / "ray")
 DEMO_CONFIG = REPO / "jobs" / "configs" / "demo.yaml"
@@ -179,19 +179,8 @@ def demo_pairs() -> set[tuple[str, str]]:
     return pairs | {(v, p["question_id"]) for v in videos for p in cfg["questions"]["prompts"]}
 
 
-def sample(text: str, name: str, **labels: str) -> float | None:
-    """`name`'s value summed over the samples whose labels include `labels`; None when there is none."""
-    total = None
-    for line in text.splitlines():
-        m = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
-        if m and all(f'{k}="{v}"' in m.group(1) for k, v in labels.items()):
-            total = (total or 0.0) + float(m.group(2))
-    return total
 
 
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        return resp.read().decode()
 
 
 def test_demo_job_submitted_with_the_cli(ray_head, tiny_model_dir, tmp_path):

@@ -3,9 +3,7 @@ and the progress line (its wording, its interval, its thread, Ray Data's bars tu
 
 from __future__ import annotations
 
-import re
 import time
-import urllib.request
 import uuid
 
 import pyarrow as pa
@@ -14,6 +12,7 @@ import pytest
 from pipeline.errors import ErrorReason
 from pipeline.metrics import CommitStats, Progress, RunMetrics, RunReport, format_duration
 from pipeline.schema import ANSWERS_SCHEMA, STATUS_ERROR, STATUS_OK, empty_answer_row
+from tests.prometheus import sample, scrape
 
 
 def answers(*rows: dict) -> pa.Table:
@@ -63,19 +62,8 @@ def test_an_error_without_a_reason_is_counted_as_unknown():
     assert stats.errors == {"unknown": 1} and stats.flops_saved == 0 and stats.stage_seconds["decode"] == []
 
 
-def _scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        return resp.read().decode()
 
 
-def sample(text: str, name: str, **labels: str) -> float | None:
-    """The value of `name` summed over the samples whose labels include `labels`; None if none."""
-    total = None
-    for line in text.splitlines():
-        m = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
-        if m and all(f'{k}="{v}"' in m.group(1) for k, v in labels.items()):
-            total = (total or 0.0) + float(m.group(2))
-    return total
 
 
 def test_recorded_metrics_reach_the_nodes_prometheus_endpoint(ray_local):
@@ -87,7 +75,7 @@ def test_recorded_metrics_reach_the_nodes_prometheus_endpoint(ray_local):
     port = ray_local._private.worker.global_worker.node.metrics_export_port
     deadline, text = time.monotonic() + 60, ""
     while time.monotonic() < deadline:  # the agent exports every few seconds
-        text = _scrape(port)
+        text = scrape(port)
         if sample(text, "ray_moref_pairs_done_total", run_id=run_id, status="ok") == 4:
             break
         time.sleep(1)
