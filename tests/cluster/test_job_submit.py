@@ -95,10 +95,9 @@ class Head:
         with log.open("w") as out:  # a file, not a pipe: the head's daemons outlive `ray start`
             proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.pgid = proc.pid  # the session (and process group) `ray start` leads, with every daemon in it
-        try:
+        # a start still running past this counts as failed (returncode None) and its log is shown
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=START_TIMEOUT_S + 60)
-        except subprocess.TimeoutExpired:
-            pass
         took = time.monotonic() - started
         self.output = log.read_text() + f"\n(ray start: exit status {proc.returncode} after {took:.1f} s)"
         return proc.returncode == 0
