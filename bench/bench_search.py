@@ -8,7 +8,7 @@ noise (a text is near the frames it describes, at CLIP-like cosines of 0.2-0.4).
 
 Per scale, the frames/ table is written as the pipeline writes it (one Parquet file per video),
 then:
-  brute force  `pipeline.search.search_vector` with the approximate index off: columnar read of
+  brute force  `pipeline.readers.search.search_vector` with the approximate index off: columnar read of
                every frame + exact scores + moments, per query (a fresh reader each time, as a
                CLI call would be; the OS page cache is warm after the first query)
   index build  `VectorIndex.sync()`: faiss IVF-Flat trained and filled from frames/
@@ -42,10 +42,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.readers.search import FramesIndex, search_vector
+from pipeline.readers.vector_index import VectorIndex
 from pipeline.schema import frames_schema
-from pipeline.search import FramesIndex, search_vector
-from pipeline.sink import FRAMES_DIR, video_key
-from pipeline.vector_index import VectorIndex
+from pipeline.store.output_store import FRAMES_DIR, video_key
 
 DIM = 768
 FRAMES_PER_VIDEO = 300

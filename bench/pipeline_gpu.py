@@ -135,7 +135,7 @@ def build_models(work: str, tiny: bool) -> dict:
     from freemoref.convert import IMAGE_TOKEN, VIDEO_TOKEN
     from freemoref.layouts import VIDEO_LAYOUT_KEY
     from freemoref.tiny import TinyModelShape, _grid_pinpoints, build_tiny_tokenizer, tiny_processor
-    from pipeline.clip_models import build_random_clip, build_tiny_clip
+    from pipeline.stages.clip_models import build_random_clip, build_tiny_clip
 
     root = Path(work) / "models"
     llava, clip, done = root / "llava-video-7b-random", root / "clip-vit-l-14-336-random", root / "DONE"

@@ -3,7 +3,7 @@
 
 For each N (default 10k, 100k, 1M) it writes a Parquet manifest of N rows and, for 99% of the
 videos, answers rows for both prompts committed the way a run commits them (large answers files and
-their record under _commits/, pipeline/commit_log.py; 1% of those rows are transient errors to
+their record under _commits/, pipeline/store/commit_log.py; 1% of those rows are transient errors to
 redo). It then times `runner.plan_work` (the manifest read by Ray Data, the record read and indexed,
 the planning tasks, the summary counts) in a fresh Python process on a fresh local Ray (`plan_s`,
 which includes starting Ray's worker processes), once more on the now warm workers (`plan_warm_s`),
@@ -45,10 +45,10 @@ def make_inputs(n: int, work: pathlib.Path) -> dict:
     redo) and the job config."""
     import numpy as np
 
-    from pipeline.commit_log import CommitLog, write_pending
     from pipeline.config import parse_job_config
     from pipeline.schema import ANSWERS_SCHEMA
-    from pipeline.sink import ANSWERS_DIR, OutputStore
+    from pipeline.store.commit_log import CommitLog, write_pending
+    from pipeline.store.output_store import ANSWERS_DIR, OutputStore
 
     ids = pc.binary_join_element_wise("archive/", pa.array([f"{i:08d}" for i in range(n)]), ".mp4", "")
     pq.write_table(pa.table({"video_id": ids, "video_uri": pc.binary_join_element_wise("/data/", ids, "")}),
@@ -86,8 +86,8 @@ def measure(config: dict) -> dict:
     import ray
 
     from pipeline.config import JobConfig
-    from pipeline.runner import plan_work
-    from pipeline.sink import OutputStore
+    from pipeline.run.runner import plan_work
+    from pipeline.store.output_store import OutputStore
 
     cfg = JobConfig.model_validate(config)
     t0 = time.perf_counter()

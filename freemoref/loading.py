@@ -8,18 +8,9 @@ from pathlib import Path
 
 import torch
 
+from freemoref.devices import resolve_device
 from freemoref.layouts import VIDEO_LAYOUT_KEY, check_layout
 from freemoref.video_llm import VideoLLM
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto": CUDA when this process sees a GPU, else the CPU; asking for CUDA without one fails."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but no CUDA device is visible to this process")
-    return device
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:

@@ -34,9 +34,9 @@ def _parse_overrides(pairs: list[str]) -> dict:
 
 def cmd_run(args) -> int:
     from pipeline.config import ConfigError, load_job_config
-    from pipeline.output_lock import OutputLockedError
-    from pipeline.resources import UnschedulableError
-    from pipeline.runner import run_job
+    from pipeline.run.resources import UnschedulableError
+    from pipeline.run.runner import run_job
+    from pipeline.store.output_lock import OutputLockedError
 
     try:
         cfg = load_job_config(args.config, _parse_overrides(args.set))
@@ -62,7 +62,7 @@ def cmd_run(args) -> int:
 
 def _show_answers(cfg, n: int) -> None:
     from pipeline.schema import Col
-    from pipeline.sink import OutputStore
+    from pipeline.store.output_store import OutputStore
 
     rows = OutputStore(cfg.output).read_answers(
         columns=[Col.VIDEO_ID, Col.QUESTION_ID, Col.STATUS, Col.ANSWER, Col.ERROR_REASON, Col.ERROR_DETAIL,
@@ -77,8 +77,8 @@ def _show_answers(cfg, n: int) -> None:
 
 def _update_search_index(output: str, storage) -> None:
     """Add a run's new frames to the output's approximate search index, when it has one."""
-    from pipeline.search import FramesIndex
-    from pipeline.vector_index import VectorIndex
+    from pipeline.readers.search import FramesIndex
+    from pipeline.readers.vector_index import VectorIndex
 
     index = VectorIndex(FramesIndex(output, storage))
     if index.exists():
@@ -103,7 +103,7 @@ def _equals_pairs(pairs: list[str]) -> dict[str, str]:
 
 
 def cmd_search(args) -> int:
-    from pipeline.search import SearchError, manifest_video_ids, render_moments, search_text
+    from pipeline.readers.search import SearchError, manifest_video_ids, render_moments, search_text
 
     storage = _storage(args)
     video_ids = list(args.video_id) or None
@@ -129,8 +129,8 @@ def cmd_search(args) -> int:
 
 
 def cmd_index(args) -> int:
-    from pipeline.search import FramesIndex
-    from pipeline.vector_index import VectorIndex
+    from pipeline.readers.search import FramesIndex
+    from pipeline.readers.vector_index import VectorIndex
 
     state = VectorIndex(FramesIndex(args.output, _storage(args))).sync(rebuild=args.rebuild)
     print(f"search index: {state['frames']} frames in {state['nlist']} lists, {len(state['files'])} videos")
@@ -138,7 +138,7 @@ def cmd_index(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from pipeline.report import write_report
+    from pipeline.readers.report import write_report
 
     path = write_report(args.output, args.out, storage=_storage(args), video_ids=list(args.video) or None,
                         max_videos=args.max_videos, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained)
@@ -147,10 +147,10 @@ def cmd_report(args) -> int:
 
 
 def cmd_compact(args) -> int:
-    from pipeline.compact import compact
     from pipeline.config import OutputConfig
-    from pipeline.output_lock import OutputLockedError
-    from pipeline.sink import OutputStore
+    from pipeline.store.compact import compact
+    from pipeline.store.output_lock import OutputLockedError
+    from pipeline.store.output_store import OutputStore
 
     store = OutputStore(OutputConfig(path=args.output, storage=_storage(args)))
     try:
@@ -175,7 +175,7 @@ def cmd_convert(args) -> int:
 def build_tiny_models(root: pathlib.Path) -> dict[str, str]:
     """Tiny random models for the demo and tests, built offline once and reused."""
     from freemoref.tiny import build_tiny_llava_onevision
-    from pipeline.clip_models import build_tiny_clip
+    from pipeline.stages.clip_models import build_tiny_clip
 
     paths = {"llava": root / "tiny-llava-onevision", "clip": root / "tiny-clip"}
     if not (paths["llava"] / "config.json").exists():
@@ -192,14 +192,14 @@ def cmd_tiny_models(args) -> int:
 
 
 def cmd_import_questions(args) -> int:
-    from pipeline.question_sets import IMPORTERS, write_question_set
+    from pipeline.readers.benchmark import IMPORTERS, write_benchmark
 
     options = {"video_suffix": args.video_suffix} if args.format == "videomme" else {}
     questions = IMPORTERS[args.format](args.src, **options)
     if not questions:
         print(f"error: no multiple-choice questions in {args.src}", file=sys.stderr)
         return 2
-    out = write_question_set(questions, args.out)
+    out = write_benchmark(questions, args.out)
     videos = len({q.video_id for q in questions})
     print(f"wrote {len(questions)} questions about {videos} videos to {out}")
     return 0
@@ -207,11 +207,11 @@ def cmd_import_questions(args) -> int:
 
 def cmd_score(args) -> int:
     from pipeline.config import ConfigError
-    from pipeline.question_sets import read_question_set
-    from pipeline.scoring import render_comparison, render_score, score_output
+    from pipeline.readers.benchmark import read_benchmark
+    from pipeline.readers.scoring import render_comparison, render_score, score_output
 
     try:
-        questions = read_question_set(args.questions)
+        questions = read_benchmark(args.questions)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

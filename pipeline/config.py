@@ -58,7 +58,7 @@ class InputConfig(_Strict):
     manifest: str | None = None
     limit: int | None = Field(default=None, ge=1)
     storage: StorageConfig = StorageConfig()
-    # Where the videos are listed and paired with their pending questions (pipeline/planning.py):
+    # Where the videos are listed and paired with their pending questions (pipeline/run/planning.py):
     # in Ray tasks, on the driver, or auto: the driver for local globs and manifests up to 8 MiB.
     planning: Literal["auto", "driver", "tasks"] = "auto"
 
@@ -248,7 +248,7 @@ class RayConfig(_Strict):
     # nodes of the cluster as it is (strict on a local Ray, a warning on a joined cluster, whose
     # autoscaler may still add nodes).
     node_shapes: list[NodeShape] | None = None
-    # Seconds between the driver's progress lines when stderr is not a terminal (pipeline/metrics.py).
+    # Seconds between the driver's progress lines when stderr is not a terminal (pipeline/run/metrics.py).
     progress_interval_s: float = Field(default=30.0, gt=0)
 
 

@@ -72,6 +72,9 @@ class Col:
     EMBEDDING = "embedding"
 
 
+# What planning puts in each row of the job's dataset: one video and its pending questions.
+SOURCE_COLUMNS = (Col.VIDEO_ID, Col.VIDEO_URI, Col.SIZE_BYTES, Col.QUESTION_IDS, Col.QUESTIONS)
+
 ANSWERS_SCHEMA = pa.schema(
     [
         (Col.RUN_ID, pa.string()),

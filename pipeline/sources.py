@@ -1,9 +1,9 @@
 """Input files: filesystems, tables, and the wording of questions.
 
 Videos come from glob(s) over a local path or any fsspec URL (s3://, gs://, file://), or from a
-manifest file (Parquet, JSONL or CSV) of URIs and optional ids (pipeline/listing.py lists them).
+manifest file (Parquet, JSONL or CSV) of URIs and optional ids (pipeline/run/listing.py lists them).
 Questions come from a per-video file (video_id, question_id, question, and `options` for multiple
-choice) and/or global prompts asked of every video (pipeline/planning.py pairs them with videos).
+choice) and/or global prompts asked of every video (pipeline/run/planning.py pairs them with videos).
 Small tables are read whole (`read_table`); a job's manifest is read by Ray Data (`read_dataset`),
 so its size never lands on the driver.
 """
@@ -120,7 +120,7 @@ def word_questions(table: pa.Table, cfg: QuestionsConfig) -> pa.Table:
     vids = [str(v) for v in table.column("video_id").to_pylist()]
     qids = [str(q) for q in table.column("question_id").to_pylist()]
     texts = table.column("question").to_pylist()
-    # Multiple-choice sets (pipeline.question_sets) carry options; CSV files cannot.
+    # Multiple-choice sets (pipeline.readers.benchmark) carry options; CSV files cannot.
     options = table.column("options").to_pylist() if "options" in table.column_names else [None] * len(table)
     worded, seen = [], set()
     for vid, qid, text, choices in zip(vids, qids, texts, options):

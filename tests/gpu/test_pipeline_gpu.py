@@ -12,8 +12,8 @@ for _module in ("ray", "av", "open_clip", "pydantic", "yaml"):
     pytest.importorskip(_module, reason=f"{_module} is not installed (unpack .gpu/pkgs.tar.xz)")
 
 from pipeline.config import parse_job_config
-from pipeline.runner import run_job
-from pipeline.sink import OutputStore
+from pipeline.run.runner import run_job
+from pipeline.store.output_store import OutputStore
 from tests.paths import DEMO_VIDEOS
 
 VIDEOS = ["kinetics_armwrestling.mp4", "pancake_h264_opus.mkv", "mpeg4_mp3.avi"]

@@ -577,7 +577,7 @@ def _memory_gib(value) -> float:
 def node_shape_problems(cfg, spec: dict) -> list[str]:
     """Whether a job's `ray.node_shapes` are the worker groups (CPUs, GPUs, max pods, memory within
     the pod limit), and whether the stages' requests pass the runner's check against them."""
-    from pipeline.resources import UnschedulableError, check_placement, nodes_from_shapes, stage_requests
+    from pipeline.run.resources import UnschedulableError, check_placement, nodes_from_shapes, stage_requests
 
     shapes = cfg.ray.node_shapes or []
     groups = spec["workerGroupSpecs"]

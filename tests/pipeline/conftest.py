@@ -15,7 +15,7 @@ def small_run_output(tmp_path_factory, tiny_model_dir, ray_local) -> pathlib.Pat
     """A real run's output: two demo videos and a broken file, prompt selection with RoI boxes,
     tiny models; for the report and the README's DuckDB recipes."""
     from pipeline.config import parse_job_config
-    from pipeline.runner import run_job
+    from pipeline.run.runner import run_job
 
     root = tmp_path_factory.mktemp("small_run")
     for name in ("kinetics_armwrestling.mp4", "pancake_h264_opus.mkv"):

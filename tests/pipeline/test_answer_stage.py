@@ -3,11 +3,11 @@
 import numpy as np
 
 from freemoref.config import GenerationOptions, MoRefConfig
-from pipeline.answer import AnswerStage
 from pipeline.config import AnswerConfig
-from pipeline.runner import plan_work
+from pipeline.run.runner import plan_work
 from pipeline.schema import ANSWER_COLUMNS, Col
-from pipeline.sink import OutputStore
+from pipeline.stages.answer import AnswerStage
+from pipeline.store.output_store import OutputStore
 
 
 def _video(frames, selected, status="ok", reason=None, detail=None):

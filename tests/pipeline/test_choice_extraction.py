@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.choice_extraction import extract_choice
+from pipeline.readers.choice_extraction import extract_choice
 
 OPTIONS = ["The man opens the door", "A woman sits down", "red", "red car"]
 

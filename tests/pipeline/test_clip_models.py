@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.clip_models import (
+from pipeline.stages.clip_models import (
     CONFIG_NAME,
     TINY_CLIP_CONFIG,
     WEIGHTS_NAME,

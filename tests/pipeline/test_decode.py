@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from pipeline.config import DecodeConfig
-from pipeline.decode import DecodedVideo, DecodeError, DecodeStage, decode_video
-from pipeline.decode.pyav_backend import PyAVBackend
-from pipeline.decode.sampling import sample_times
 from pipeline.errors import ErrorReason
 from pipeline.schema import STATUS_ERROR, STATUS_OK, Col
+from pipeline.stages.decode import DecodedVideo, DecodeError, DecodeStage, decode_video
+from pipeline.stages.decode.pyav_backend import PyAVBackend
+from pipeline.stages.decode.sampling import sample_times
 from tests.media import grey_level, make_audio_only, make_clip
 from tests.paths import available, manifest, video_or_none
 from tests.paths import video as real_video

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import parse_job_config
-from pipeline.runner import run_job
+from pipeline.run.runner import run_job
 from pipeline.schema import ANSWERS_SCHEMA, Col
-from pipeline.sink import OutputStore
+from pipeline.store.output_store import OutputStore
 from tests.paths import DEMO_VIDEOS
 
 pytestmark = pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.frame_selection import (
+from pipeline.stages.frame_selection import (
     mix_positions,
     prompt_positions,
     question_roi_boxes,

@@ -1,4 +1,4 @@
-"""Guidance: CLIP frame/text/patch embeddings (pipeline/clip_encoder.py), prompt selection on real
+"""Guidance: CLIP frame/text/patch embeddings (pipeline/stages/clip_encoder.py), prompt selection on real
 embeddings, the stage and the frames table. Selection and RoI math alone: test_frame_selection.py.
 
 A real tiny open_clip CLIP (built on disk, loaded by the production loader) and real decoded frames.
@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.clip_encoder import FrameEncoder, _frame_batches, clip_dtype
-from pipeline.clip_models import build_tiny_clip, load_clip
 from pipeline.config import GuidanceConfig
-from pipeline.frame_selection import frame_scores, prompt_positions, select_frames, uniform_positions
-from pipeline.guidance import GuidanceStage, frames_table
 from pipeline.schema import STATUS_ERROR, STATUS_OK, Col, frames_schema
+from pipeline.stages.clip_encoder import FrameEncoder, _frame_batches, clip_dtype
+from pipeline.stages.clip_models import build_tiny_clip, load_clip
+from pipeline.stages.frame_selection import frame_scores, prompt_positions, select_frames, uniform_positions
+from pipeline.stages.guidance import GuidanceStage, frames_table
 from tests.paths import DEMO_VIDEOS
 
 VIDEO = str(DEMO_VIDEOS / "kinetics_armwrestling.mp4")

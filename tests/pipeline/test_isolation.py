@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.isolation import IsolatedCrash, IsolatedTimeout, run_isolated
+from pipeline.stages.decode.isolation import IsolatedCrash, IsolatedTimeout, run_isolated
 
 
 # Child-side functions must be importable by name (they are pickled by reference).
@@ -130,7 +130,7 @@ def test_main_script_imports_are_paid_once_not_per_call(tmp_path):
             """
             import os, time
             import slow_import
-            from pipeline.isolation import run_isolated
+            from pipeline.stages.decode.isolation import run_isolated
 
             if __name__ == "__main__":
                 run_isolated(os.getpid, timeout_s=60)

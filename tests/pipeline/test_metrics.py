@@ -1,4 +1,4 @@
-"""pipeline/metrics.py: what a commit adds to the metrics, the metrics as Ray's agent exports them,
+"""pipeline/run/metrics.py: what a commit adds to the metrics, the metrics as Ray's agent exports them,
 and the progress line (its wording, its interval, its thread, Ray Data's bars turned off)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.errors import ErrorReason
-from pipeline.metrics import CommitStats, Progress, RunMetrics, RunReport, format_duration
+from pipeline.run.metrics import CommitStats, Progress, RunMetrics, RunReport, format_duration
 from pipeline.schema import ANSWERS_SCHEMA, STATUS_ERROR, STATUS_OK, empty_answer_row
 from tests.prometheus import sample, scrape
 

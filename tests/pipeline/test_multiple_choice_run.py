@@ -8,9 +8,9 @@ import pytest
 
 from jobs.cli import main
 from pipeline.config import parse_job_config
-from pipeline.question_sets import MultipleChoiceQuestion, write_question_set
-from pipeline.runner import run_job
-from pipeline.sink import OutputStore
+from pipeline.readers.benchmark import MultipleChoiceQuestion, write_benchmark
+from pipeline.run.runner import run_job
+from pipeline.store.output_store import OutputStore
 from tests.paths import DEMO_VIDEOS
 
 pytestmark = pytest.mark.slow
@@ -54,7 +54,7 @@ def tiny_models(tiny_model_dir):
 
 def test_multiple_choice_set_runs_and_scores(tmp_path, ray_local, capsys):
     shutil.copy(DEMO_VIDEOS / VIDEO, tmp_path / VIDEO)
-    questions = write_question_set(QUESTIONS, tmp_path / "set.parquet")
+    questions = write_benchmark(QUESTIONS, tmp_path / "set.parquet")
     cfg = job(tmp_path, "moref8")
     summary = run_job(cfg)
     assert (summary.ok, summary.errors, summary.unmatched_questions) == (2, 0, 1)

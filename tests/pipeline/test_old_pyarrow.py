@@ -12,11 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.committer import OutputCommitter
 from pipeline.config import OutputConfig
-from pipeline.guidance import frames_table
 from pipeline.schema import ANSWERS_SCHEMA, STATUS_OK, Col, empty_answer_row
-from pipeline.sink import FramesWriter, OutputStore
+from pipeline.stages.guidance import frames_table
+from pipeline.stages.output_rows import FramesWriter
+from pipeline.store.committer import OutputCommitter
+from pipeline.store.output_store import OutputStore
 from tests.paths import REPO
 
 OLDEST_PYARROW = "14.0.2"

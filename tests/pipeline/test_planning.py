@@ -1,4 +1,4 @@
-"""Listing and planning in Ray tasks (pipeline/listing.py, pipeline/planning.py): globs, manifests
+"""Listing and planning in Ray tasks (pipeline/run/listing.py, pipeline/run/planning.py): globs, manifests
 (local and on the moto S3 server), questions, duplicates, limit, and resume against the record."""
 
 import json
@@ -8,13 +8,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import planning
-from pipeline.commit_log import CommitLog, write_pending
 from pipeline.config import ConfigError, QuestionsConfig, StorageConfig, parse_job_config
-from pipeline.listing import split_glob
+from pipeline.run import planning
+from pipeline.run.listing import split_glob
 from pipeline.schema import ANSWERS_SCHEMA, Col
-from pipeline.sink import ANSWERS_DIR, OutputStore
 from pipeline.sources import word_questions
+from pipeline.store.commit_log import CommitLog, write_pending
+from pipeline.store.output_store import ANSWERS_DIR, OutputStore
 
 CAPTION = [{"question_id": "caption", "question": "Caption it."}]
 

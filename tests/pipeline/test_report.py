@@ -11,7 +11,7 @@ import pytest
 from jobs.cli import main
 from pipeline.config import OutputConfig
 from pipeline.schema import ANSWERS_SCHEMA, Col, empty_answer_row
-from pipeline.sink import ANSWERS_DIR, OutputStore
+from pipeline.store.output_store import ANSWERS_DIR, OutputStore
 
 BROWSER_MISSING = ("the report test needs Debian's chromium and chromium-driver "
                    "(`apt-get install -y chromium chromium-driver`; `make test` installs them when run as root)")

@@ -4,7 +4,7 @@ shapes given in the config, and against a real local Ray."""
 import pytest
 
 from pipeline.config import NodeShape, parse_job_config
-from pipeline.resources import (
+from pipeline.run.resources import (
     ANSWER_BASE_MEMORY_GIB,
     GIB,
     HUB_MODEL_MEMORY_GIB,
@@ -15,7 +15,7 @@ from pipeline.resources import (
     nodes_from_shapes,
     stage_requests,
 )
-from pipeline.runner import run_job
+from pipeline.run.runner import run_job
 
 
 def job(tmp_path, **sections):

@@ -8,9 +8,9 @@ import pytest
 
 from jobs.cli import main
 from pipeline.config import OutputConfig
-from pipeline.question_sets import MultipleChoiceQuestion, write_question_set
+from pipeline.readers.benchmark import MultipleChoiceQuestion, write_benchmark
 from pipeline.schema import ANSWERS_SCHEMA, empty_answer_row
-from pipeline.sink import OutputStore
+from pipeline.store.output_store import OutputStore
 
 OPTIONS = ("a cat", "a dog", "red", "red car")
 QUESTIONS = [
@@ -48,7 +48,7 @@ def write_run(path, run_id, answers, frames, references, flops):
 
 @pytest.fixture
 def runs(tmp_path):
-    questions = write_question_set(QUESTIONS, tmp_path / "set.jsonl")
+    questions = write_benchmark(QUESTIONS, tmp_path / "set.jsonl")
     a = write_run(tmp_path / "native64", "native64", RUN_A, frames=64, references=1, flops=1e12)
     b = write_run(tmp_path / "moref256", "moref256", RUN_B, frames=256, references=4, flops=2e12)
     return questions, a, b

@@ -11,13 +11,13 @@ import pyarrow as pa
 import pytest
 
 from jobs.cli import main
-from pipeline.clip_encoder import FrameEncoder
-from pipeline.clip_models import build_tiny_clip, load_clip
 from pipeline.config import OutputConfig, StorageConfig
+from pipeline.readers.search import FramesIndex, Moment, search_vector
+from pipeline.readers.vector_index import VectorIndex
 from pipeline.schema import frames_schema
-from pipeline.search import FramesIndex, Moment, search_vector
-from pipeline.sink import FRAMES_DIR, OutputStore, video_key
-from pipeline.vector_index import VectorIndex
+from pipeline.stages.clip_encoder import FrameEncoder
+from pipeline.stages.clip_models import build_tiny_clip, load_clip
+from pipeline.store.output_store import FRAMES_DIR, OutputStore, video_key
 from tests.paths import REPO
 
 QUERY = "a dog catches a frisbee"

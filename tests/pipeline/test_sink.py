@@ -5,12 +5,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.commit_log import CommitLog
-from pipeline.committer import OutputCommitter
-from pipeline.compact import compact
 from pipeline.config import OutputConfig
 from pipeline.schema import ANSWERS_SCHEMA, STATUS_OK, Col, empty_answer_row
-from pipeline.sink import ANSWERS_DIR, FRAMES_DIR, FramesWriter, OutputStore, video_key
+from pipeline.stages.output_rows import FramesWriter
+from pipeline.store.commit_log import CommitLog
+from pipeline.store.committer import OutputCommitter
+from pipeline.store.compact import compact
+from pipeline.store.output_store import ANSWERS_DIR, FRAMES_DIR, OutputStore, video_key
 
 
 def _answers(video_ids, question_ids, run_id="r1", status="ok"):

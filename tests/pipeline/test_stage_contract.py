@@ -8,11 +8,11 @@ import shutil
 import pytest
 
 from pipeline.config import DecodeConfig, parse_job_config
-from pipeline.decode import DecodeStage
-from pipeline.resources import stage_requests
-from pipeline.schema import ANSWER_COLUMNS, Col
-from pipeline.stage_contract import StageContractError, StageSpec, check_chain
-from pipeline.stages import SOURCE_COLUMNS, job_stages
+from pipeline.run.job_stages import job_stages
+from pipeline.run.resources import stage_requests
+from pipeline.run.stage_contract import StageContractError, StageSpec, check_chain
+from pipeline.schema import ANSWER_COLUMNS, SOURCE_COLUMNS, Col
+from pipeline.stages.decode import DecodeStage
 from tests.paths import DEMO_VIDEOS
 
 

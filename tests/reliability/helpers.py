@@ -17,7 +17,7 @@ import numpy as np
 
 from pipeline.config import JobConfig, parse_job_config
 from pipeline.schema import Col
-from pipeline.sink import OutputStore
+from pipeline.store.output_store import OutputStore
 from tests.media import make_audio_only, make_clip
 from tests.paths import available, video
 

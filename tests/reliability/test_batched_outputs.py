@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.compact import compact
-from pipeline.output_lock import OutputLease, OutputLockedError
-from pipeline.runner import run_job
-from pipeline.sink import ANSWERS_DIR, FRAMES_DIR, OutputStore
+from pipeline.run.runner import run_job
+from pipeline.store.compact import compact
+from pipeline.store.output_lock import OutputLease, OutputLockedError
+from pipeline.store.output_store import ANSWERS_DIR, FRAMES_DIR, OutputStore
 from tests.paths import video
 from tests.reliability.helpers import PROMPTS, assert_exactly_once, job, rows_of
 

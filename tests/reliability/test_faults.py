@@ -11,9 +11,9 @@ import threading
 import pytest
 
 from pipeline.config import parse_job_config
-from pipeline.runner import run_job
+from pipeline.run.runner import run_job
 from pipeline.schema import Col
-from pipeline.sink import OutputStore
+from pipeline.store.output_store import OutputStore
 from tests.paths import video
 from tests.reliability.helpers import (
     PROMPTS,
@@ -121,7 +121,7 @@ def test_worker_and_actors_killed_mid_run(tmp_path, ray_local):
 def test_object_storage_restarted_mid_run(s3_server, ray_local, monkeypatch):
     import s3fs
 
-    from pipeline import runner
+    from pipeline.run import runner
 
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"

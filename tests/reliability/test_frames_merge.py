@@ -12,12 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.commit_log import CommitLog
-from pipeline.committer import OutputCommitter
 from pipeline.config import OutputConfig
-from pipeline.guidance import frames_table
 from pipeline.schema import ANSWERS_SCHEMA, STATUS_OK, Col, empty_answer_row
-from pipeline.sink import FRAMES_DIR, FramesWriter, OutputStore
+from pipeline.stages.guidance import frames_table
+from pipeline.stages.output_rows import FramesWriter
+from pipeline.store.commit_log import CommitLog
+from pipeline.store.committer import OutputCommitter
+from pipeline.store.output_store import FRAMES_DIR, OutputStore
 
 pytestmark = pytest.mark.slow
 

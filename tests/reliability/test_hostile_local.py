@@ -11,9 +11,9 @@ import re
 
 import pytest
 
-from pipeline.runner import run_job
+from pipeline.run.runner import run_job
 from pipeline.schema import Col
-from pipeline.sink import OutputStore
+from pipeline.store.output_store import OutputStore
 from tests.reliability.helpers import (
     HOSTILE_LIMITS,
     OK,

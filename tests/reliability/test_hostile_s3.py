@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
-from pipeline.runner import run_job
+from pipeline.run.runner import run_job
 from tests.paths import video
 from tests.reliability.helpers import (
     OK,

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from pipeline.config import OutputConfig, StorageConfig
-from pipeline.output_lock import LOCK_FILE, OutputLease, OutputLockedError
-from pipeline.sink import OutputStore
+from pipeline.store.output_lock import LOCK_FILE, OutputLease, OutputLockedError
+from pipeline.store.output_store import OutputStore
 
 
 def _stores(tmp_path, s3_bucket, which):

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from pipeline.config import ConfigError, load_job_config
-from pipeline.sink import OutputStore, video_key
+from pipeline.store.output_store import OutputStore, video_key
 from tests.reliability.helpers import TINY, job, job_dict
 
 
@@ -52,7 +52,7 @@ def test_remote_code_runs_only_when_the_config_says_so(tmp_path, monkeypatch):
     transformers' from_pretrained)."""
     import transformers.dynamic_module_utils as dmu
 
-    from pipeline.answer import AnswerStage
+    from pipeline.stages.answer import AnswerStage
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(TINY["llava"], ckpt)

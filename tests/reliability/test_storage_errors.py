@@ -15,10 +15,10 @@ from botocore.exceptions import EndpointConnectionError
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.config import DecodeConfig, OutputConfig
-from pipeline.decode import DecodeError, DecodeStage, decode_video
 from pipeline.errors import ErrorReason
 from pipeline.schema import STATUS_ERROR, Col
-from pipeline.sink import OutputStore
+from pipeline.stages.decode import DecodeError, DecodeStage, decode_video
+from pipeline.store.output_store import OutputStore
 from tests.paths import video
 from tests.reliability.helpers import free_port, start_moto, stop_moto
 
@@ -74,7 +74,7 @@ def test_storage_failure_during_a_read_is_read_failed(fraction, backend, monkeyp
 
 
 def test_read_failed_is_retried_then_reported(monkeypatch):
-    import pipeline.decode.stage as decode_stage
+    import pipeline.stages.decode.stage as decode_stage
 
     monkeypatch.setattr(decode_stage, "READ_RETRY_FIRST_WAIT_S", 0.01)
     # in this process: the isolated child would not know the test's 'flaky' protocol

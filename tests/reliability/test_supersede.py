@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from pipeline.commit_log import CommitLog, write_pending
-from pipeline.committer import OutputCommitter
-from pipeline.runner import plan_work
+from pipeline.run.runner import plan_work
 from pipeline.schema import ANSWERS_SCHEMA, Col, empty_answer_row
-from pipeline.sink import ANSWERS_DIR, OutputStore
+from pipeline.store.commit_log import CommitLog, write_pending
+from pipeline.store.committer import OutputCommitter
+from pipeline.store.output_store import ANSWERS_DIR, OutputStore
 from tests.reliability.helpers import PROMPTS, job, pairs_of, rows_of
 
 CAPTION, COUNT = (p["question_id"] for p in PROMPTS)

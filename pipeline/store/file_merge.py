@@ -24,10 +24,10 @@ import sys
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.commit_log import NewFile, write_pending
 from pipeline.config import OutputConfig
 from pipeline.schema import Col
-from pipeline.sink import FRAMES_DIR, OutputStore
+from pipeline.store.commit_log import NewFile, write_pending
+from pipeline.store.output_store import FRAMES_DIR, OutputStore
 
 # Reading and writing Parquet is I/O bound: a quarter CPU fits beside the pipeline's own tasks
 # instead of waiting for a whole CPU to come free while the driver waits for the merge.

@@ -1,10 +1,10 @@
 """Ray wiring: the stages assembled into one streaming Ray Data pipeline.
 
-plan (Ray tasks list the videos and attach their pending questions: pipeline/planning.py) ->
+plan (Ray tasks list the videos and attach their pending questions: pipeline/run/planning.py) ->
 decode (CPU tasks) -> guidance (CLIP actors, which also stage the frames) -> answer (VLM actors)
 -> answers rows (tasks) -> the driver, which commits answers and frames in files of many videos
-(pipeline/committer.py) and counts the run summary.
-The driver holds the output's lease (pipeline/output_lock.py) for the whole run.
+(pipeline/store/committer.py) and counts the run summary.
+The driver holds the output's lease (pipeline/store/output_lock.py) for the whole run.
 
 Faults: a decode task whose worker dies is retried (`max_retries`); Ray Data restarts a dead actor
 and retries its tasks (its defaults: max_restarts=-1, max_task_retries=-1). Staged frames have
@@ -12,7 +12,7 @@ deterministic names and only the driver commits, so a retry never duplicates. St
 retried inside the stages (decode.read_retries, output.write_retries).
 
 Stages are plain classes with one method (rows in, rows out) that declare the columns they read
-and write (pipeline/stage_contract.py); pipeline/stages.py lists the job's stages with their
+and write (pipeline/run/stage_contract.py); pipeline/run/job_stages.py lists the job's stages with their
 resources, and this module turns that list into Ray Data operators, after checking it.
 """
 
@@ -26,14 +26,11 @@ import time
 
 import numpy as np
 
-from pipeline import planning
-from pipeline.commit_log import CommitLog
-from pipeline.committer import OutputCommitter
 from pipeline.config import JobConfig
-from pipeline.metrics import RunReport, quiet_ray_data_progress
-from pipeline.output_lock import OutputLease, OutputLockedError
-from pipeline.planning import Plan
-from pipeline.resources import (
+from pipeline.run import planning
+from pipeline.run.metrics import RunReport, quiet_ray_data_progress
+from pipeline.run.planning import Plan
+from pipeline.run.resources import (
     StageRequest,
     UnschedulableError,
     check_placement,
@@ -41,9 +38,12 @@ from pipeline.resources import (
     nodes_from_shapes,
     stage_requests,
 )
-from pipeline.schema import STATUS_OK, Col
-from pipeline.sink import RUNS_DIR, OutputStore
-from pipeline.stage_contract import StageSpec, check_chain
+from pipeline.run.stage_contract import StageSpec, check_chain
+from pipeline.schema import SOURCE_COLUMNS, STATUS_OK, Col
+from pipeline.store.commit_log import CommitLog
+from pipeline.store.committer import OutputCommitter
+from pipeline.store.output_lock import OutputLease, OutputLockedError
+from pipeline.store.output_store import RUNS_DIR, OutputStore
 
 log = logging.getLogger("moref_index")
 
@@ -87,7 +87,7 @@ class RunSummary:
 
 
 def plan_work(cfg: JobConfig, store: OutputStore) -> tuple[Plan, RunSummary]:
-    """The videos with questions still to answer (pipeline/planning.py) and the summary so far.
+    """The videos with questions still to answer (pipeline/run/planning.py) and the summary so far.
     Starts or joins Ray as the config says when planning runs in Ray tasks."""
     run_id = cfg.resolved_run_id()
     summary = RunSummary(run_id=run_id, output=cfg.output.path)
@@ -104,7 +104,7 @@ def _init_ray(cfg: JobConfig) -> bool:
     """Join the configured cluster, or start a local Ray. Returns True when Ray was local."""
     import ray
 
-    quiet_ray_data_progress()  # before planning or the pipeline makes a dataset (pipeline/metrics.py)
+    quiet_ray_data_progress()  # before planning or the pipeline makes a dataset (pipeline/run/metrics.py)
     if ray.is_initialized():
         return cfg.ray.address is None
     # Under `ray job submit` RAY_ADDRESS names the cluster the job runs on: join it.
@@ -135,9 +135,9 @@ def check_resources(cfg: JobConfig, requests: dict[str, StageRequest], local: bo
 
 
 def build_dataset(source, cfg: JobConfig, run_id: str, requests: dict[str, StageRequest]):
-    """The Ray Data pipeline of the job's stages (pipeline/stages.py) over `source` (the planned
+    """The Ray Data pipeline of the job's stages (pipeline/run/job_stages.py) over `source` (the planned
     videos, one per block: `planning.Plan.source`), checked first."""
-    from pipeline.stages import SOURCE_COLUMNS, job_stages
+    from pipeline.run.job_stages import job_stages
 
     specs = job_stages(cfg, run_id, requests)
     check_chain(SOURCE_COLUMNS, specs)

@@ -11,17 +11,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from pipeline.answer import AnswerStage
 from pipeline.config import AnswerConfig, GuidanceConfig, JobConfig, OutputConfig
-from pipeline.decode import DecodeStage
-from pipeline.guidance import GuidanceStage
-from pipeline.resources import StageRequest
+from pipeline.run.resources import StageRequest
+from pipeline.run.stage_contract import StageSpec
 from pipeline.schema import Col
-from pipeline.sink import AnswersRows, FramesWriter
-from pipeline.stage_contract import StageSpec
-
-# What planning (runner.plan_work) puts in each row: one video and its pending questions.
-SOURCE_COLUMNS = (Col.VIDEO_ID, Col.VIDEO_URI, Col.SIZE_BYTES, Col.QUESTION_IDS, Col.QUESTIONS)
+from pipeline.stages.answer import AnswerStage
+from pipeline.stages.decode import DecodeStage
+from pipeline.stages.guidance import GuidanceStage
+from pipeline.stages.output_rows import AnswersRows, FramesWriter
 
 DECODE_TASK_RETRIES = 2  # a decode task whose worker process dies (e.g. OOM-killed) is run again
 
@@ -69,7 +66,7 @@ class GuideThenAnswer:
 
 
 def job_stages(cfg: JobConfig, run_id: str, requests: dict[str, StageRequest]) -> list[StageSpec]:
-    """The stages of `cfg`'s job with the resources in `requests` (pipeline.resources.stage_requests)."""
+    """The stages of `cfg`'s job with the resources in `requests` (pipeline.run.resources.stage_requests)."""
     in_flight = cfg.answer.videos_in_flight
     decode = StageSpec("decode", DecodeStage, {"cfg": cfg.decode, "storage": cfg.input.storage}, requests["decode"],
                        max_retries=DECODE_TASK_RETRIES)

@@ -9,14 +9,14 @@ import pytest
 
 from jobs.cli import main
 from pipeline.config import ConfigError, QuestionsConfig, StorageConfig
-from pipeline.question_sets import (
+from pipeline.readers.benchmark import (
     MultipleChoiceQuestion,
     duration_group,
     import_longvideobench,
     import_mlvu,
     import_videomme,
-    read_question_set,
-    write_question_set,
+    read_benchmark,
+    write_benchmark,
 )
 from pipeline.sources import read_table, word_questions
 
@@ -112,28 +112,28 @@ def test_cli_import_writes_a_set_that_reads_back(tmp_path, capsys, suffix):
     out = tmp_path / f"mlvu{suffix}"
     assert main(["import-questions", "--format", "mlvu", str(src), "--out", str(out)]) == 0
     assert "wrote 2 questions about 2 videos" in capsys.readouterr().out
-    assert read_question_set(str(out)) == import_mlvu([str(src)])
+    assert read_benchmark(str(out)) == import_mlvu([str(src)])
 
 
-def test_read_question_set_rejects_bad_rows(tmp_path):
+def test_read_benchmark_rejects_bad_rows(tmp_path):
     good = MultipleChoiceQuestion("v.mp4", "q1", "Why?", ("yes", "no"), "B")
-    path = write_question_set([good], tmp_path / "set.jsonl")
-    assert read_question_set(path) == [good]
+    path = write_benchmark([good], tmp_path / "set.jsonl")
+    assert read_benchmark(path) == [good]
     for bad, message in (({"answer": "C"}, "not one of the letters A-B"), ({"options": []}, "needs 1 to 26 options")):
         row = {**good.__dict__, "options": list(good.options), **bad}
         (tmp_path / "bad.jsonl").write_text(json.dumps(row) + "\n")
         with pytest.raises(ConfigError, match=message):
-            read_question_set(str(tmp_path / "bad.jsonl"))
+            read_benchmark(str(tmp_path / "bad.jsonl"))
     (tmp_path / "dup.jsonl").write_text((tmp_path / "set.jsonl").read_text() * 2)
     with pytest.raises(ConfigError, match="duplicate"):
-        read_question_set(str(tmp_path / "dup.jsonl"))
+        read_benchmark(str(tmp_path / "dup.jsonl"))
     (tmp_path / "nocol.jsonl").write_text(json.dumps({"video_id": "v", "question_id": "q", "question": "?"}) + "\n")
     with pytest.raises(ConfigError, match=r"missing column\(s\) \['options', 'answer'\]"):
-        read_question_set(str(tmp_path / "nocol.jsonl"))
+        read_benchmark(str(tmp_path / "nocol.jsonl"))
 
 
 def test_job_questions_are_worded_with_their_options(tmp_path):
-    path = write_question_set([MultipleChoiceQuestion("v.mp4", "q1", "Who?", ("a cat", "a dog"), "A")],
+    path = write_benchmark([MultipleChoiceQuestion("v.mp4", "q1", "Who?", ("a cat", "a dog"), "A")],
                               tmp_path / "set.parquet")
     open_ended = tmp_path / "open.jsonl"
     open_ended.write_text(json.dumps({"video_id": "v.mp4", "question_id": "q2", "question": "Why?"}) + "\n")

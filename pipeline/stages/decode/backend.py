@@ -9,7 +9,7 @@ from typing import Protocol
 import numpy as np
 
 from pipeline.config import DecodeConfig
-from pipeline.decode.source import ByteStream
+from pipeline.stages.decode.source import ByteStream
 
 
 @dataclass(frozen=True)

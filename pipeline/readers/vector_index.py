@@ -5,7 +5,7 @@ each frame to one of `nlist` lists and a search scans only the `nprobe` lists ne
 with exact float32 scores. (8-bit codes were tried: a quarter of the size, but their rounding
 reorders near neighbours and held recall@10 at 0.935 at 1M frames whatever `nprobe`.) The index
 is memory-mapped on load, so a query reads only the lists it scans. The search returns candidate frames;
-`pipeline.search` then scores the candidates' videos exactly, so approximation can only miss a
+`pipeline.readers.search` then scores the candidates' videos exactly, so approximation can only miss a
 video, never misplace a moment.
 
 Stored under OUTPUT/search-index/, next to the tables it indexes:
@@ -64,7 +64,7 @@ def fingerprint(info: dict) -> str:
 
 
 class VectorIndex:
-    """The faiss index of one output's frames table (`pipeline.search.FramesIndex`)."""
+    """The faiss index of one output's frames table (`pipeline.readers.search.FramesIndex`)."""
 
     def __init__(self, frames, nprobe: int = DEFAULT_NPROBE):
         self.frames = frames
@@ -90,7 +90,7 @@ class VectorIndex:
 
     def frames_files(self) -> dict[str, str]:
         """Name -> fingerprint of every frames file now."""
-        from pipeline.sink import FRAMES_DIR
+        from pipeline.store.output_store import FRAMES_DIR
 
         base = self.store.path(FRAMES_DIR)
         self.store._invalidate()
@@ -172,7 +172,7 @@ class VectorIndex:
 
     def _batches(self, names: Sequence[str]) -> Iterator[pa.Table]:
         """Tables of (video_id, embedding, file) over the given frames files, batch by batch."""
-        from pipeline.sink import FRAMES_DIR
+        from pipeline.store.output_store import FRAMES_DIR
 
         paths = [self.store.path(FRAMES_DIR, n) for n in names]
         for start in range(0, len(paths), 256):
@@ -275,7 +275,7 @@ def _empty_id_map() -> pa.Table:
 
 
 def _embeddings(table: pa.Table) -> np.ndarray:
-    from pipeline.search import embedding_matrix
+    from pipeline.readers.search import embedding_matrix
 
     return np.ascontiguousarray(embedding_matrix(table.column(Col.EMBEDDING)))
 

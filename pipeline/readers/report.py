@@ -9,7 +9,7 @@ Every image is a PNG embedded as base64, so the page opens anywhere with no othe
 Thumbnails are re-decoded from `video_uri` at the answer's `frame_times_s` with the pipeline's
 own PyAV decode path (same resize as the model saw; nothing extra is stored by the run); a video
 that cannot be read any more gets a note instead. Relevance needs the CLIP model that embedded the
-frames (`pipeline.search.QueryEncoder`); without it the page says so and shows the rest.
+frames (`pipeline.readers.search.QueryEncoder`); without it the page says so and shows the rest.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import DecodeConfig, StorageConfig
+from pipeline.readers.search import FrameRows, FramesIndex, QueryEncoder, SearchError, the_clip_model
 from pipeline.schema import STATUS_OK, Col
-from pipeline.search import FrameRows, FramesIndex, QueryEncoder, SearchError, the_clip_model
-from pipeline.sink import RUNS_DIR
+from pipeline.store.output_store import RUNS_DIR
 
 log = logging.getLogger("moref_index")
 
@@ -94,9 +94,9 @@ def decode_at(uri: str, times_s: Sequence[float], storage: StorageConfig, size: 
     """Frames (T, size, size, 3) of a video at the given times, with the pipeline's PyAV decoder."""
     import fsspec
 
-    from pipeline.decode.backend import Limits
-    from pipeline.decode.pyav_backend import PyAVBackend
-    from pipeline.decode.source import open_source
+    from pipeline.stages.decode.backend import Limits
+    from pipeline.stages.decode.pyav_backend import PyAVBackend
+    from pipeline.stages.decode.source import open_source
 
     cfg = DecodeConfig(frame_size=size)
     backend = PyAVBackend(size)

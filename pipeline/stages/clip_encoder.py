@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.clip_models import ClipBundle
 from pipeline.schema import as_list
+from pipeline.stages.clip_models import ClipBundle
 
 
 @dataclasses.dataclass(frozen=True)

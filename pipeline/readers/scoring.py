@@ -1,7 +1,7 @@
 """Accuracy of a run's answers against a multiple-choice question set (`moref-index score`).
 
 Each question of the set is one of: answered (an option letter was read from an `ok` row, see
-pipeline.choice_extraction), unanswerable (an `ok` row whose text names no single option), error
+pipeline.readers.choice_extraction), unanswerable (an `ok` row whose text names no single option), error
 (an `error` row), or missing (no row yet). Accuracy is correct / answered, so that unanswerable,
 error and missing questions are reported apart rather than counted wrong; `accuracy_of_all` counts
 them wrong. Totals come overall, by category and by duration group, with what the run spent:
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from pipeline.choice_extraction import extract_choice
-from pipeline.question_sets import MultipleChoiceQuestion
+from pipeline.readers.benchmark import MultipleChoiceQuestion
+from pipeline.readers.choice_extraction import extract_choice
 from pipeline.schema import STATUS_OK, Col
 
 SCORE_COLUMNS = [
@@ -159,7 +159,7 @@ def score_answers(answers: pa.Table, questions: list[MultipleChoiceQuestion]) ->
 def score_output(output_path: str, questions: list[MultipleChoiceQuestion]) -> dict:
     """Score the answers table under a job's `output.path` (local or any fsspec URL)."""
     from pipeline.config import OutputConfig
-    from pipeline.sink import OutputStore
+    from pipeline.store.output_store import OutputStore
 
     answers = OutputStore(OutputConfig(path=output_path)).read_answers(columns=SCORE_COLUMNS)
     return {"output": output_path, **score_answers(answers, questions)}

@@ -4,7 +4,7 @@ one Arrow table for inputs small enough to plan on the driver (`listing_table`).
 A manifest (Parquet, JSONL or CSV; local or object storage) is read by Ray Data. A glob is split
 at its first wildcard: the driver lists the fixed prefix's top level once and each matching
 sub-prefix is globbed by its own Ray task, so an archive of many folders is listed in parallel.
-Rows are VIDEO_SCHEMA; duplicates are resolved later, in planning (pipeline/planning.py).
+Rows are VIDEO_SCHEMA; duplicates are resolved later, in planning (pipeline/run/planning.py).
 """
 
 from __future__ import annotations

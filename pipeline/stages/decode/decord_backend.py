@@ -6,12 +6,12 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from pipeline.decode.backend import Limits, ReadResult, VideoInfo
-from pipeline.decode.errors import DecodeError
-from pipeline.decode.pyav_backend import PyAVBackend
-from pipeline.decode.sampling import pick_frames
-from pipeline.decode.source import ByteStream
 from pipeline.errors import ErrorReason
+from pipeline.stages.decode.backend import Limits, ReadResult, VideoInfo
+from pipeline.stages.decode.errors import DecodeError
+from pipeline.stages.decode.pyav_backend import PyAVBackend
+from pipeline.stages.decode.sampling import pick_frames
+from pipeline.stages.decode.source import ByteStream
 
 
 class DecordBackend:

@@ -34,7 +34,7 @@ class MultipleChoiceQuestion:
     duration: str | None = None
 
 
-QUESTION_SET_SCHEMA = pa.schema([
+BENCHMARK_SCHEMA = pa.schema([
     ("video_id", pa.string()), ("question_id", pa.string()), ("question", pa.string()),
     ("options", pa.list_(pa.string())), ("answer", pa.string()), ("category", pa.string()),
     ("duration", pa.string()),
@@ -45,7 +45,7 @@ def _text_or_none(value) -> str | None:
     return None if value is None or value == "" else str(value)
 
 
-def read_question_set(url: str, storage: StorageConfig | None = None) -> list[MultipleChoiceQuestion]:
+def read_benchmark(url: str, storage: StorageConfig | None = None) -> list[MultipleChoiceQuestion]:
     """Read and check a question set: every row has options and a letter among them, and each
     (video_id, question_id) appears once."""
     from pipeline.sources import read_table
@@ -74,12 +74,12 @@ def read_question_set(url: str, storage: StorageConfig | None = None) -> list[Mu
     return questions
 
 
-def write_question_set(questions: list[MultipleChoiceQuestion], path: str | pathlib.Path) -> str:
+def write_benchmark(questions: list[MultipleChoiceQuestion], path: str | pathlib.Path) -> str:
     """Write a question set as `.jsonl` or `.parquet` (by the file name)."""
     path = pathlib.Path(path)
     rows = [asdict(q) | {"options": list(q.options)} for q in questions]
     if path.suffix == ".parquet":
-        pq.write_table(pa.Table.from_pylist(rows, schema=QUESTION_SET_SCHEMA), path)
+        pq.write_table(pa.Table.from_pylist(rows, schema=BENCHMARK_SCHEMA), path)
     elif path.suffix == ".jsonl":
         path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     else:

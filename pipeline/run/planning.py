@@ -1,9 +1,9 @@
 """What a run still has to do: each listed video with its pending questions.
 
-    listing (pipeline/listing.py) --plan_videos--> one row per listed video: its pending
+    listing (pipeline/run/listing.py) --plan_videos--> one row per listed video: its pending
         question_ids/questions and counts (questions, skipped as done, retried errors)
 
-`plan_videos` looks a batch of videos up in two indexes (pipeline/key_index.py): the worded
+`plan_videos` looks a batch of videos up in two indexes (pipeline/store/key_index.py): the worded
 questions file keyed by video_id, and the output's record of finished pairs keyed by (video_id,
 question_id). So planning costs the listing plus the record, not videos x record.
 
@@ -29,11 +29,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import ConfigError, InputConfig, JobConfig, QuestionsConfig, StorageConfig
-from pipeline.key_index import KeyIndex
-from pipeline.listing import list_videos, listing_table
-from pipeline.schema import STATUS_OK, Col
-from pipeline.sink import OutputStore
+from pipeline.run.listing import list_videos, listing_table
+from pipeline.schema import SOURCE_COLUMNS, STATUS_OK, Col
 from pipeline.sources import filesystem, read_table, word_questions
+from pipeline.store.key_index import KeyIndex
+from pipeline.store.output_store import OutputStore
 
 log = logging.getLogger("moref_index")
 
@@ -56,7 +56,7 @@ class Plan:
     unmatched_questions: int = 0  # questions-file rows whose video_id is not listed
     pending_videos: int = 0
     pending_pairs: int = 0
-    # the pending rows (pipeline.stages.SOURCE_COLUMNS): a Ray Dataset when planned in tasks, an
+    # the pending rows (pipeline.schema.SOURCE_COLUMNS): a Ray Dataset when planned in tasks, an
     # Arrow table when planned on the driver; None when there is nothing to do
     pending: Any = None
 
@@ -180,7 +180,6 @@ class _DriverPlanning:
         return _rows_of(self.table, ids).to_pylist()
 
     def pending(self, work_filter: dict[str, Any], extra_rows: list[dict]) -> pa.Table:
-        from pipeline.stages import SOURCE_COLUMNS  # here: stages.py imports the model stages
 
         work = _pending_only(self.table, list(SOURCE_COLUMNS), **work_filter)
         if extra_rows:
@@ -190,7 +189,7 @@ class _DriverPlanning:
 
 
 class _TaskPlanning:
-    """Planning in Ray tasks: the listing is a Ray Dataset (pipeline/listing.py); the questions
+    """Planning in Ray tasks: the listing is a Ray Dataset (pipeline/run/listing.py); the questions
     and the record are indexed by one task each and shared through the object store; the planned
     rows stay in the object store and only ids and counts come to the driver."""
 
@@ -225,7 +224,6 @@ class _TaskPlanning:
     def pending(self, work_filter: dict[str, Any], extra_rows: list[dict]):
         import ray
 
-        from pipeline.stages import SOURCE_COLUMNS  # here: stages.py imports the model stages
 
         work = self.planned.map_batches(_pending_only, fn_kwargs={"columns": list(SOURCE_COLUMNS), **work_filter},
                                         batch_format="pyarrow", batch_size=None)

@@ -12,10 +12,10 @@ from collections.abc import Iterator
 import av
 import numpy as np
 
-from pipeline.decode.backend import ReadResult, VideoInfo
-from pipeline.decode.errors import DecodeError
-from pipeline.decode.source import ByteStream, file_size
 from pipeline.errors import ErrorReason
+from pipeline.stages.decode.backend import ReadResult, VideoInfo
+from pipeline.stages.decode.errors import DecodeError
+from pipeline.stages.decode.source import ByteStream, file_size
 
 _MAX_BOX_WALK = 10_000  # ISO-BMFF boxes inspected when diagnosing an unreadable MP4
 _ISO_TOP_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot", b"uuid", b"styp")

@@ -17,8 +17,8 @@ from typing import BinaryIO, Protocol
 
 import fsspec
 
-from pipeline.decode.errors import DecodeError
 from pipeline.errors import ErrorReason
+from pipeline.stages.decode.errors import DecodeError
 
 
 def is_local(uri: str) -> bool:

@@ -6,7 +6,7 @@ that score at least `min_score` merge into a moment (start, end, best frame, bes
 are ranked by their best score across videos.
 
 Small indexes are scored by brute force over a columnar read of frames/. From
-`ann_min_frames` frames on (about a million) an approximate index (`pipeline.vector_index`,
+`ann_min_frames` frames on (about a million) an approximate index (`pipeline.readers.vector_index`,
 LanceDB IVF-PQ) finds the candidate frames; the videos they belong to are then re-read and scored
 exactly, so moment boundaries are the same as brute force would give for those videos.
 """
@@ -23,13 +23,13 @@ import pyarrow.dataset as pads
 
 from pipeline.config import OutputConfig, StorageConfig
 from pipeline.schema import FRAME_COLUMNS, Col
-from pipeline.sink import FRAMES_DIR, OutputStore
+from pipeline.store.output_store import FRAMES_DIR, OutputStore
 
 # OpenAI CLIP ViT-L/14 puts a matching caption at a cosine of about 0.25-0.35 and an unrelated
 # one below 0.2; other models need their own value (--min-score).
 DEFAULT_MIN_SCORE = 0.2
 DEFAULT_TOP_K = 20
-# From this many frames on, search goes through the approximate index (pipeline.vector_index).
+# From this many frames on, search goes through the approximate index (pipeline.readers.vector_index).
 ANN_MIN_FRAMES = 1_000_000
 
 
@@ -130,7 +130,7 @@ class FramesIndex:
         """Frames files: all of them, or those holding the given videos (by the output's record)."""
         if video_ids is None:
             return self.store.list_files(FRAMES_DIR)
-        from pipeline.commit_log import CommitLog
+        from pipeline.store.commit_log import CommitLog
 
         record = CommitLog(self.store).record(FRAMES_DIR, save=False)  # searching never writes
         held = record.filter(pc.is_in(record.column("video_id"), pa.array(list(video_ids), pa.string())))
@@ -191,7 +191,7 @@ class QueryEncoder:
     """Embeds query text with a CLIP model, checked to be the one that embedded the frames."""
 
     def __init__(self, bundle, recorded_model: str, dim: int):
-        from pipeline.clip_encoder import FrameEncoder
+        from pipeline.stages.clip_encoder import FrameEncoder
 
         if bundle.name != recorded_model:
             raise SearchError(
@@ -207,7 +207,7 @@ class QueryEncoder:
              clip_pretrained: str | None = None, device: str = "cpu") -> QueryEncoder:
         """Load the recorded model (a built-in name with its tag, or an hf-hub id), or the one given
         (a local directory, or a name and weights); SearchError when it cannot be loaded."""
-        from pipeline.clip_models import HF_HUB_PREFIX, load_clip
+        from pipeline.stages.clip_models import HF_HUB_PREFIX, load_clip
 
         if clip_model is None:
             if recorded_model.startswith(HF_HUB_PREFIX):
@@ -263,7 +263,7 @@ def search_vector(index: FramesIndex, query: np.ndarray, *, top_k: int = DEFAULT
                   ann_min_frames: int = ANN_MIN_FRAMES, update_index: bool = True,
                   clip_model: str = "") -> SearchResult:
     """Moments for a query embedding (D,), L2-normalised."""
-    from pipeline.vector_index import VectorIndex
+    from pipeline.readers.vector_index import VectorIndex
 
     query = np.asarray(query, np.float32)
     ann = VectorIndex(index)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from pipeline.errors import ErrorReason
 
 if TYPE_CHECKING:
-    from pipeline.decode.backend import VideoInfo
+    from pipeline.stages.decode.backend import VideoInfo
 
 
 class DecodeError(Exception):

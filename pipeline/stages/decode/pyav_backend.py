@@ -16,12 +16,12 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from pipeline.decode.backend import Limits, ReadResult, VideoInfo
-from pipeline.decode.container import check_index_within_file, open_container
-from pipeline.decode.errors import DecodeError
-from pipeline.decode.sampling import TIME_EPS, monotonic_indices
-from pipeline.decode.source import ByteStream, file_size
 from pipeline.errors import ErrorReason
+from pipeline.stages.decode.backend import Limits, ReadResult, VideoInfo
+from pipeline.stages.decode.container import check_index_within_file, open_container
+from pipeline.stages.decode.errors import DecodeError
+from pipeline.stages.decode.sampling import TIME_EPS, monotonic_indices
+from pipeline.stages.decode.source import ByteStream, file_size
 
 _SEEK_GAP_S = 5.0  # without a full index: seek only when the next target is this far ahead
 

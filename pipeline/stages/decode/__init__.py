@@ -2,7 +2,7 @@
 
 `decode_video` probes the file, picks target times and returns the frame shown at each target time
 as uint8 (T, S, S, 3), upright, with its time, its ordinal and the video's metadata. `DecodeStage`
-runs it per row in an isolated child process (see `pipeline.isolation`) with a timeout, retries,
+runs it per row in an isolated child process (see `pipeline.stages.decode.isolation`) with a timeout, retries,
 and a second backend, and writes an error row instead of raising.
 
 Rules, and why:
@@ -49,9 +49,9 @@ storage failures), `container` (opening, diagnosing unopenable and cut-short fil
 (`DecodeError`), and `stage` (`decode_video`, `DecodeStage` and its retry/fallback policy).
 """
 
-from pipeline.decode.backend import VideoInfo
-from pipeline.decode.errors import DecodeError
-from pipeline.decode.stage import DecodedVideo, DecodeStage, decode_video
 from pipeline.errors import ErrorReason
+from pipeline.stages.decode.backend import VideoInfo
+from pipeline.stages.decode.errors import DecodeError
+from pipeline.stages.decode.stage import DecodedVideo, DecodeStage, decode_video
 
 __all__ = ["DecodeError", "DecodeStage", "DecodedVideo", "ErrorReason", "VideoInfo", "decode_video"]

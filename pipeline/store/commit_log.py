@@ -12,7 +12,7 @@ by hand) are read once and recorded. `consolidate` merges the manifests into one
 
 A commit (`apply`) makes several data files appear and others disappear together: new files are
 first written under '_pending-' names (readers skip them), by the driver or by a merge task
-(`write_pending`, pipeline/file_merge.py); `apply` writes their manifests under the final names,
+(`write_pending`, pipeline/store/file_merge.py); `apply` writes their manifests under the final names,
 then the journal, and from then on the commit is rolled forward: old files removed, pending files
 renamed, journal deleted. `recover` finishes a journal a killed run left. Until the journal
 exists nothing is visible, so a crash before it loses only that commit's rows, which a rerun redoes;
@@ -56,7 +56,7 @@ _STATUS_SCHEMA = pa.schema(list(ANSWERS_RECORD)[:4] + [pa.field(_OLD_ERROR_COLUM
 class NewFile:
     """A data file a commit makes visible, already written under its pending name (PENDING + name):
     its folder ('answers' or 'frames'), name, record rows, and for the log its rows and bytes. It
-    carries no data, so whoever wrote the file (the driver, or a merge task: pipeline/file_merge.py)
+    carries no data, so whoever wrote the file (the driver, or a merge task: pipeline/store/file_merge.py)
     hands the commit only this."""
 
     sub: str

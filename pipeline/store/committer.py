@@ -5,8 +5,8 @@ The guidance stage writes each video's frames to `_staging/frames/<video-key>.pa
 the answers rows stream to the driver (they are small). When the buffer is due (`flush_due`: the
 target size, the per-file video cap, or the age limit) or the run ends (`close`), one answers
 file and one frames file of those videos are committed together through the record
-(pipeline/commit_log.py), and the staged frames are deleted. The driver writes the answers file;
-the frames file is merged from the staged files by a Ray task (pipeline/file_merge.py), which hands
+(pipeline/store/commit_log.py), and the staged frames are deleted. The driver writes the answers file;
+the frames file is merged from the staged files by a Ray task (pipeline/store/file_merge.py), which hands
 back only its record rows: the frame embeddings, most of the output's bytes, never pass through the
 driver. A crash loses only uncommitted rows; their pairs are not in the record, so a rerun redoes
 them.
@@ -26,10 +26,10 @@ from collections.abc import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.commit_log import CommitLog, NewFile, write_pending
-from pipeline.file_merge import FileMerge, row_keys, run_merges
 from pipeline.schema import ANSWERS_SCHEMA, Col
-from pipeline.sink import ANSWERS_DIR, FRAMES_DIR, STAGING_DIR, OutputStore, video_key
+from pipeline.store.commit_log import CommitLog, NewFile, write_pending
+from pipeline.store.file_merge import FileMerge, row_keys, run_merges
+from pipeline.store.output_store import ANSWERS_DIR, FRAMES_DIR, STAGING_DIR, OutputStore, video_key
 
 log = logging.getLogger("moref_index")
 

@@ -1,11 +1,11 @@
 """Parquet outputs: the answers and frames tables, written so that reruns resume exactly.
 
 Layout under the output path:
-    answers/part-<run_id>-<id>.parquet   answers rows of many videos (pipeline/committer.py)
+    answers/part-<run_id>-<id>.parquet   answers rows of many videos (pipeline/store/committer.py)
     frames/part-<run_id>-<id>.parquet    the frame embeddings of the same videos
-    _commits/                            the record of what is committed (pipeline/commit_log.py)
+    _commits/                            the record of what is committed (pipeline/store/commit_log.py)
     _staging/frames/<video-key>.parquet  one video's frames, written by guidance, until committed
-    _lock.json                           the running job's lease (pipeline/output_lock.py)
+    _lock.json                           the running job's lease (pipeline/store/output_lock.py)
     runs/<run_id>.json                   the run summary
 
 Every file appears whole or not at all: local files are written beside their final name and
@@ -28,8 +28,6 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Mapping, Sequence
-from typing import ClassVar
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -186,7 +184,7 @@ class OutputStore:
         reached their journal; finish half-applied commits first, `CommitLog.recover`) and staged
         frames (their videos' answers were never committed, so they are redone). Returns how many.
         Readers skip them anyway; this only reclaims the space. Call it holding the output's lease."""
-        from pipeline.commit_log import COMMITS_DIR
+        from pipeline.store.commit_log import COMMITS_DIR
 
         removed = 0
         for sub in (ANSWERS_DIR, FRAMES_DIR, COMMITS_DIR, STAGING_DIR):
@@ -226,7 +224,7 @@ class OutputStore:
         """Every answers row's (video_id, question_id, status, error_reason) as one Arrow table:
         what resuming needs, from the record under _commits/ (files written without one, e.g. by
         versions before it, are read once and recorded; their `error` column gives the reason)."""
-        from pipeline.commit_log import CommitLog
+        from pipeline.store.commit_log import CommitLog
 
         return CommitLog(self).record(ANSWERS_DIR).select([Col.VIDEO_ID, Col.QUESTION_ID, Col.STATUS,
                                                            Col.ERROR_REASON])
@@ -247,48 +245,3 @@ class OutputStore:
     def read_schema(self, path: str) -> pa.Schema:
         """The schema of a Parquet file under the output, from its footer (the data is not read)."""
         return self._retrying(path, lambda: pq.read_schema(path, filesystem=self.fs), reading=True)
-
-
-class FramesWriter:
-    """Stages one video's frame embeddings under _staging/frames/ (the driver commits them with the
-    video's answers, in files of many videos: pipeline/committer.py), then drops them from the row
-    (the answer stage does not need them). A retried video rewrites its own staged file."""
-
-    reads: ClassVar[Mapping[str, str]] = {
-        Col.VIDEO_ID: "names the staged frames file",
-        Col.STATUS: "only ok rows have frames to write",
-        Col.FRAME_EMBEDDINGS: "written, then dropped from the row",
-        Col.FRAME_INDICES: "frame_index column",
-        Col.FRAME_TIMES_S: "time_s column",
-        Col.CLIP_MODEL: "clip_model column",
-    }
-    keeps_input_columns = True  # all but FRAME_EMBEDDINGS
-    writes: ClassVar[Sequence[str]] = ()
-
-    def __init__(self, output: OutputConfig):
-        self.store = OutputStore(output)
-
-    def __call__(self, rows: list[dict]) -> list[dict]:
-        return [self.write_row(row) for row in rows]
-
-    def write_row(self, row: dict) -> dict:
-        from pipeline.guidance import frames_table
-
-        row = dict(row)
-        if row.get(Col.STATUS) == "ok" and len(row.get(Col.FRAME_EMBEDDINGS, ())):
-            self.store.write_table(frames_table(row), STAGING_DIR, FRAMES_DIR,
-                                   f"{video_key(row[Col.VIDEO_ID])}.parquet")
-        row.pop(Col.FRAME_EMBEDDINGS, None)
-        return row
-
-
-class AnswersRows:
-    """The last stage: each batch as answers-table rows (the schema's columns and types), which
-    stream to the driver; its OutputCommitter writes them in files of many videos."""
-
-    reads: ClassVar[Mapping[str, str]] = {name: "a column of the answers table" for name in ANSWERS_SCHEMA.names}
-    writes: ClassVar[Sequence[str]] = tuple(ANSWERS_SCHEMA.names)
-    keeps_input_columns = False
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return batch.select(ANSWERS_SCHEMA.names).cast(ANSWERS_SCHEMA)

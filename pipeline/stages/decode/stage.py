@@ -13,17 +13,17 @@ from typing import Any, ClassVar
 import av
 import numpy as np
 
-from pipeline import isolation
 from pipeline.config import DecodeConfig, StorageConfig
-from pipeline.decode.backend import Backend, Limits
-from pipeline.decode.container import ends_early, raise_if_cut_short
-from pipeline.decode.decord_backend import DecordBackend
-from pipeline.decode.errors import DecodeError
-from pipeline.decode.pyav_backend import PyAVBackend
-from pipeline.decode.sampling import sample_times
-from pipeline.decode.source import is_local, open_source, storage_error
 from pipeline.errors import ErrorReason
 from pipeline.schema import STATUS_ERROR, STATUS_OK, Col
+from pipeline.stages.decode import isolation
+from pipeline.stages.decode.backend import Backend, Limits
+from pipeline.stages.decode.container import ends_early, raise_if_cut_short
+from pipeline.stages.decode.decord_backend import DecordBackend
+from pipeline.stages.decode.errors import DecodeError
+from pipeline.stages.decode.pyav_backend import PyAVBackend
+from pipeline.stages.decode.sampling import sample_times
+from pipeline.stages.decode.source import is_local, open_source, storage_error
 
 BACKENDS = ("pyav", "decord")
 # Measured on the test videos (decode_video, 32 uniform frames at 384 px, one thread, 2-core box):
@@ -141,7 +141,7 @@ def _decode_in_child(uri: str, cfg: DecodeConfig, storage_options: dict | None, 
 
 
 # the forkserver imports the package (every backend) once, not each isolated child
-isolation.add_preload("pipeline.decode")
+isolation.add_preload("pipeline.stages.decode")
 
 
 def _empty_decode_columns(frame_size: int) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Runs (each flush every `output.flush_interval_s`, incremental runs of a few new videos) leave files
 smaller than `output.target_file_mb`. Compaction packs files under half the target into files of
-about the target, largest first, each bin one commit (pipeline/commit_log.py): the new file appears
+about the target, largest first, each bin one commit (pipeline/store/commit_log.py): the new file appears
 and the old ones go together, so no row is lost or duplicated, also when it is killed half-way.
 Files whose schema is not the current one (answers files of older versions) are left as they are:
 rewriting them under the current schema would drop their old columns. It holds the output's lease,
@@ -16,11 +16,11 @@ import dataclasses
 import logging
 import uuid
 
-from pipeline.commit_log import CommitLog
-from pipeline.file_merge import FileMerge, run_merges
-from pipeline.output_lock import OutputLease
 from pipeline.schema import ANSWERS_SCHEMA
-from pipeline.sink import ANSWERS_DIR, FRAMES_DIR, OutputStore
+from pipeline.store.commit_log import CommitLog
+from pipeline.store.file_merge import FileMerge, run_merges
+from pipeline.store.output_lock import OutputLease
+from pipeline.store.output_store import ANSWERS_DIR, FRAMES_DIR, OutputStore
 
 log = logging.getLogger("moref_index")
 MB = 1 << 20

@@ -4,7 +4,7 @@ A stage is a class with one method, `__call__(rows) -> rows` (a batch of row dic
 out; the sink alone takes and returns Arrow tables, see `BatchFormat`), plus class-level columns:
 `reads` (column -> why the stage needs it), `writes`, `optional_reads` and whether its output rows
 keep the columns they came in with (`keeps_input_columns`). The job's stages are listed, with their
-resources, as `StageSpec`s (pipeline/stages.py); `check_chain` verifies before any work that each
+resources, as `StageSpec`s (pipeline/run/job_stages.py); `check_chain` verifies before any work that each
 stage's inputs are written by the source or an earlier stage, and the runner builds the Ray Data
 pipeline from the specs alone. Nothing here imports Ray.
 """
@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal, Protocol
 
 from pipeline.config import ConfigError
-from pipeline.resources import StageRequest
+from pipeline.run.resources import StageRequest
 
 # rows: the stage is called with a list of row dicts and returns one (the runner converts Ray
 # Data's batches). pyarrow: with the Arrow table Ray Data holds, for a stage that writes it as is.
@@ -47,7 +47,7 @@ class StageSpec:
 
     stage: the callable class (actor stages: constructed once per actor; task stages: once per
     batch, so it must be cheap to build). kwargs: its constructor arguments. request: CPUs, GPUs,
-    host memory and (actors) how many, from `pipeline.resources.stage_requests`. batch_size: rows
+    host memory and (actors) how many, from `pipeline.run.resources.stage_requests`. batch_size: rows
     per call (None: whatever block Ray Data has). concurrent_calls: calls one actor runs at once,
     each on its own thread (the stage then guards its own shared state). max_retries: a task
     whose worker dies is retried this many times (actors are restarted by Ray Data instead).

@@ -3,7 +3,7 @@
 Per video, every candidate frame is embedded once and the embeddings are reused by all of the
 video's questions; they also feed the `frames` table for text search over the archive. Per question
 the stage picks K frame positions and, when asked, an RoI box. The encoder lives in
-pipeline/clip_encoder.py, the selection and RoI math in pipeline/frame_selection.py; `GuidanceStage`
+pipeline/stages/clip_encoder.py, the selection and RoI math in pipeline/stages/frame_selection.py; `GuidanceStage`
 is the body of the Ray actor, testable without Ray.
 """
 
@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from freemoref.loading import resolve_device
-from pipeline.clip_encoder import FrameEncoder, as_frames, clip_dtype
-from pipeline.clip_models import load_clip
+from freemoref.devices import resolve_device
 from pipeline.config import GuidanceConfig
 from pipeline.errors import ErrorReason
-from pipeline.frame_selection import SELECTION_METHODS, frame_scores, question_roi_boxes, select_frames
 from pipeline.schema import STATUS_ERROR, STATUS_OK, Col, as_list, frames_schema
+from pipeline.stages.clip_encoder import FrameEncoder, as_frames, clip_dtype
+from pipeline.stages.clip_models import load_clip
+from pipeline.stages.frame_selection import SELECTION_METHODS, frame_scores, question_roi_boxes, select_frames
 
 logger = logging.getLogger(__name__)
 

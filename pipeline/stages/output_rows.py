@@ -1,0 +1,57 @@
+"""The job's two writing stages: the frames of each video staged in the output store, and the
+answers rows that stream to the driver (whose committer writes them in files of many videos)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
+
+import pyarrow as pa
+
+from pipeline.config import OutputConfig
+from pipeline.schema import ANSWERS_SCHEMA, Col
+from pipeline.stages.guidance import frames_table
+from pipeline.store.output_store import FRAMES_DIR, STAGING_DIR, OutputStore, video_key
+
+
+class FramesWriter:
+    """Stages one video's frame embeddings under _staging/frames/ (the driver commits them with the
+    video's answers, in files of many videos: pipeline/store/committer.py), then drops them from the row
+    (the answer stage does not need them). A retried video rewrites its own staged file."""
+
+    reads: ClassVar[Mapping[str, str]] = {
+        Col.VIDEO_ID: "names the staged frames file",
+        Col.STATUS: "only ok rows have frames to write",
+        Col.FRAME_EMBEDDINGS: "written, then dropped from the row",
+        Col.FRAME_INDICES: "frame_index column",
+        Col.FRAME_TIMES_S: "time_s column",
+        Col.CLIP_MODEL: "clip_model column",
+    }
+    keeps_input_columns = True  # all but FRAME_EMBEDDINGS
+    writes: ClassVar[Sequence[str]] = ()
+
+    def __init__(self, output: OutputConfig):
+        self.store = OutputStore(output)
+
+    def __call__(self, rows: list[dict]) -> list[dict]:
+        return [self.write_row(row) for row in rows]
+
+    def write_row(self, row: dict) -> dict:
+        row = dict(row)
+        if row.get(Col.STATUS) == "ok" and len(row.get(Col.FRAME_EMBEDDINGS, ())):
+            self.store.write_table(frames_table(row), STAGING_DIR, FRAMES_DIR,
+                                   f"{video_key(row[Col.VIDEO_ID])}.parquet")
+        row.pop(Col.FRAME_EMBEDDINGS, None)
+        return row
+
+
+class AnswersRows:
+    """The last stage: each batch as answers-table rows (the schema's columns and types), which
+    stream to the driver; its OutputCommitter writes them in files of many videos."""
+
+    reads: ClassVar[Mapping[str, str]] = {name: "a column of the answers table" for name in ANSWERS_SCHEMA.names}
+    writes: ClassVar[Sequence[str]] = tuple(ANSWERS_SCHEMA.names)
+    keeps_input_columns = False
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return batch.select(ANSWERS_SCHEMA.names).cast(ANSWERS_SCHEMA)
