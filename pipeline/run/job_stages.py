@@ -9,10 +9,18 @@ With `guidance.placement: answer_actor` guidance and answer are one actor stage.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any, ClassVar
 
 from pipeline.config import AnswerConfig, GuidanceConfig, JobConfig, OutputConfig
-from pipeline.run.resources import StageRequest
+from pipeline.run.resources import (
+    SINK_REQUEST,
+    ClusterGPUs,
+    StageRequest,
+    answer_request,
+    decode_request,
+    guidance_request,
+)
 from pipeline.run.stage_contract import StageSpec
 from pipeline.schema import Col
 from pipeline.stages.answer import AnswerStage
@@ -65,20 +73,29 @@ class GuideThenAnswer:
         return self.answer(self.frames(guided))
 
 
-def job_stages(cfg: JobConfig, run_id: str, requests: dict[str, StageRequest]) -> list[StageSpec]:
-    """The stages of `cfg`'s job with the resources in `requests` (pipeline.run.resources.stage_requests)."""
-    in_flight = cfg.answer.videos_in_flight
-    decode = StageSpec("decode", DecodeStage, {"cfg": cfg.decode, "storage": cfg.input.storage}, requests["decode"],
-                       max_retries=DECODE_TASK_RETRIES)
+def job_stages(cfg: JobConfig, run_id: str, gpus: ClusterGPUs) -> list[StageSpec]:
+    """The stages of `cfg`'s job, each with its typed config bound and the resources it asks for,
+    built from its own config section. `guidance.placement` is decided here and nowhere else."""
+    decode = StageSpec("decode", partial(DecodeStage, cfg.decode, storage=cfg.input.storage),
+                       decode_request(cfg.decode), max_retries=DECODE_TASK_RETRIES)
     # answers rows stream to the driver, whose OutputCommitter writes them in files of many videos
-    sink = StageSpec("answers_rows", AnswersRows, {}, requests["sink"], batch_size=None, batch_format="pyarrow")
+    sink = StageSpec("answers_rows", partial(AnswersRows), SINK_REQUEST, batch_size=None, batch_format="pyarrow")
+    in_flight = cfg.answer.videos_in_flight
     if cfg.guidance.placement == "answer_actor":
-        answer = StageSpec("guidance_and_answer", GuideThenAnswer,
-                           {"guidance": cfg.guidance, "output": cfg.output, "answer": cfg.answer, "run_id": run_id},
-                           requests["answer"], concurrent_calls=in_flight)
+        # CLIP lives in each Video-LLM actor: no CLIP actors, the whole GPU share goes to the answer actors
+        answer = StageSpec("guidance_and_answer",
+                           partial(GuideThenAnswer, cfg.guidance, cfg.output, cfg.answer, run_id),
+                           answer_request(cfg.answer, gpus, clip_inside=cfg.guidance), concurrent_calls=in_flight)
         return [decode, answer, sink]
-    guidance = StageSpec("guidance", GuideThenWriteFrames, {"cfg": cfg.guidance, "output": cfg.output},
-                         requests["guidance"], batch_size=cfg.guidance.videos_per_batch)
-    answer = StageSpec("answer", AnswerStage, {"cfg": cfg.answer, "run_id": run_id}, requests["answer"],
-                       concurrent_calls=in_flight)
+    clip = guidance_request(cfg.guidance, gpus)
+    guidance = StageSpec("guidance", partial(GuideThenWriteFrames, cfg.guidance, cfg.output), clip,
+                         batch_size=cfg.guidance.videos_per_batch)
+    answer = StageSpec("answer", partial(AnswerStage, cfg.answer, run_id),
+                       answer_request(cfg.answer, gpus, beside=clip), concurrent_calls=in_flight)
     return [decode, guidance, answer, sink]
+
+
+def stage_requests(cfg: JobConfig, gpus: ClusterGPUs) -> dict[str, StageRequest]:
+    """Each stage's request by the name of the resource user (decode, guidance, answer, sink), as
+    the placement check and the resource log see them."""
+    return {spec.request.stage: spec.request for spec in job_stages(cfg, "placement-check", gpus)}

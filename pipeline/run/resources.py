@@ -1,8 +1,9 @@
 """What each stage asks Ray for, and whether the cluster's nodes can ever grant it.
 
-`stage_requests` turns the job config into per-stage requests (CPUs, GPUs, host memory, actor
-counts), resolving `answer.concurrency: auto` and `answer.memory_gib: auto`; the runner passes
-exactly these to Ray Data. `check_placement` packs them onto node shapes before any work starts:
+`decode_request`, `guidance_request` and `answer_request` turn a stage's own config section into
+its request (CPUs, GPUs, host memory, actor count), resolving `answer.concurrency: auto` and
+`answer.memory_gib: auto`; pipeline/run/job_stages.py attaches each to its stage's spec, and the
+runner passes exactly these to Ray Data. `check_placement` packs them onto node shapes before any work starts:
 every actor of every pool must be placed at once (actors live for the whole run), first-fit
 decreasing, fractional GPUs within one GPU each (as Ray places them); then one decode task and
 one sink task must still fit beside the actors, or the pipeline would stall. A request that can
@@ -17,8 +18,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
+from collections.abc import Sequence
 
-from pipeline.config import ConfigError, JobConfig, NodeShape
+from pipeline.config import AnswerConfig, ConfigError, DecodeConfig, GuidanceConfig, NodeShape
 
 GIB = 2**30
 ANSWER_BASE_MEMORY_GIB = 2.0  # measured ~2.4 GiB per answer worker beyond weights in flight: torch, CUDA, Ray
@@ -102,51 +104,63 @@ def checkpoint_bytes(model: str) -> int | None:
     return sum(sizes) if sizes else None
 
 
-def answer_memory_bytes(cfg: JobConfig) -> int:
+def answer_memory_bytes(cfg: AnswerConfig) -> int:
     """`answer.memory_gib`, or for `auto`: the weights (loading passes them through host memory)
     plus ANSWER_BASE_MEMORY_GIB."""
-    if cfg.answer.memory_gib != "auto":
-        return int(cfg.answer.memory_gib * GIB)
-    weights = checkpoint_bytes(cfg.answer.model)
+    if cfg.memory_gib != "auto":
+        return int(cfg.memory_gib * GIB)
+    weights = checkpoint_bytes(cfg.model)
     if weights is None:
         return int(HUB_MODEL_MEMORY_GIB * GIB)
     return int(weights + ANSWER_BASE_MEMORY_GIB * GIB)
 
 
-def answer_concurrency(cfg: JobConfig, answer_gpus: float, cluster_gpus: float, guidance_gpus: float) -> int:
+def answer_concurrency(cfg: AnswerConfig, answer_gpus: float, cluster_gpus: float, guidance_gpus: float) -> int:
     """`answer.concurrency`, or for `auto`: as many actors as the cluster's GPUs hold at
     `answer.num_gpus` each once the CLIP actors have their share (one per GPU at 1.0 and 0 for
     CLIP; one per GPU at 0.8 beside CLIP at 0.2), and 1 when the actors use no GPU."""
-    if cfg.answer.concurrency != "auto":
-        return int(cfg.answer.concurrency)
+    if cfg.concurrency != "auto":
+        return int(cfg.concurrency)
     if answer_gpus <= 0 or cluster_gpus <= 0:
         return 1
     return max(1, math.floor((cluster_gpus - guidance_gpus) / answer_gpus + 1e-9))
 
 
-def stage_requests(cfg: JobConfig, *, gpus_usable: bool, cluster_gpus: float) -> dict[str, StageRequest]:
-    """The requests of every stage, as the runner hands them to Ray. With `gpus_usable` False (a
-    local Ray without GPUs) GPU requests drop to 0 unless the stage's device is 'cuda'."""
+@dataclasses.dataclass(frozen=True)
+class ClusterGPUs:
+    """What the cluster offers GPU requests. usable False (a local Ray without GPUs): GPU requests
+    drop to 0 unless the stage's device is 'cuda', so stages run on the CPU instead of waiting
+    forever; on a cluster GPU nodes may still be scaling up. total: its GPUs now (sizes `auto`)."""
 
-    def gpus(requested: float, device: str) -> float:
-        return requested if gpus_usable or device == "cuda" else 0.0
+    usable: bool
+    total: float
 
-    answer_gpus = gpus(cfg.answer.num_gpus, cfg.answer.device)
-    answer_memory = answer_memory_bytes(cfg)
-    if cfg.guidance.placement == "answer_actor":
-        # CLIP lives in each answer actor: no CLIP actors; each answer actor holds CLIP's host memory too.
-        guidance = StageRequest("guidance", 0.0, 0.0, 0, count=0)
-        answer_memory += int(cfg.guidance.memory_gib * GIB)
-    else:
-        guidance = StageRequest("guidance", cfg.guidance.num_cpus, gpus(cfg.guidance.num_gpus, cfg.guidance.device),
-                                int(cfg.guidance.memory_gib * GIB), count=cfg.guidance.concurrency)
-    concurrency = answer_concurrency(cfg, answer_gpus, cluster_gpus, guidance.gpus * guidance.count)
-    return {
-        "decode": StageRequest("decode", cfg.decode.num_cpus, 0.0, 0, is_actor=False),
-        "guidance": guidance,
-        "answer": StageRequest("answer", cfg.answer.num_cpus, answer_gpus, answer_memory, count=concurrency),
-        "sink": StageRequest("sink", SINK_CPUS, 0.0, 0, is_actor=False),
-    }
+    def grant(self, requested: float, device: str) -> float:
+        return requested if self.usable or device == "cuda" else 0.0
+
+
+def decode_request(cfg: DecodeConfig) -> StageRequest:
+    return StageRequest("decode", cfg.num_cpus, 0.0, 0, is_actor=False)
+
+
+def guidance_request(cfg: GuidanceConfig, gpus: ClusterGPUs) -> StageRequest:
+    """The CLIP actors of `guidance.placement: separate`."""
+    return StageRequest("guidance", cfg.num_cpus, gpus.grant(cfg.num_gpus, cfg.device), int(cfg.memory_gib * GIB),
+                        count=cfg.concurrency)
+
+
+def answer_request(cfg: AnswerConfig, gpus: ClusterGPUs, beside: StageRequest | None = None,
+                   clip_inside: GuidanceConfig | None = None) -> StageRequest:
+    """The Video-LLM actors: `auto` concurrency fills the GPUs left `beside` the CLIP actors; with
+    CLIP inside each actor (`clip_inside`), each actor also holds CLIP's host memory."""
+    answer_gpus = gpus.grant(cfg.num_gpus, cfg.device)
+    memory = answer_memory_bytes(cfg) + (int(clip_inside.memory_gib * GIB) if clip_inside else 0)
+    beside_gpus = beside.gpus * beside.count if beside else 0.0
+    return StageRequest("answer", cfg.num_cpus, answer_gpus, memory,
+                        count=answer_concurrency(cfg, answer_gpus, gpus.total, beside_gpus))
+
+
+SINK_REQUEST = StageRequest("sink", SINK_CPUS, 0.0, 0, is_actor=False)
 
 
 def _invalid_gpu_request(req: StageRequest) -> str | None:
@@ -155,23 +169,23 @@ def _invalid_gpu_request(req: StageRequest) -> str | None:
     return None
 
 
-def check_placement(requests: dict[str, StageRequest], nodes: list[Node], where: str) -> None:
+def check_placement(requests: Sequence[StageRequest], nodes: list[Node], where: str) -> None:
     """Raise UnschedulableError unless every actor can be placed at once and one task of each task
     stage still fits beside them. `nodes` are consumed; `where` names them in messages."""
     if not nodes:
         raise UnschedulableError(f"no nodes to place the job on ({where})")
-    for req in requests.values():
+    for req in requests:
         problem = _invalid_gpu_request(req)
         if problem:
             raise UnschedulableError(problem)
     # Alone, on an empty node: a request no node can ever hold.
-    for req in requests.values():
+    for req in requests:
         if req.count and all(node.short_of(req) for node in nodes):
             best = min(nodes, key=lambda n: len(n.short_of(req)))
             raise UnschedulableError(
                 f"{req.stage}: each {'actor' if req.is_actor else 'task'} asks for {req.describe()}, and no node "
                 f"of {where} has that much: short of {'; '.join(best.short_of(req))} on {best.name}")
-    actors = sorted((r for r in requests.values() if r.is_actor for _ in range(r.count)),
+    actors = sorted((r for r in requests if r.is_actor for _ in range(r.count)),
                     key=lambda r: (r.gpus, r.memory_bytes, r.cpus), reverse=True)
     placed: dict[str, int] = {}
     for req in actors:
@@ -185,7 +199,7 @@ def check_placement(requests: dict[str, StageRequest], nodes: list[Node], where:
                 f"(placed {placed.get(req.stage, 0)} of {req.count})")
         node.take(req)
         placed[req.stage] = placed.get(req.stage, 0) + 1
-    for req in (r for r in requests.values() if not r.is_actor):
+    for req in (r for r in requests if not r.is_actor):
         if all(node.short_of(req) for node in nodes):
             short = sorted({s.split(" (")[0] for n in nodes for s in n.short_of(req)})
             raise UnschedulableError(
@@ -193,10 +207,10 @@ def check_placement(requests: dict[str, StageRequest], nodes: list[Node], where:
                 f"much free (short of {', '.join(short)}): the pipeline would stall")
 
 
-def nodes_from_shapes(shapes: list[NodeShape], requests: dict[str, StageRequest]) -> list[Node]:
+def nodes_from_shapes(shapes: list[NodeShape], requests: Sequence[StageRequest]) -> list[Node]:
     """Nodes an autoscaling cluster can add: each shape up to its max_nodes (unbounded: enough for
     every actor and task)."""
-    enough = sum(r.count for r in requests.values()) + 1
+    enough = sum(r.count for r in requests) + 1
     return [Node.of_shape(shape, f"node shape {i} ({shape.cpus:g} CPU, {shape.gpus} GPU, {shape.memory_gib:g} GiB)")
             for i, shape in enumerate(shapes) for _ in range(shape.max_nodes or enough)]
 

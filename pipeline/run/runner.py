@@ -31,12 +31,11 @@ from pipeline.run import planning
 from pipeline.run.metrics import RunReport, quiet_ray_data_progress
 from pipeline.run.planning import Plan
 from pipeline.run.resources import (
-    StageRequest,
+    ClusterGPUs,
     UnschedulableError,
     check_placement,
     nodes_from_ray,
     nodes_from_shapes,
-    stage_requests,
 )
 from pipeline.run.stage_contract import StageSpec, check_chain
 from pipeline.schema import SOURCE_COLUMNS, STATUS_OK, Col
@@ -116,12 +115,13 @@ def _init_ray(cfg: JobConfig) -> bool:
     return True
 
 
-def check_resources(cfg: JobConfig, requests: dict[str, StageRequest], local: bool) -> None:
+def check_resources(cfg: JobConfig, specs: list[StageSpec], local: bool) -> None:
     """Fail before any work when the stages' requests can never be scheduled. Checked against
     `ray.node_shapes` when given; else against the live nodes: strictly on a local Ray, as a warning
     on a joined cluster (its autoscaler may add nodes the check cannot see)."""
     import ray
 
+    requests = [spec.request for spec in specs]
     if cfg.ray.node_shapes:
         check_placement(requests, nodes_from_shapes(cfg.ray.node_shapes, requests), "ray.node_shapes")
         return
@@ -134,12 +134,9 @@ def check_resources(cfg: JobConfig, requests: dict[str, StageRequest], local: bo
         log.warning("%s; waiting for the autoscaler (set ray.node_shapes to check against the nodes it can add)", exc)
 
 
-def build_dataset(source, cfg: JobConfig, run_id: str, requests: dict[str, StageRequest]):
+def build_dataset(source, specs: list[StageSpec]):
     """The Ray Data pipeline of the job's stages (pipeline/run/job_stages.py) over `source` (the planned
     videos, one per block: `planning.Plan.source`), checked first."""
-    from pipeline.run.job_stages import job_stages
-
-    specs = job_stages(cfg, run_id, requests)
     check_chain(SOURCE_COLUMNS, specs)
     ds = source
     for spec in specs:
@@ -159,10 +156,8 @@ def _map_stage(ds, spec: StageSpec):
         # once run on threads; the stage guards its model (AnswerStage.device_lock).
         pool = ActorPoolStrategy(size=spec.request.count, max_concurrent_calls_per_actor=spec.concurrent_calls,
                                  enable_true_multi_threading=spec.concurrent_calls > 1)
-        return ds.map_batches(_actor_class(spec), fn_constructor_kwargs={"kwargs": dict(spec.kwargs)}, compute=pool,
-                              **args)
-    return ds.map_batches(_task_function(spec), fn_kwargs={"kwargs": dict(spec.kwargs)},
-                          max_retries=spec.max_retries, **args)
+        return ds.map_batches(_actor_class(spec), compute=pool, **args)
+    return ds.map_batches(_task_function(spec), max_retries=spec.max_retries, **args)
 
 
 class _StageActor:
@@ -171,8 +166,8 @@ class _StageActor:
 
     spec: StageSpec
 
-    def __init__(self, kwargs: dict):
-        self.stage = self.spec.stage(**kwargs)
+    def __init__(self):
+        self.stage = self.spec.construct()
 
     def __call__(self, batch):
         return _call_stage(self.stage, batch, self.spec)
@@ -183,8 +178,8 @@ def _actor_class(spec: StageSpec) -> type:
 
 
 def _task_function(spec: StageSpec):
-    def run(batch, kwargs: dict):
-        return _call_stage(spec.stage(**kwargs), batch, spec)
+    def run(batch):
+        return _call_stage(spec.construct(), batch, spec)
 
     run.__name__ = run.__qualname__ = spec.stage.__name__  # Ray names the operator and its tasks after it
     return run
@@ -238,11 +233,13 @@ def _run_holding_lease(cfg: JobConfig, store: OutputStore, lease: OutputLease, s
 
             local = _init_ray(cfg)
             cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
-            # A local Ray without GPUs can never satisfy a GPU request: stages run on the CPU
-            # instead of waiting forever. On a cluster GPU nodes may still be scaling up.
-            requests = stage_requests(cfg, gpus_usable=not (local and not cluster_gpus), cluster_gpus=cluster_gpus)
-            check_resources(cfg, requests, local)
-            log.info("resources per actor: %s", {name: (r.describe(), r.count) for name, r in requests.items()})
+            # job_stages imports the model stages (torch): only once there is work to do
+            from pipeline.run.job_stages import job_stages
+
+            specs = job_stages(cfg, summary.run_id, ClusterGPUs(usable=not (local and not cluster_gpus),
+                                                                total=cluster_gpus))
+            check_resources(cfg, specs, local)
+            log.info("resources per actor: %s", {s.name: (s.request.describe(), s.request.count) for s in specs})
             report = RunReport(summary.run_id, plan.pending_pairs, cfg.ray.progress_interval_s)  # metrics.py
 
             def count(committed) -> None:
@@ -259,7 +256,7 @@ def _run_holding_lease(cfg: JobConfig, store: OutputStore, lease: OutputLease, s
             committer = OutputCommitter(store, summary.run_id,
                                         supersede=bool(cfg.output.retry_reasons()) or not cfg.output.resume,
                                         on_commit=count)
-            dataset = build_dataset(plan.source(), cfg, summary.run_id, requests)
+            dataset = build_dataset(plan.source(), specs)
             with report:
                 for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
                     if lease.lost:

@@ -12,6 +12,8 @@ pipeline from the specs alone. Nothing here imports Ray.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -45,22 +47,36 @@ class Stage(Protocol):
 class StageSpec:
     """One stage of the pipeline, everything the runner needs to run it.
 
-    stage: the callable class (actor stages: constructed once per actor; task stages: once per
-    batch, so it must be cheap to build). kwargs: its constructor arguments. request: CPUs, GPUs,
-    host memory and (actors) how many, from `pipeline.run.resources.stage_requests`. batch_size: rows
+    construct: the stage class with its typed config objects bound (`functools.partial(DecodeStage,
+    cfg.decode, cfg.input.storage)`): mypy checks the arguments against the constructor, and the
+    spec binds them to its signature when built, so a wrong argument fails in the driver before Ray
+    starts. Actor stages are constructed once per actor; task stages once per batch, so they must be
+    cheap to build. request: CPUs, GPUs, host memory and (actors) how many, built from the stage's
+    own config section (pipeline/run/resources.py) where the stage is listed. batch_size: rows
     per call (None: whatever block Ray Data has). concurrent_calls: calls one actor runs at once,
     each on its own thread (the stage then guards its own shared state). max_retries: a task
     whose worker dies is retried this many times (actors are restarted by Ray Data instead).
     """
 
     name: str
-    stage: type[Stage]
-    kwargs: Mapping[str, Any]
+    construct: functools.partial[Stage]
     request: StageRequest
     batch_size: int | None = 1
     batch_format: BatchFormat = "rows"
     concurrent_calls: int = 1
     max_retries: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.construct.func, type):
+            raise TypeError(f"stage {self.name!r}: construct must bind a stage class, got {self.construct.func!r}")
+        try:
+            inspect.signature(self.construct.func).bind(*self.construct.args, **self.construct.keywords)
+        except TypeError as exc:
+            raise TypeError(f"stage {self.name!r}: {self.construct.func.__name__}{exc}") from None
+
+    @property
+    def stage(self) -> type[Stage]:
+        return self.construct.func  # type: ignore[return-value] - checked to be a class in __post_init__
 
     @property
     def is_actor(self) -> bool:

@@ -577,7 +577,8 @@ def _memory_gib(value) -> float:
 def node_shape_problems(cfg, spec: dict) -> list[str]:
     """Whether a job's `ray.node_shapes` are the worker groups (CPUs, GPUs, max pods, memory within
     the pod limit), and whether the stages' requests pass the runner's check against them."""
-    from pipeline.run.resources import UnschedulableError, check_placement, nodes_from_shapes, stage_requests
+    from pipeline.run.job_stages import stage_requests
+    from pipeline.run.resources import ClusterGPUs, UnschedulableError, check_placement, nodes_from_shapes
 
     shapes = cfg.ray.node_shapes or []
     groups = spec["workerGroupSpecs"]
@@ -590,7 +591,7 @@ def node_shape_problems(cfg, spec: dict) -> list[str]:
             problems.append(f"{group['groupName']}: shape {shape} != group ({cpus}, {gpus}, {group['maxReplicas']})")
         if not 0 < shape.memory_gib <= pod_gib:
             problems.append(f"{group['groupName']}: memory_gib {shape.memory_gib} outside the pod's {pod_gib} GiB")
-    requests = stage_requests(cfg, gpus_usable=True, cluster_gpus=0)
+    requests = list(stage_requests(cfg, ClusterGPUs(usable=True, total=0)).values())
     try:
         check_placement(requests, nodes_from_shapes(shapes, requests), "ray.node_shapes")
     except UnschedulableError as exc:

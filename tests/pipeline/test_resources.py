@@ -4,16 +4,17 @@ shapes given in the config, and against a real local Ray."""
 import pytest
 
 from pipeline.config import NodeShape, parse_job_config
+from pipeline.run.job_stages import stage_requests
 from pipeline.run.resources import (
     ANSWER_BASE_MEMORY_GIB,
     GIB,
     HUB_MODEL_MEMORY_GIB,
+    ClusterGPUs,
     UnschedulableError,
     check_placement,
     checkpoint_bytes,
     nodes_from_ray,
     nodes_from_shapes,
-    stage_requests,
 )
 from pipeline.run.runner import run_job
 
@@ -27,11 +28,12 @@ def job(tmp_path, **sections):
 
 
 def requests(tmp_path, gpus_usable=True, cluster_gpus=0.0, **sections):
-    return stage_requests(job(tmp_path, **sections), gpus_usable=gpus_usable, cluster_gpus=cluster_gpus)
+    return stage_requests(job(tmp_path, **sections), ClusterGPUs(usable=gpus_usable, total=cluster_gpus))
 
 
 def place(reqs, *shapes):
-    check_placement(reqs, nodes_from_shapes([NodeShape(**s) for s in shapes], reqs), "ray.node_shapes")
+    requests = list(reqs.values())
+    check_placement(requests, nodes_from_shapes([NodeShape(**s) for s in shapes], requests), "ray.node_shapes")
 
 
 GPU_NODE = {"cpus": 8, "gpus": 1, "memory_gib": 64}
@@ -138,7 +140,7 @@ def test_clip_in_the_answer_actor_asks_for_no_clip_actors(tmp_path):
     reqs = requests(tmp_path, cluster_gpus=2.0,
                     guidance={"num_gpus": 0.25, "memory_gib": 3, "placement": "answer_actor"},
                     answer={"num_gpus": 1, "memory_gib": 20, "concurrency": "auto"})
-    assert reqs["guidance"].count == 0
+    assert "guidance" not in reqs  # no CLIP actors
     assert reqs["answer"].count == 2 and reqs["answer"].gpus == 1
     assert reqs["answer"].memory_bytes == 23 * GIB
     place(reqs, {**GPU_NODE, "gpus": 2, "max_nodes": 1})

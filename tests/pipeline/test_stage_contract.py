@@ -4,12 +4,13 @@ columns they declare."""
 
 import dataclasses
 import shutil
+from functools import partial
 
 import pytest
 
 from pipeline.config import DecodeConfig, parse_job_config
 from pipeline.run.job_stages import job_stages
-from pipeline.run.resources import stage_requests
+from pipeline.run.resources import ClusterGPUs
 from pipeline.run.stage_contract import StageContractError, StageSpec, check_chain
 from pipeline.schema import ANSWER_COLUMNS, SOURCE_COLUMNS, Col
 from pipeline.stages.decode import DecodeStage
@@ -19,7 +20,7 @@ from tests.paths import DEMO_VIDEOS
 def specs(tmp_path, placement="separate"):
     cfg = parse_job_config({"input": {"videos": str(tmp_path / "*.mp4")}, "questions": {"prompts": ["Describe it."]},
                             "guidance": {"placement": placement}, "output": {"path": str(tmp_path / "out")}})
-    return cfg, job_stages(cfg, "r", stage_requests(cfg, gpus_usable=False, cluster_gpus=0))
+    return cfg, job_stages(cfg, "r", ClusterGPUs(usable=False, total=0))
 
 
 @pytest.mark.parametrize("placement", ["separate", "answer_actor"])
@@ -64,4 +65,4 @@ def test_decode_writes_what_it_declares(tmp_path):
         assert row[Col.VIDEO_ID] in ("v", "gone")  # input columns kept (keeps_input_columns)
     assert ok[Col.STATUS] == "ok" and ok[Col.FRAMES].shape == (4, 32, 32, 3)
     assert (missing[Col.STATUS], missing[Col.ERROR_REASON]) == ("error", "not_found")
-    assert isinstance(StageSpec("decode", DecodeStage, {}, specs(tmp_path)[1][0].request).reads, dict)
+    assert isinstance(StageSpec("decode", partial(DecodeStage, DecodeConfig()), specs(tmp_path)[1][0].request).reads, dict)
