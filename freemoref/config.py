@@ -16,6 +16,14 @@ from annotated_types import Ge, Gt, Le
 Granularity = Literal["chunk", "head", "token"]
 GRANULARITIES = get_args(Granularity)
 
+# How a LlavaOnevision checkpoint lays a frame's visual tokens out (freemoref/layouts.py implements
+# both; defined here so the job config reads the list without importing torch).
+VideoLayout = Literal["onevision", "llava_vid"]
+
+# Questions answered together: their sequences in the layers from the fusion layer on, summed,
+# stay under this many tokens (freemoref/engine.py). Bounds GPU memory.
+MAX_BATCH_TOKENS = 131072
+
 # The bounds an option's annotation may carry, how each is checked and said.
 _BOUNDS = {Ge: (lambda v, b: v >= b.ge, lambda b: f">= {b.ge}"), Gt: (lambda v, b: v > b.gt, lambda b: f"> {b.gt}"),
            Le: (lambda v, b: v <= b.le, lambda b: f"<= {b.le}")}
@@ -148,11 +156,13 @@ class MoRefConfig:
 
 @dataclass
 class GenerationOptions:
-    """Decoding options shared by the native and the MoRef paths."""
+    """Decoding options shared by the native and the MoRef paths. The one definition of these
+    options: the job config's `answer` section takes its generation keys, types, ranges and
+    defaults from these annotations (pipeline/config.py)."""
 
-    max_new_tokens: int = 128
+    max_new_tokens: Annotated[int, Ge(1), Le(8192)] = 128
     do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: Annotated[float, Gt(0)] = 1.0
+    top_p: Annotated[float, Gt(0), Le(1)] = 1.0
     seed: int | None = 0  # used when sampling; None draws a fresh seed
     stop_strings: tuple[str, ...] = ()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from freemoref.attention import backend_for
-from freemoref.config import GenerationOptions, ResolvedMoRef
+from freemoref.config import MAX_BATCH_TOKENS, GenerationOptions, ResolvedMoRef
 from freemoref.decoder_layers import split_lm
 from freemoref.decoding import QuestionBatch, decode_batch, synchronize
 from freemoref.fusion import Fusion, keep_counts
@@ -26,7 +26,6 @@ from freemoref.prefill import VideoRows, prefill_questions, reference_rows
 
 # Default budget of tokens in one batch of questions through the layers from L on (their fused
 # sequences together); larger question sets are answered in several batches.
-MAX_BATCH_TOKENS = 131072
 
 
 class MoRefEngine:

@@ -16,11 +16,14 @@ Free-MoRef can assemble several references from subsets of the same frames.
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 
-LAYOUTS = ("onevision", "llava_vid")
+from freemoref.config import VideoLayout
+
+LAYOUTS = get_args(VideoLayout)
 # Config key under which a checkpoint records its layout (written by freemoref.tiny and .convert).
 VIDEO_LAYOUT_KEY = "moref_video_layout"
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,9 @@ def hf_pieces(question: str, system_prompt: str | None) -> list:
     return _chatml_pieces(question, system_prompt or "")
 
 
-PROMPT_TEMPLATES = {"llava_vid": llava_vid_pieces, "hf": hf_pieces}
+PromptTemplate = Literal["llava_vid", "hf"]
+PROMPT_TEMPLATES: dict[PromptTemplate, Callable[[str, str | None], list]] = {
+    "llava_vid": llava_vid_pieces, "hf": hf_pieces}
 
 
 def prompt_pieces(template: str, question: str, system_prompt: str | None) -> list:
@@ -181,8 +185,13 @@ def _longvideobench(question: str, options: list[str]) -> str:
     return "\n".join([question, *lines, LETTER_DIRECTLY]) + "\n"
 
 
-MULTIPLE_CHOICE_PROMPTS = {"videomme": _videomme, "mlvu": _mlvu, "longvideobench": _longvideobench}
-OPEN_ENDED_PROMPTS = {"none": "", "short_answer": " Answer the question using a single word or phrase."}
+# The benchmark wordings the job config offers (questions.multiple_choice_prompt, open_ended_prompt).
+MultipleChoiceStyle = Literal["videomme", "mlvu", "longvideobench"]
+OpenEndedStyle = Literal["none", "short_answer"]
+MULTIPLE_CHOICE_PROMPTS: dict[MultipleChoiceStyle, Callable[[str, list[str]], str]] = {
+    "videomme": _videomme, "mlvu": _mlvu, "longvideobench": _longvideobench}
+OPEN_ENDED_PROMPTS: dict[OpenEndedStyle, str] = {
+    "none": "", "short_answer": " Answer the question using a single word or phrase."}
 
 
 def multiple_choice_question(question: str, options: list[str], style: str) -> str:

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from freemoref import flops, layouts, prompts
-from freemoref.config import GenerationOptions, ResolvedMoRef
-from freemoref.engine import MAX_BATCH_TOKENS, MoRefEngine, MoRefOutput, generate_answers
+from freemoref.config import MAX_BATCH_TOKENS, GenerationOptions, ResolvedMoRef
+from freemoref.engine import MoRefEngine, MoRefOutput, generate_answers
 from freemoref.partition import partition_frames
 
 if TYPE_CHECKING:

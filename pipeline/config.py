@@ -6,17 +6,21 @@ expected form (see `load_job_config`).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import pathlib
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from freemoref.config import MoRefConfig
+from freemoref.config import MAX_BATCH_TOKENS, GenerationOptions, MoRefConfig, VideoLayout
+from freemoref.prompts import MultipleChoiceStyle, OpenEndedStyle, PromptTemplate
 from pipeline.errors import TRANSIENT_REASONS, ErrorReason
+
+MB = 1 << 20  # a megabyte as the config's *_mb keys mean it
 
 
 class ConfigError(ValueError):
@@ -87,8 +91,8 @@ class QuestionsConfig(_Strict):
     prompts: list[GlobalQuestion] = []
     # Wording of the file's questions (freemoref.prompts), as lmms-eval evaluates each benchmark:
     # rows with `options` are multiple choice; the others get the open-ended post-prompt.
-    multiple_choice_prompt: Literal["videomme", "mlvu", "longvideobench"] = "videomme"
-    open_ended_prompt: Literal["none", "short_answer"] = "none"
+    multiple_choice_prompt: MultipleChoiceStyle = "videomme"
+    open_ended_prompt: OpenEndedStyle = "none"
 
     @field_validator("prompts", mode="before")
     @classmethod
@@ -110,10 +114,18 @@ class QuestionsConfig(_Strict):
         return self
 
 
+# The pipeline's own lists of choices, defined here once; the stages that implement them derive
+# their tuples from these (pipeline/stages/decode/stage.py, frame_selection.py). The model library's
+# choices (layouts, templates, benchmark wordings, MoRef and generation options) come from freemoref.
+DecodeBackendChoice = Literal["auto", "pyav", "decord"]
+FrameSelection = Literal["uniform", "prompt", "mix"]
+DEFAULT_PROMPT_FRACTION = 0.5  # mix: share of the K frames chosen by the prompt
+
+
 class DecodeConfig(_Strict):
     """Candidate frames are sampled by time, decoded only where needed, resized to a square."""
 
-    backend: Literal["auto", "pyav", "decord"] = "auto"
+    backend: DecodeBackendChoice = "auto"
     sampling: Literal["uniform", "fps"] = "uniform"
     num_frames: int = Field(default=32, ge=1, le=4096)  # uniform: frames over the duration
     fps: float = Field(default=1.0, gt=0)  # fps sampling: frames per second of video ...
@@ -133,12 +145,12 @@ class GuidanceConfig(_Strict):
 
     model: str = "ViT-L-14-336-quickgelu"  # open_clip model name, 'hf-hub:org/name' or a local dir
     pretrained: str | None = "openai"  # open_clip pretrained tag or a weights file; None for a local dir
-    selection: Literal["uniform", "prompt", "mix"] = "uniform"  # per question, from the candidates
+    selection: FrameSelection = "uniform"  # per question, from the candidates
     # question: each question picks its own frames and RoI; video: one pick for all of a video's
     # questions (from their scores together), so they can share the answer stage's prefill.
     selection_scope: Literal["question", "video"] = "question"
     frames_per_question: int = Field(default=32, ge=1, le=4096)
-    prompt_fraction: float = Field(default=0.5, ge=0, le=1)  # mix: share of frames picked by the prompt
+    prompt_fraction: float = Field(default=DEFAULT_PROMPT_FRACTION, ge=0, le=1)  # mix: share picked by the prompt
     roi_ratio: float | None = Field(default=None, gt=0, le=1)  # RoI box area / frame; None: no RoI (paper: 0.8)
     batch_size: int = Field(default=128, ge=1)  # frames per image-tower forward, across videos
     videos_per_batch: int = Field(default=4, ge=1)  # videos one guidance call takes together
@@ -154,29 +166,32 @@ class GuidanceConfig(_Strict):
     placement: Literal["separate", "answer_actor"] = "separate"
 
 
-class AnswerConfig(_Strict):
+# The generation keys of `answer`, one field per GenerationOptions field (the one definition).
+_GenerationKeys: type[_Strict] = create_model(  # type: ignore[call-overload] - fields built from the dataclass
+    "_GenerationKeys", __base__=_Strict,
+    **{f.name: (get_type_hints(GenerationOptions, include_extras=True)[f.name], f.default)
+       for f in dataclasses.fields(GenerationOptions)})
+
+
+class AnswerConfig(_GenerationKeys):  # type: ignore[valid-type,misc] - a model class made by create_model
     """The Video-LLM actor: a LlavaOnevision checkpoint (local dir or hub id) and generation."""
 
     model: str = "llava-hf/LLaVA-Video-7B-Qwen2-hf"
-    layout: Literal["auto", "llava_vid", "onevision"] = "auto"
+    layout: Literal["auto"] | VideoLayout = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     trust_remote_code: bool = False
     # The model family's prompt format (freemoref.prompts): LLaVA-Video's evaluations or HF's template.
-    prompt_template: Literal["llava_vid", "hf"] = "llava_vid"
+    prompt_template: PromptTemplate = "llava_vid"
     system_prompt: str | None = None  # None: the template's own ("You are a helpful assistant." for llava_vid)
-    max_new_tokens: int = Field(default=128, ge=1, le=8192)
-    do_sample: bool = False
-    temperature: float = Field(default=1.0, gt=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    seed: int = 0
-    stop_strings: list[str] = []
+    # max_new_tokens, do_sample, temperature, top_p, seed, stop_strings: GenerationOptions' fields
+    # (_GenerationKeys, below), with their types, ranges and defaults.
     # freemoref's own dataclass: its annotations give each key's type and range, checked here.
     moref: MoRefConfig = MoRefConfig()
     # Questions answered together per batch (sharing the video's prefill): their sequences in the
     # layers from the fusion layer on, summed, stay under this many tokens. Bounds GPU memory.
-    max_batch_tokens: int = Field(default=131072, ge=1)
+    max_batch_tokens: int = Field(default=MAX_BATCH_TOKENS, ge=1)
     num_gpus: float = Field(default=0.8, ge=0)  # the rest of the GPU beside CLIP's 0.2
     num_cpus: float = Field(default=1.0, ge=0)
     # Host memory each actor reserves from Ray. auto: the checkpoint's weight files (loading passes
@@ -187,6 +202,10 @@ class AnswerConfig(_Strict):
     # Videos each actor holds at once: one on the model, the others preparing frames or rows on
     # the host meanwhile, so the GPU does not wait for host work between videos.
     videos_in_flight: int = Field(default=2, ge=1, le=16)
+
+    def generation(self) -> GenerationOptions:
+        """The generation options, as the engine takes them."""
+        return GenerationOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(GenerationOptions)})
 
     @field_validator("memory_gib", "concurrency")
     @classmethod
@@ -226,6 +245,10 @@ class OutputConfig(_Strict):
                 raise ValueError(f"retry_errors: unknown reasons {bad}; known: {[r.value for r in ErrorReason]}")
         return value
 
+    @property
+    def target_file_bytes(self) -> int:
+        return int(self.target_file_mb * MB)
+
     def retry_reasons(self) -> frozenset[ErrorReason]:
         if self.retry_errors is True:
             return TRANSIENT_REASONS
@@ -252,6 +275,25 @@ class RayConfig(_Strict):
     progress_interval_s: float = Field(default=30.0, gt=0)
 
 
+@dataclasses.dataclass(frozen=True)
+class FramePlan:
+    """How many frames each stage handles, resolved from decode.num_frames (or fps sampling's
+    decode.max_frames), guidance.frames_per_question and answer.moref: the one place these three
+    keys are related. None where fps sampling decides per video."""
+
+    decoded: int | None  # candidate frames per video (uniform sampling)
+    decoded_max: int
+    per_question: int  # frames each question's answer sees (at most)
+    references: int | None  # MoRef references N for a question of `per_question` frames
+
+    def describe(self) -> str:
+        decoded = (f"{self.decoded} decoded per video" if self.decoded is not None
+                   else f"up to {self.decoded_max} decoded per video (fps sampling)")
+        refs = ("native attention (1 reference)" if self.references == 1
+                else f"{self.references} MoRef references" if self.references else "MoRef references per video")
+        return f"frames: {decoded}, {self.per_question} per question, {refs}"
+
+
 class JobConfig(_Strict):
     # names runs/<run_id>.json and goes into file names: a safe name, never a path
     run_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -263,11 +305,37 @@ class JobConfig(_Strict):
     output: OutputConfig
     ray: RayConfig = RayConfig()
 
+    def frame_plan(self) -> FramePlan:
+        """The frames decoded, seen per question and split into references; a ConfigError naming
+        the keys when they cannot go together. An explicit guidance.frames_per_question above the
+        frames decoded is an error; the default is capped at them."""
+        uniform = self.decode.sampling == "uniform"
+        decoded_max = self.decode.num_frames if uniform else self.decode.max_frames
+        source = "decode.num_frames" if uniform else "decode.max_frames"
+        per_question = self.guidance.frames_per_question
+        if per_question > decoded_max:
+            if "frames_per_question" in self.guidance.model_fields_set:
+                raise ConfigError(
+                    f"guidance.frames_per_question ({per_question}) exceeds {source} ({decoded_max}), the frames "
+                    f"decoded per video: lower it, or raise {source}")
+            per_question = decoded_max
+        moref = self.answer.moref
+        if moref.references is not None and moref.enabled and moref.references > per_question:
+            raise ConfigError(
+                f"answer.moref.references ({moref.references}) exceeds the {per_question} frames a question sees "
+                f"(guidance.frames_per_question, at most {source}): a reference needs at least one frame")
+        references = moref.resolve(per_question, num_layers=_ANY_DEPTH).references if uniform else None
+        return FramePlan(decoded_max if uniform else None, decoded_max, per_question, references)
+
     def resolved_run_id(self) -> str:
         if self.run_id:
             return self.run_id
         stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
         return f"{stamp}-{uuid.uuid4().hex[:8]}"
+
+
+# The reference count does not depend on the model's depth; resolving it needs some depth.
+_ANY_DEPTH = 1 << 10
 
 
 def _describe(errors: Sequence[Mapping[str, Any]]) -> str:
@@ -294,6 +362,7 @@ def parse_job_config(data: Any, base_dir: pathlib.Path | None = None) -> JobConf
         cfg = JobConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"invalid job config: {_describe(exc.errors())}") from None
+    cfg.frame_plan()  # frames decoded, per question and references must go together
     return _resolve_paths(cfg, base_dir) if base_dir is not None else cfg
 
 

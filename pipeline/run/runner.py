@@ -226,6 +226,7 @@ def _run_holding_lease(cfg: JobConfig, store: OutputStore, lease: OutputLease, s
         log.info("removed %d temporary files left by an interrupted run", removed)
     plan, summary = plan_work(cfg, store)
     log.info("planned %d videos with %d pending pairs", plan.pending_videos, plan.pending_pairs)
+    log.info("%s", cfg.frame_plan().describe())
     reasons: collections.Counter = collections.Counter()
     try:
         if plan.pending is not None:

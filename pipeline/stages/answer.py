@@ -43,7 +43,7 @@ class AnswerStage:
     writes: ClassVar[Sequence[str]] = ANSWER_COLUMNS
 
     def __init__(self, cfg: AnswerConfig, run_id: str):
-        from freemoref.config import GenerationOptions, MoRefConfig
+        from freemoref.config import MoRefConfig
         from freemoref.loading import load_video_llm
 
         self.cfg = cfg
@@ -61,14 +61,7 @@ class AnswerStage:
             prompt_template=cfg.prompt_template,
         )
         self.model_name = model_label(cfg.model)
-        self.generation = GenerationOptions(
-            max_new_tokens=cfg.max_new_tokens,
-            do_sample=cfg.do_sample,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            seed=cfg.seed,
-            stop_strings=tuple(cfg.stop_strings),
-        )
+        self.generation = cfg.generation()
         self.moref: MoRefConfig | None = cfg.moref if cfg.moref.enabled else None  # validated by the job config
 
     def __call__(self, videos: list[dict]) -> list[dict]:

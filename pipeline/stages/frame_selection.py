@@ -7,11 +7,13 @@ from the CLIP question-frame scores, and an RoI box from the question's patch sc
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import numpy as np
 
-SELECTION_METHODS = ("uniform", "prompt", "mix")
-DEFAULT_PROMPT_FRACTION = 0.5  # mix: share of the K frames chosen by the prompt
+from pipeline.config import DEFAULT_PROMPT_FRACTION, FrameSelection
+
+SELECTION_METHODS = get_args(FrameSelection)
 PAPER_ROI_RATIO = 0.8  # Free Video-LLM's final setting
 
 

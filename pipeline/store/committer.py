@@ -26,6 +26,7 @@ from collections.abc import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.config import MB
 from pipeline.schema import ANSWERS_SCHEMA, Col
 from pipeline.store.commit_log import CommitLog, NewFile, write_pending
 from pipeline.store.file_merge import FileMerge, row_keys, run_merges
@@ -33,7 +34,6 @@ from pipeline.store.output_store import ANSWERS_DIR, FRAMES_DIR, STAGING_DIR, Ou
 
 log = logging.getLogger("moref_index")
 
-MB = 1 << 20
 SIZE_CHECK_EVERY = 32  # videos between listings of the staged frames' sizes
 
 
@@ -47,7 +47,7 @@ class OutputCommitter:
         self.on_commit = on_commit
         self.log = CommitLog(store)
         cfg = store.cfg
-        self.target_bytes = cfg.target_file_mb * MB
+        self.target_bytes = cfg.target_file_bytes
         self.max_videos = cfg.max_videos_per_file
         self.max_age_s = cfg.flush_interval_s
         # what the output holds: updated by each commit, so a later one supersedes the right files

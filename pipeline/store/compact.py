@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import uuid
 
+from pipeline.config import MB
 from pipeline.schema import ANSWERS_SCHEMA
 from pipeline.store.commit_log import CommitLog
 from pipeline.store.file_merge import FileMerge, run_merges
@@ -23,7 +24,6 @@ from pipeline.store.output_lock import OutputLease
 from pipeline.store.output_store import ANSWERS_DIR, FRAMES_DIR, OutputStore
 
 log = logging.getLogger("moref_index")
-MB = 1 << 20
 
 
 @dataclasses.dataclass
@@ -35,7 +35,7 @@ class CompactionResult:
 
 def compact(store: OutputStore, target_mb: float | None = None, run_id: str = "compact") -> CompactionResult:
     """Compact `store`'s answers/ and frames/ (see the module docstring)."""
-    target = (target_mb or store.cfg.target_file_mb) * MB
+    target = int(target_mb * MB) if target_mb else store.cfg.target_file_bytes
     with OutputLease(store, store.cfg.lock_ttl_s, run_id):
         commits = CommitLog(store)
         commits.recover()

@@ -131,3 +131,34 @@ def test_readme_videomme_commands_validate():
     cfg = load_job_config(repo / "jobs" / "configs" / "videomme.yaml", overrides)
     assert (cfg.decode.num_frames, cfg.guidance.frames_per_question, cfg.answer.moref.enabled) == (256, 256, True)
     assert cfg.questions.multiple_choice_prompt == "videomme" and cfg.answer.prompt_template == "llava_vid"
+
+
+def test_frames_decoded_per_question_and_references_resolve_together():
+    """One validator relates decode.num_frames, guidance.frames_per_question and the MoRef
+    references, says what they resolved to, and fails naming the keys that cannot go together."""
+    plan = parse_job_config(_with(decode__num_frames=256, guidance__frames_per_question=128)).frame_plan()
+    assert (plan.decoded, plan.per_question, plan.references) == (256, 128, 2)  # ceil(128 / 64)
+    assert plan.describe() == "frames: 256 decoded per video, 128 per question, 2 MoRef references"
+    # the default frames_per_question (32) is capped at the frames decoded; an explicit one is checked
+    assert parse_job_config(_with(decode__num_frames=8)).frame_plan().per_question == 8
+    with pytest.raises(ConfigError, match=r"^guidance\.frames_per_question \(64\) exceeds decode\.num_frames \(32\)"):
+        parse_job_config(_with(guidance__frames_per_question=64))
+    with pytest.raises(ConfigError, match=r"^answer\.moref\.references \(8\) exceeds the 4 frames a question sees"):
+        parse_job_config(_with(decode__num_frames=4, answer__moref={"references": 8}))
+    native = parse_job_config(_with(answer__moref={"enabled": False})).frame_plan()
+    assert native.references == 1 and native.describe().endswith("native attention (1 reference)")
+    fps = parse_job_config(_with(decode__sampling="fps", decode__max_frames=64)).frame_plan()
+    assert (fps.decoded, fps.decoded_max, fps.references) == (None, 64, None)
+    with pytest.raises(ConfigError, match=r"exceeds decode\.max_frames \(64\)"):
+        parse_job_config(_with(decode__sampling="fps", decode__max_frames=64, guidance__frames_per_question=65))
+
+
+def test_generation_keys_come_from_the_engine_options():
+    """answer's generation keys are GenerationOptions' fields: same defaults, ranges checked."""
+    from freemoref.config import GenerationOptions
+
+    cfg = parse_job_config(_with(answer__max_new_tokens=7, answer__stop_strings=["\n"]))
+    assert cfg.answer.generation() == GenerationOptions(max_new_tokens=7, stop_strings=("\n",))
+    assert parse_job_config(MINIMAL).answer.generation() == GenerationOptions()
+    with pytest.raises(ConfigError, match=r"answer\.top_p: Input should be less than or equal to 1"):
+        parse_job_config(_with(answer__top_p=1.5))

@@ -65,4 +65,5 @@ def test_decode_writes_what_it_declares(tmp_path):
         assert row[Col.VIDEO_ID] in ("v", "gone")  # input columns kept (keeps_input_columns)
     assert ok[Col.STATUS] == "ok" and ok[Col.FRAMES].shape == (4, 32, 32, 3)
     assert (missing[Col.STATUS], missing[Col.ERROR_REASON]) == ("error", "not_found")
-    assert isinstance(StageSpec("decode", partial(DecodeStage, DecodeConfig()), specs(tmp_path)[1][0].request).reads, dict)
+    spec = StageSpec("decode", partial(DecodeStage, DecodeConfig()), specs(tmp_path)[1][0].request)
+    assert isinstance(spec.reads, dict)

@@ -8,12 +8,12 @@ import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args
 
 import av
 import numpy as np
 
-from pipeline.config import DecodeConfig, StorageConfig
+from pipeline.config import DecodeBackendChoice, DecodeConfig, StorageConfig
 from pipeline.errors import ErrorReason
 from pipeline.schema import STATUS_ERROR, STATUS_OK, Col
 from pipeline.stages.decode import isolation
@@ -25,7 +25,7 @@ from pipeline.stages.decode.pyav_backend import PyAVBackend
 from pipeline.stages.decode.sampling import sample_times
 from pipeline.stages.decode.source import is_local, open_source, storage_error
 
-BACKENDS = ("pyav", "decord")
+BACKENDS = tuple(b for b in get_args(DecodeBackendChoice) if b != "auto")
 # Measured on the test videos (decode_video, 32 uniform frames at 384 px, one thread, 2-core box):
 # the two are within about 30% of each other (vllava 0.18 s vs 0.22 s, long_room_139s 0.29 vs 0.37,
 # h264_yuv444 77 s 2.0 vs 2.3, vfr_screenrec 3026 px 0.48 vs 0.61; decord ahead on a few clips
