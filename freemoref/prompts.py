@@ -194,13 +194,13 @@ OPEN_ENDED_PROMPTS: dict[OpenEndedStyle, str] = {
     "none": "", "short_answer": " Answer the question using a single word or phrase."}
 
 
-def multiple_choice_question(question: str, options: list[str], style: str) -> str:
+def multiple_choice_question(question: str, options: list[str], style: MultipleChoiceStyle) -> str:
     """The question and its lettered options, worded as benchmark `style` is evaluated."""
     if not options or len(options) > len(OPTION_LETTERS):
         raise ValueError(f"a multiple-choice question needs 1 to {len(OPTION_LETTERS)} options, got {len(options)}")
     return MULTIPLE_CHOICE_PROMPTS[style](question, list(options))
 
 
-def open_ended_question(question: str, style: str) -> str:
+def open_ended_question(question: str, style: OpenEndedStyle) -> str:
     """The question with open-ended post-prompt `style` appended ("none": unchanged)."""
     return question + OPEN_ENDED_PROMPTS[style]

@@ -167,13 +167,13 @@ class GuidanceConfig(_Strict):
 
 
 # The generation keys of `answer`, one field per GenerationOptions field (the one definition).
-_GenerationKeys: type[_Strict] = create_model(  # type: ignore[call-overload] - fields built from the dataclass
+_GenerationKeys: Any = create_model(  # type: ignore[call-overload]  # fields built from the dataclass
     "_GenerationKeys", __base__=_Strict,
     **{f.name: (get_type_hints(GenerationOptions, include_extras=True)[f.name], f.default)
        for f in dataclasses.fields(GenerationOptions)})
 
 
-class AnswerConfig(_GenerationKeys):  # type: ignore[valid-type,misc] - a model class made by create_model
+class AnswerConfig(_GenerationKeys):  # a model class made by create_model
     """The Video-LLM actor: a LlavaOnevision checkpoint (local dir or hub id) and generation."""
 
     model: str = "llava-hf/LLaVA-Video-7B-Qwen2-hf"

@@ -14,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Literal, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Literal, Protocol, cast
 
 from pipeline.config import ConfigError
 from pipeline.run.resources import StageRequest
@@ -59,7 +59,7 @@ class StageSpec:
     """
 
     name: str
-    construct: functools.partial[Stage]
+    construct: Callable[[], Stage]
     request: StageRequest
     batch_size: int | None = 1
     batch_format: BatchFormat = "rows"
@@ -67,16 +67,18 @@ class StageSpec:
     max_retries: int = 0
 
     def __post_init__(self):
-        if not isinstance(self.construct.func, type):
-            raise TypeError(f"stage {self.name!r}: construct must bind a stage class, got {self.construct.func!r}")
+        construct = self.construct
+        if not (isinstance(construct, functools.partial) and isinstance(construct.func, type)):
+            raise TypeError(f"stage {self.name!r}: construct must be functools.partial of a stage class")
         try:
-            inspect.signature(self.construct.func).bind(*self.construct.args, **self.construct.keywords)
+            inspect.signature(construct.func).bind(*construct.args, **construct.keywords)
         except TypeError as exc:
-            raise TypeError(f"stage {self.name!r}: {self.construct.func.__name__}{exc}") from None
+            raise TypeError(f"stage {self.name!r}: {construct.func.__name__}: {exc}") from None
 
     @property
     def stage(self) -> type[Stage]:
-        return self.construct.func  # type: ignore[return-value] - checked to be a class in __post_init__
+        assert isinstance(self.construct, functools.partial)  # checked in __post_init__
+        return cast("type[Stage]", self.construct.func)
 
     @property
     def is_actor(self) -> bool:
