@@ -16,8 +16,10 @@ reference), every question starts at T0 (a shorter reference leaves a gap of a f
 the question; RoPE only sees distances) and the fused sequence is renumbered 0..Tf-1. A family with
 multimodal rotary positions (Qwen2.5-VL, Qwen3-VL) passes `RotaryPositions` instead: each visual
 token keeps its own (t, h, w) position in its row and in the fused sequence, and the question and
-generated tokens continue from the family's text start, the same in every row. Right padding needs no attention mask in the causal passes: padded slots come after
-every real slot of their row. Masks appear only where queries are few (question tokens, decoding).
+generated tokens continue from the family's text start, the same in every row.
+
+Right padding needs no attention mask in the causal passes: padded slots come after every real slot
+of their row. Masks appear only where queries are few (question tokens, decoding).
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from freemoref.convert import IMAGE_TOKEN, VIDEO_TOKEN, make_processor
+from freemoref.families.llava_onevision import CHAT_TEMPLATE
 from freemoref.layouts import LAYOUTS, VIDEO_LAYOUT_KEY
-from freemoref.video_llm import CHAT_TEMPLATE
 
 QWEN2_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
