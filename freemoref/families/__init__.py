@@ -31,4 +31,4 @@ def family_name_for_config(config: dict) -> str | None:
     for architecture in config.get("architectures") or ():
         if architecture in ARCHITECTURES:
             return ARCHITECTURES[architecture]
-    return MODEL_TYPES.get(config.get("model_type"))
+    return MODEL_TYPES.get(str(config.get("model_type")))

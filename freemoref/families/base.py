@@ -123,4 +123,4 @@ class ModelFamily(ABC):
     def prompt_pieces(self, question: str, system_prompt: str | None, template: str) -> list:
         """freemoref.prompts pieces of one question's prompt, with one VIDEO marker."""
 
-    video_token: ClassVar[str] = "<video>"  # what the VIDEO marker shows as in displayed prompts
+    video_token: str = "<video>"  # the processor's video placeholder: what VIDEO shows as in displayed prompts

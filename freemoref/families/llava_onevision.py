@@ -8,8 +8,6 @@ default positions).
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import numpy as np
 import torch
 
@@ -44,7 +42,6 @@ class LlavaOnevisionFamily(ModelFamily):
     architectures = ("LlavaOnevisionForConditionalGeneration",)
     model_types = ("llava_onevision",)
 
-    video_token: ClassVar[str] = "<video>"
 
     def __init__(self, model, processor, layout: str = "onevision"):
         super().__init__(model, processor)

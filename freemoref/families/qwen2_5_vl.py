@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -85,7 +84,6 @@ class Qwen25VLFamily(ModelFamily):
     architectures = ("Qwen2_5_VLForConditionalGeneration",)
     model_types = ("qwen2_5_vl",)
 
-    video_token: ClassVar[str] = "<|video_pad|>"
 
     def __init__(self, model, processor):
         super().__init__(model, processor)
