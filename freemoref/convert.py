@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from freemoref.families.llava_onevision import CHAT_TEMPLATE
 from freemoref.layouts import VIDEO_LAYOUT_KEY
-from freemoref.video_llm import CHAT_TEMPLATE
 
 IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
 SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]

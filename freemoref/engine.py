@@ -22,7 +22,7 @@ from freemoref.config import MAX_BATCH_TOKENS, GenerationOptions, ResolvedMoRef
 from freemoref.decoder_layers import split_lm
 from freemoref.decoding import QuestionBatch, decode_batch, synchronize
 from freemoref.fusion import Fusion, keep_counts
-from freemoref.prefill import VideoRows, prefill_questions, reference_rows
+from freemoref.prefill import RotaryPositions, VideoRows, prefill_questions, reference_rows
 
 # Default budget of tokens in one batch of questions through the layers from L on (their fused
 # sequences together); larger question sets are answered in several batches.
@@ -48,20 +48,26 @@ class MoRefEngine:
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
         # N = 1 is plain attention: nothing gated or fused. L >= num_layers gates every layer.
         self.fusion_layer = min(cfg.fusion_layer, len(self.layers)) if cfg.references > 1 else len(self.layers)
+        # Multimodal rotary embeddings (Qwen2.5-VL, Qwen3-VL) take (3, B, T) positions.
+        self.multimodal_rope = hasattr(self.decoder.rotary_emb, "mrope_section")
 
     def cos_sin(self, like, positions):
-        """Rotary tables for positions (B, T) or (T,) -> cos, sin (B or 1, T, Dh)."""
-        positions = positions if positions.dim() == 2 else positions[None]
-        return self.decoder.rotary_emb(like, positions)
+        """Rotary tables -> cos, sin (B or 1, T, Dh). positions: text positions (T,) or (B, T), the
+        same on every axis of a multimodal rotary embedding; or (B, P, T), one row per axis."""
+        positions = positions[None] if positions.dim() == 1 else positions
+        if positions.dim() == 3:
+            return self.decoder.rotary_emb(like, positions.transpose(0, 1))
+        return self.decoder.rotary_emb(like, positions[None] if self.multimodal_rope else positions)
 
     def logits(self, h):
         """Logits (B, vocab) of hidden states (B, D): the vocabulary is large, so last tokens only."""
         return self.lm_head(self.decoder.norm(h)).float()
 
-    def encode_video(self, prefix, references, positions) -> VideoRows:
+    def encode_video(self, prefix, references, positions, rope: RotaryPositions | None = None,
+                     deepstack=None) -> VideoRows:
         """The video's reference rows (`freemoref.prefill.reference_rows`): prefix (p, D) and N
-        references (l_i, D) with their global positions (l_i,)."""
-        return reference_rows(self, prefix, references, positions)
+        references (l_i, D) with their global positions (l_i,); rope and deepstack as there."""
+        return reference_rows(self, prefix, references, positions, rope, deepstack)
 
     def start(self, video: VideoRows, questions, blocks=None, max_new_tokens: int = 0) -> QuestionBatch:
         """Prefill B questions (each (q_b, D), identical across rows) on the video's rows; blocks[b]:
@@ -87,11 +93,13 @@ class MoRefSession:
         self.prompt_tokens = 0
 
     @torch.no_grad()
-    def prefill(self, prefix, references, positions, suffix, extra=None, max_new_tokens: int = 0):
+    def prefill(self, prefix, references, positions, suffix, extra=None, max_new_tokens: int = 0,
+                rope: RotaryPositions | None = None, deepstack=None):
         """Last-token logits (vocab,) of [prefix | references | suffix | extra]. extra (E, D):
         tokens already generated (to recompute a decode from scratch): question tokens gated with
-        a running max and left out of fusion scoring, exactly as in `step`."""
-        video = self.engine.encode_video(prefix, references, positions)
+        a running max and left out of fusion scoring, exactly as in `step`. rope, deepstack: as
+        in `freemoref.prefill.reference_rows`."""
+        video = self.engine.encode_video(prefix, references, positions, rope, deepstack)
         question = suffix if extra is None else torch.cat([suffix, extra])
         self.batch = self.engine.start(video, [question], [suffix.shape[0]], max_new_tokens)
         self.fusion = self.batch.fusions[0]
@@ -142,16 +150,16 @@ def question_batches(lengths: list[int], fixed_tokens: int, max_batch_tokens: in
 
 
 def generate_answers(engine: MoRefEngine, prefix, references, positions, suffixes, gen=None, eos_token_ids=(),
-                     stop_checker=None) -> list[MoRefOutput]:
+                     stop_checker=None, rope: RotaryPositions | None = None, deepstack=None) -> list[MoRefOutput]:
     """Answer several questions of one video, sharing its prefill: the reference rows once, then the
     questions in batches within `engine.max_batch_tokens`, each prefilled and decoded together.
-    suffixes: each question's embeddings (q_b, D); other inputs as in `MoRefEngine.encode_video`.
-    Outputs in the order of `suffixes`."""
+    suffixes: each question's embeddings (q_b, D); other inputs (rope, deepstack included) as in
+    `MoRefEngine.encode_video`. Outputs in the order of `suffixes`."""
     gen = gen or GenerationOptions()
     device = prefix.device
     synchronize(device)
     t0 = time.perf_counter()
-    video = engine.encode_video(prefix, references, positions)
+    video = engine.encode_video(prefix, references, positions, rope, deepstack)
     synchronize(device)
     shared_s = time.perf_counter() - t0
     per_row = video.prefix_len + (sum(keep_counts(video.lengths, engine.cfg.keep_ratio)) if video.fused
@@ -177,16 +185,19 @@ def generate_answers(engine: MoRefEngine, prefix, references, positions, suffixe
 
 
 def moref_prefill_logits(lm, prefix_embeds, references, reference_positions, suffix_embeds, cfg: ResolvedMoRef,
-                         extra_embeds=None, backend: str | None = None, fixed_weights=None):
+                         extra_embeds=None, backend: str | None = None, fixed_weights=None,
+                         rope: RotaryPositions | None = None, deepstack=None):
     """Last-token logits (vocab,) of one MoRef forward without a decode cache (see `MoRefSession.prefill`)."""
     session = MoRefSession(lm, cfg, backend, fixed_weights)
-    return session.prefill(prefix_embeds, references, reference_positions, suffix_embeds, extra_embeds)
+    return session.prefill(prefix_embeds, references, reference_positions, suffix_embeds, extra_embeds,
+                           rope=rope, deepstack=deepstack)
 
 
 def moref_generate(lm, prefix_embeds, references, reference_positions, suffix_embeds, cfg: ResolvedMoRef,
-                   gen=None, eos_token_ids=(), stop_checker=None, backend: str | None = None) -> MoRefOutput:
+                   gen=None, eos_token_ids=(), stop_checker=None, backend: str | None = None,
+                   rope: RotaryPositions | None = None, deepstack=None) -> MoRefOutput:
     """Free-MoRef prefill, then decode until EOS, `stop_checker(tokens) -> True` (e.g. stop strings
     on the decoded text) or gen.max_new_tokens. Inputs as in `MoRefSession.prefill`."""
     engine = MoRefEngine(lm, cfg, backend)
     return generate_answers(engine, prefix_embeds, references, reference_positions, [suffix_embeds], gen,
-                            eos_token_ids, stop_checker)[0]
+                            eos_token_ids, stop_checker, rope, deepstack)[0]

@@ -142,7 +142,8 @@ def moref_rows_flops(text: TextShape, system: int, row_visual: int, question: in
 def answer_flops(model_config, *, frames: int, visual_tokens_per_frame: int, text_tokens: int,
                  output_tokens: int, references: int = 1, fusion_layer: int = 0,
                  keep_ratio: float | None = None, prefix_tokens: int = 0, extra_visual_tokens: int = 0,
-                 native_visual_tokens_per_frame: int | None = None) -> tuple[int, int]:
+                 native_visual_tokens_per_frame: int | None = None,
+                 vision_flops: int | None = None) -> tuple[int, int]:
     """Whole-model FLOPs of one answer: (total_flops, total_flops_native).
 
     `text_tokens` are the prompt's text tokens, `prefix_tokens` of them (system prompt and
@@ -153,14 +154,16 @@ def answer_flops(model_config, *, frames: int, visual_tokens_per_frame: int, tex
     include an RoI crop's saving). With MoRef, layers below `fusion_layer` run the reference rows
     (`moref_rows_flops`); from it on, one fused sequence of system + the kept visual tokens
     (ceil(row length x keep_ratio) per row, keep_ratio default 1/N) + question. The vision tower
-    and projector cost the same in both. Decode runs output_tokens - 1 steps; lm_head runs once
-    per output token.
+    and projector cost the same in both (`vision_flops`, default: the SigLIP tower's
+    `vision_flops_per_frame` per frame; other families pass their own). For a family whose visual
+    unit is a temporal patch of frames, `frames` counts those patches. Decode runs
+    output_tokens - 1 steps; lm_head runs once per output token.
     """
     text = TextShape.from_config(model_config.text_config)
     system, question = prefix_tokens, text_tokens - prefix_tokens
     if question < 0:
         raise ValueError("prefix_tokens cannot exceed text_tokens")
-    vision = frames * vision_flops_per_frame(model_config)
+    vision = frames * vision_flops_per_frame(model_config) if vision_flops is None else vision_flops
     lm_head = max(output_tokens, 1) * text.lm_head_per_token
 
     native_per_frame = visual_tokens_per_frame if native_visual_tokens_per_frame is None \

@@ -153,20 +153,21 @@ def _grid_side(tokens: int, layout: str) -> int:
     return p
 
 
-def box_to_cells(box, p: int) -> tuple[int, int, int, int]:
+def box_to_cells(box, p: int, rows: int | None = None) -> tuple[int, int, int, int]:
     """(x0, y0, x1, y1) in [0, 1] -> grid (col0, row0, col1, row1), end exclusive: every cell the box
-    overlaps with positive area, at least one cell per axis."""
+    overlaps with positive area, at least one cell per axis. The grid is p x p, or p columns and
+    `rows` rows."""
     x0, y0, x1, y1 = (float(v) for v in box)
     if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
         raise ValueError(f"box must satisfy 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, got {box}")
     eps = 1e-6  # so that 0.5 * 4 = 2.0000001 does not pull in a neighbouring cell
 
-    def span(lo: float, hi: float) -> tuple[int, int]:
+    def span(lo: float, hi: float, p: int) -> tuple[int, int]:
         start = min(math.floor(lo * p + eps), p - 1)
         return start, max(start + 1, min(math.ceil(hi * p - eps), p))
 
-    c0, c1 = span(x0, x1)
-    r0, r1 = span(y0, y1)
+    c0, c1 = span(x0, x1, p)
+    r0, r1 = span(y0, y1, p if rows is None else rows)
     return c0, r0, c1, r1
 
 

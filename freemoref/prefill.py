@@ -11,10 +11,15 @@
    queries on layer L's visual keys) in one sequence [system | kept visual | question].
 3. Fused sequence, `fused_sequence`: the B fused sequences, right-padded, through layers L on.
 
-Every row shares positions 0..T0-1 (T0 = system + longest reference) and every question starts at
-slot T0, so a shorter reference leaves a gap of a few slots before the question (RoPE only sees
-distances). Right padding needs no attention mask in the causal passes: padded slots come after
-every real slot of their row. Masks appear only where queries are few (question tokens, decoding).
+Positions, two ways. By default every row shares positions 0..T0-1 (T0 = system + longest
+reference), every question starts at T0 (a shorter reference leaves a gap of a few slots before
+the question; RoPE only sees distances) and the fused sequence is renumbered 0..Tf-1. A family with
+multimodal rotary positions (Qwen2.5-VL, Qwen3-VL) passes `RotaryPositions` instead: each visual
+token keeps its own (t, h, w) position in its row and in the fused sequence, and the question and
+generated tokens continue from the family's text start, the same in every row.
+
+Right padding needs no attention mask in the causal passes: padded slots come after every real slot
+of their row. Masks appear only where queries are few (question tokens, decoding).
 """
 
 from __future__ import annotations
@@ -44,6 +49,19 @@ class FusionInputs:
 
 
 @dataclass
+class RotaryPositions:
+    """Explicit rotary positions of a video prompt, P axes each (3 for multimodal RoPE).
+
+    prefix (P, p) and references[i] (P, l_i): the positions of the system prompt's and of each
+    reference's visual tokens; text_start: the position of the first token after the video (the
+    question), the same in every row. Text tokens have one position repeated on every axis."""
+
+    prefix: torch.Tensor
+    references: list[torch.Tensor]
+    text_start: int
+
+
+@dataclass
 class VideoRows:
     """A video's reference rows after `reference_rows`, shared by all its questions.
 
@@ -58,6 +76,11 @@ class VideoRows:
     kv: list[KVCache]  # the rows' K/V in each layer below L, (N, Hkv, p + lv, Dh)
     fusion_inputs: FusionInputs | None  # None when nothing is fused
     seconds: float  # time the rows took
+    question_start: int  # position of each question's first token
+    rope_rows: torch.Tensor | None = None  # (N, P, p + lv) explicit rotary positions; None: the slots
+    # DeepStack (Qwen3-VL): per early layer k, (N, lv, D) features added to the visual tokens'
+    # hidden states after layer k; None for families without it.
+    deepstack: list[torch.Tensor] | None = None
 
     @property
     def rows(self) -> int:
@@ -97,9 +120,12 @@ class QuestionPrefill:
 
 
 @torch.no_grad()
-def reference_rows(engine: MoRefEngine, prefix, references, positions) -> VideoRows:
+def reference_rows(engine: MoRefEngine, prefix, references, positions, rope: RotaryPositions | None = None,
+                   deepstack=None) -> VideoRows:
     """Phase 1, once per video: prefix (p, D) and N references (l_i, D) with their global positions
-    (l_i,), as N rows through the layers below L."""
+    (l_i,) (their order in the un-partitioned video), as N rows through the layers below L.
+    rope: explicit rotary positions (None: the slots). deepstack: per early layer, each
+    reference's features (l_i, D) to add after that layer (None: none)."""
     n = len(references)
     if n != engine.cfg.references:
         raise ValueError(f"got {n} references, the resolved config expects {engine.cfg.references}")
@@ -116,12 +142,30 @@ def reference_rows(engine: MoRefEngine, prefix, references, positions) -> VideoR
         h[i, p : p + r.shape[0]], vis_mask[i, : r.shape[0]], gpos[i, : r.shape[0]] = r, True, pos
     rows_real = torch.cat([vis_mask.new_ones(n, p), vis_mask], 1)
     shared = engine.fusion_layer
-    cos, sin = engine.cos_sin(prefix, torch.arange(p + lv, device=device))
+    rope_rows = None
+    if rope is None:
+        cos, sin = engine.cos_sin(prefix, torch.arange(p + lv, device=device))
+        question_start = p + lv
+    else:
+        rope_rows = torch.zeros(n, rope.prefix.shape[0], p + lv, dtype=torch.long, device=device)
+        rope_rows[:, :, :p] = rope.prefix.to(device)
+        for i, r in enumerate(rope.references):
+            rope_rows[i, :, p : p + r.shape[1]] = r.to(device)
+        cos, sin = engine.cos_sin(prefix, rope_rows)
+        question_start = rope.text_start
+    stacked = None
+    if deepstack is not None:  # per layer: the references' features, right-padded like the rows
+        stacked = [h.new_zeros(n, lv, d) for _ in deepstack]
+        for layer_features, padded in zip(deepstack, stacked):
+            for i, f in enumerate(layer_features):
+                padded[i, : f.shape[0]] = f
     kv = []
     with engine_sdpa():
-        for layer in engine.layers[:shared]:  # causal, no mask
+        for li, layer in enumerate(engine.layers[:shared]):  # causal, no mask
             q, k, v = project_qkv(layer, h, cos, sin)
             h = finish_layer(layer, h, causal_attention(q, k, v, layer.self_attn.scaling, engine.backend))
+            if stacked is not None and li < len(stacked):
+                h[:, p:] += stacked[li]
             kv.append(KVCache(k, v))
     fusion_inputs = None
     if shared < len(engine.layers):
@@ -130,7 +174,8 @@ def reference_rows(engine: MoRefEngine, prefix, references, positions) -> VideoR
         if keep_counts(lengths, engine.cfg.keep_ratio) != lengths:
             k_vis = project_rotated(engine.layers[shared], h_vis, cos[:, p:], sin[:, p:], "k_proj")
         fusion_inputs = FusionInputs(h[:1, :p], h_vis, k_vis)
-    return VideoRows(p, lengths, vis_mask, gpos, rows_real, kv, fusion_inputs, time.perf_counter() - start)
+    return VideoRows(p, lengths, vis_mask, gpos, rows_real, kv, fusion_inputs, time.perf_counter() - start,
+                     question_start, rope_rows, stacked)
 
 
 def attend_rows(engine: MoRefEngine, video: VideoRows, li: int, q, own: KVCache, own_real, filled: int, slots,
@@ -170,7 +215,7 @@ def question_rows(engine: MoRefEngine, video: VideoRows, h, own_real, blocks, qu
     entering L (B, qm, D), the own caches (sized for max_new_tokens more) and the rotary tables."""
     qm = h.shape[1]
     slots = torch.arange(qm, device=h.device)
-    cos, sin = engine.cos_sin(h, video.slots + slots)
+    cos, sin = engine.cos_sin(h, video.question_start + slots)
     caches = []
     for li, layer in enumerate(engine.layers[: video.shared_layers]):
         q, k, v = project_qkv(layer, h, cos, sin)  # q: (B, H, qm, Dh)
@@ -184,7 +229,8 @@ def question_rows(engine: MoRefEngine, video: VideoRows, h, own_real, blocks, qu
 def fuse(engine: MoRefEngine, video: VideoRows, h, blocks, cos, sin, question_len):
     """Phase 2, at layer L: each question's fusion, scored by its prompt question's queries (blocks[b]
     leading tokens of h (B, qm, D)) on the rows' visual keys. Returns the fusions, the fused
-    sequences (B, Tf, D) = [system | kept visual | question, right-padded] and their real lengths (B,)."""
+    sequences (B, Tf, D) = [system | kept visual | question, right-padded], their real lengths (B,)
+    and, with explicit rotary positions, the fused sequences' positions (B, P, Tf) (else None)."""
     inputs = video.fusion_inputs
     assert inputs is not None  # called only for a fused video (see `prefill_questions`)
     b, qm, d = h.shape
@@ -203,22 +249,51 @@ def fuse(engine: MoRefEngine, video: VideoRows, h, blocks, cos, sin, question_le
     for i, f in enumerate(fusions):
         fused[i, p : p + kept] = inputs.h_vis[f.rows, f.slots]
     fused[:, p + kept :] = h
-    return fusions, fused, p + kept + question_len
+    positions = None
+    if video.rope_rows is not None:  # the kept tokens keep their own positions
+        rope_rows, axes = video.rope_rows, video.rope_rows.shape[1]
+        positions = rope_rows.new_empty(b, axes, p + kept + qm)
+        positions[:, :, :p] = rope_rows[:1, :, :p]
+        for i, f in enumerate(fusions):
+            positions[i, :, p : p + kept] = rope_rows[f.rows, :, p + f.slots].T
+        positions[:, :, p + kept :] = video.question_start + torch.arange(qm, device=h.device)
+    return fusions, fused, p + kept + question_len, positions
 
 
-def fused_sequence(engine: MoRefEngine, fused, fused_len, max_new_tokens: int):
+def fused_sequence(engine: MoRefEngine, fused, fused_len, max_new_tokens: int, positions=None, next_position=None,
+                   deepstack=None):
     """Phase 3: the fused sequences (B, Tf, D), real up to fused_len (B,), through the layers from L
-    on with causal attention. Returns the last hidden states (B, Tf, D) and their caches."""
+    on with causal attention, at `positions` (B, P, Tf) (None: renumbered 0..Tf-1; the first
+    generated token then follows at fused_len, else at `next_position` (B,)). deepstack: per early
+    layer from L on, (B, Tf, D) features to add after it (kept visual tokens only). Returns the last
+    hidden states (B, Tf, D) and their caches."""
     b, tf, _ = fused.shape
     real = torch.zeros(b, tf + max_new_tokens, dtype=torch.bool, device=fused.device)
     real[:, :tf] = torch.arange(tf, device=fused.device)[None] < fused_len[:, None]
-    cos, sin = engine.cos_sin(fused, torch.arange(tf, device=fused.device))
+    cos, sin = engine.cos_sin(fused, torch.arange(tf, device=fused.device) if positions is None else positions)
     caches = []
-    for layer in engine.layers[engine.fusion_layer :]:
+    for li, layer in enumerate(engine.layers[engine.fusion_layer :], engine.fusion_layer):
         q, k, v = project_qkv(layer, fused, cos, sin)
         caches.append(KVCache.holding(k, v, tf + max_new_tokens))
         fused = finish_layer(layer, fused, causal_attention(q, k, v, layer.self_attn.scaling, engine.backend))
-    return fused, SequenceCache(caches, real, tf, fused_len)
+        if deepstack is not None and li < len(deepstack):
+            fused += deepstack[li]
+    return fused, SequenceCache(caches, real, tf, fused_len if positions is None else next_position)
+
+
+def fused_deepstack(video: VideoRows, fusions, tf: int, first_layer: int):
+    """Per layer from `first_layer` on that has DeepStack features: (B, Tf, D) holding each kept
+    token's features at its fused slot (zero elsewhere); earlier layers' entries are None."""
+    if video.deepstack is None or first_layer >= len(video.deepstack):
+        return None
+    p = video.prefix_len
+    out: list[torch.Tensor | None] = [None] * first_layer
+    for features in video.deepstack[first_layer:]:
+        padded = features.new_zeros(len(fusions), tf, features.shape[-1])
+        for i, f in enumerate(fusions):
+            padded[i, p : p + len(f.rows)] = features[f.rows, f.slots]
+        out.append(padded)
+    return out
 
 
 def prefill_questions(engine: MoRefEngine, video: VideoRows, questions, blocks, max_new_tokens: int) -> QuestionPrefill:
@@ -248,11 +323,13 @@ def prefill_questions(engine: MoRefEngine, video: VideoRows, questions, blocks, 
     with engine_sdpa():
         h, own_layers, cos, sin = question_rows(engine, video, h, own_real, blocks, question_len, max_new_tokens,
                                                 gate_running)
-        own = SequenceCache(own_layers, own_real, qm, video.slots + question_len)
+        own = SequenceCache(own_layers, own_real, qm, video.question_start + question_len)
         if not video.fused:
             return QuestionPrefill(engine.logits(h[last, question_len - 1]), [None] * b, [sum(video.lengths)] * b,
                                    question_len, own, None, gate_running)
-        fusions, fused, fused_len = fuse(engine, video, h, blocks, cos, sin, question_len)
-        fused, fused_cache = fused_sequence(engine, fused, fused_len, max_new_tokens)
+        fusions, fused, fused_len, positions = fuse(engine, video, h, blocks, cos, sin, question_len)
+        stack = fused_deepstack(video, fusions, fused.shape[1], engine.fusion_layer)
+        fused, fused_cache = fused_sequence(engine, fused, fused_len, max_new_tokens, positions,
+                                            video.question_start + question_len, stack)
         return QuestionPrefill(engine.logits(fused[last, fused_len - 1]), fusions, [len(f.rows) for f in fusions],
                                question_len, own, fused_cache, gate_running)

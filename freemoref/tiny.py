@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from freemoref.convert import IMAGE_TOKEN, VIDEO_TOKEN, make_processor
+from freemoref.families.llava_onevision import CHAT_TEMPLATE
 from freemoref.layouts import LAYOUTS, VIDEO_LAYOUT_KEY
-from freemoref.video_llm import CHAT_TEMPLATE
 
 QWEN2_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
@@ -280,4 +280,103 @@ def write_tiny_llava_next_checkpoint(out_dir: str | Path, *, seed: int = 0, shar
     }
     (out_dir / "config.json").write_text(json.dumps(next_config, indent=2))
     build_tiny_tokenizer(out_dir, multimodal_tokens=False)
+    return str(out_dir)
+
+
+# --- Qwen2.5-VL ---
+
+QWEN_VL_SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+
+# The chat template Qwen2-VL and Qwen2.5-VL checkpoints ship (chat_template.json): ChatML, a default
+# system turn, media as <|vision_start|><|video_pad|><|vision_end|> in the content's order.
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass
+class TinyQwenVLShape:
+    """Shapes of the tiny Qwen2.5-VL: 4-pixel patches merged 2x2, so a 32 x 40 frame is a 4 x 5 grid of
+    merged tokens per temporal patch; head_dim 16 splits as mrope_section [2, 3, 3]."""
+
+    patch_size: int = 4
+    vision_hidden: int = 32
+    vision_intermediate: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 2
+    window_size: int = 16
+    text_hidden: int = 64
+    text_intermediate: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    min_pixels: int = 16 * 16
+    max_pixels: int = 32 * 40
+
+
+def build_tiny_qwen_vl_tokenizer():
+    """The tiny BPE tokenizer with Qwen2.5-VL's special tokens and chat template."""
+    tokenizer = build_tiny_tokenizer(multimodal_tokens=False)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN2_SPECIAL_TOKENS[1:])
+                                  + list(QWEN_VL_SPECIAL_TOKENS)})
+    tokenizer.chat_template = QWEN_VL_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_qwen2_5_vl(out_dir: str | Path, *, seed: int = 0, shape: TinyQwenVLShape | None = None) -> str:
+    """Write a tiny random Qwen2.5-VL checkpoint with its processor (image and video processors,
+    tokenizer with the family's special tokens, chat template) to `out_dir`, offline. Loads back
+    with `AutoProcessor` and `Qwen2_5_VLForConditionalGeneration.from_pretrained`. Returns the dir."""
+    import transformers
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    shape = shape or TinyQwenVLShape()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_qwen_vl_tokenizer()
+    ids = dict(zip(QWEN_VL_SPECIAL_TOKENS, tokenizer.convert_tokens_to_ids(list(QWEN_VL_SPECIAL_TOKENS))))
+    endoftext_id, im_end_id = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    half = shape.text_hidden // shape.text_heads // 2  # rotary frequencies per head
+    spatial = half * 3 // 8  # Qwen2.5-VL-7B splits its 64 as 16 (t), 24 (h), 24 (w)
+    config = transformers.Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=shape.text_hidden, intermediate_size=shape.text_intermediate,
+            num_hidden_layers=shape.text_layers, num_attention_heads=shape.text_heads,
+            num_key_value_heads=shape.text_kv_heads, max_position_embeddings=4096, tie_word_embeddings=False,
+            bos_token_id=endoftext_id, eos_token_id=im_end_id, pad_token_id=endoftext_id,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                             "mrope_section": [half - 2 * spatial, spatial, spatial]}),
+        vision_config=dict(
+            depth=shape.vision_layers, hidden_size=shape.vision_hidden, intermediate_size=shape.vision_intermediate,
+            num_heads=shape.vision_heads, patch_size=shape.patch_size, spatial_merge_size=2, temporal_patch_size=2,
+            tokens_per_second=2, window_size=shape.window_size, out_hidden_size=shape.text_hidden,
+            fullatt_block_indexes=[shape.vision_layers - 1]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False)
+    model = transformers.Qwen2_5_VLForConditionalGeneration(config)
+    _randomize(model, seed)
+    model.generation_config = transformers.GenerationConfig(
+        eos_token_id=[im_end_id, endoftext_id], pad_token_id=endoftext_id, do_sample=False)
+    model.save_pretrained(str(out_dir))
+    size = {"shortest_edge": shape.min_pixels, "longest_edge": shape.max_pixels}
+    common = dict(patch_size=shape.patch_size, merge_size=2, temporal_patch_size=2, size=size)
+    processor = transformers.Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**common), tokenizer=tokenizer,
+                                    video_processor=Qwen2VLVideoProcessor(**common, cap_pixels_per_frame=True),
+                                    chat_template=QWEN_VL_CHAT_TEMPLATE)
+    processor.save_pretrained(str(out_dir))
     return str(out_dir)

@@ -1,6 +1,6 @@
-"""`VideoLLM`: a loaded LlavaOnevision model with the steps the answer stage needs.
+"""`VideoLLM`: a loaded Video-LLM of any model family (freemoref.families) with the steps the answer stage needs.
 
-Frames are encoded once per video (`encode_frames`); a question's prompt is
+Frames are encoded once per video (`encode_frames`, by the family); a question's prompt is
 [system + user-turn start | visual tokens | question + assistant-turn start]. `answer_many` answers
 a video's questions that use the same frames together: the system prompt and visual tokens are
 computed once (freemoref.engine), natively (one reference) or with Free-MoRef over N references.
@@ -11,39 +11,21 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from freemoref import flops, layouts, prompts
+from freemoref import flops, prompts
 from freemoref.config import MAX_BATCH_TOKENS, GenerationOptions, ResolvedMoRef
 from freemoref.engine import MoRefEngine, MoRefOutput, generate_answers
-from freemoref.partition import partition_frames
+from freemoref.families.base import ModelFamily, VisualPrompt
+from freemoref.families.llava_onevision import LlavaOnevisionFamily
 
 if TYPE_CHECKING:
     from freemoref.config import MoRefConfig
 
 BASELINE_FRAMES = 64  # attn_flops_ratio is relative to full attention over 64 frames (the paper's)
-
-# Qwen2-style ChatML. A message's content is a string or a list of parts ({"type": "text" | "image" |
-# "video"}); media placeholders come first, each on its own line, as LLaVA-Video's prompts do.
-CHAT_TEMPLATE = (
-    "{%- if not messages or messages[0]['role'] != 'system' -%}"
-    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
-    "{%- endif -%}"
-    "{%- for message in messages -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}"
-    "{%- for part in message['content'] if part['type'] == 'image' -%}{{ '<image>\\n' }}{%- endfor -%}"
-    "{%- for part in message['content'] if part['type'] == 'video' -%}{{ '<video>\\n' }}{%- endfor -%}"
-    "{%- for part in message['content'] if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
-    "{%- endif -%}"
-    "{{ '<|im_end|>\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
-)
 
 
 @dataclass
@@ -83,63 +65,73 @@ class PromptParts:
     suffix_ids: torch.Tensor  # (q,) question + assistant-turn start
     prefix_embeds: torch.Tensor  # (p, D)
     suffix_embeds: torch.Tensor  # (q, D)
-    frame_tokens: torch.Tensor  # (F, t, D) after the RoI crop, on the model's device and dtype
+    frame_tokens: Any  # the encoded video after the RoI crop, on the model's device (the family's type)
     frames: int
-    native_tokens_per_frame: int  # t before the crop
+    uncropped: Any  # the encoded video before the crop
 
 
 class VideoLLM:
-    """A LlavaOnevision model, its processor and its video token layout."""
+    """A loaded Video-LLM: its HF model, processor and model family (freemoref.families).
 
-    def __init__(self, model, processor, layout: str):
+    `layout` applies to LlavaOnevision (its video token layout); `family` defaults to LlavaOnevision."""
+
+    def __init__(self, model, processor, layout: str = "onevision", family: ModelFamily | None = None):
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        self.layout = layouts.check_layout(layout)
+        self.family = family if family is not None else LlavaOnevisionFamily(model, processor, layout)
         self.device = next(model.parameters()).device
         self.dtype = model.dtype
-        self.video_token = getattr(processor, "video_token", "<video>")
+        self.video_token = self.family.video_token
 
     @property
     def config(self):
         return self.model.config
 
-    def encode_frames(self, frames: np.ndarray) -> torch.Tensor:
-        """uint8 frames (T, H, W, 3) -> per-frame visual tokens (T, t, D), via the HF video
-        processor and `layouts.frame_tokens`. Run once per video; questions reuse the result."""
-        return self.encode_pixels(self.preprocess_frames(frames))
+    @property
+    def layout(self) -> str:
+        """LlavaOnevision's video token layout (freemoref.layouts)."""
+        return self._llava().layout
 
-    def preprocess_frames(self, frames: np.ndarray) -> torch.Tensor:
-        """uint8 frames (T, H, W, 3) -> the vision tower's input (1, T, C, H, W), on the host.
-        Host work only, so a caller can prepare one video while another holds the device."""
-        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-            raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
-        pixels = self.processor.video_processor(videos=[frames], return_tensors="pt")["pixel_values_videos"]
-        # Page-locked memory makes the later copy to the GPU a DMA at full bus speed.
-        return pixels.pin_memory() if self.device.type == "cuda" else pixels
+    def _llava(self) -> LlavaOnevisionFamily:
+        if not isinstance(self.family, LlavaOnevisionFamily):
+            raise TypeError(f"video token layouts belong to LlavaOnevision, not {self.family.name}")
+        return self.family
 
-    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """`preprocess_frames`' output -> per-frame visual tokens (T, t, D) on the device."""
-        return layouts.frame_tokens(self.model, pixels, self.layout)
+    def encode_frames(self, frames: np.ndarray, frame_times_s=None):
+        """uint8 frames (T, H, W, 3) and their times in seconds (None: the family's default frame
+        rate) -> the encoded video (LlavaOnevision: per-frame visual tokens (T, t, D)). Run once per
+        video; questions reuse the result, `encoded[indices]` selects frames."""
+        return self.encode_pixels(self.preprocess_frames(frames, frame_times_s))
+
+    def preprocess_frames(self, frames: np.ndarray, frame_times_s=None):
+        """uint8 frames (T, H, W, 3) -> the vision tower's input, on the host. Host work only, so a
+        caller can prepare one video while another holds the device."""
+        return self.family.preprocess(frames, frame_times_s)
+
+    def encode_pixels(self, pixels):
+        """`preprocess_frames`' output -> the encoded video on the device."""
+        return self.family.encode(pixels)
 
     def assemble(self, frame_tokens: torch.Tensor) -> torch.Tensor:
-        """Frames (F, t, D) -> one visual sequence (l, D) in this model's layout."""
-        return layouts.assemble_visual_tokens(frame_tokens, self.layout, layouts.image_newline(self.model))
+        """LlavaOnevision frames (F, t, D) -> one visual sequence (l, D) in this model's layout."""
+        return self._llava().assemble(frame_tokens)
 
-    # Which of freemoref.prompts.PROMPT_TEMPLATES builds the prompt; load_video_llm sets it.
+    # Which of freemoref.prompts.PROMPT_TEMPLATES builds a LlavaOnevision prompt; load_video_llm sets
+    # it. The Qwen families take their template from the checkpoint's processor.
     prompt_template = "llava_vid"
 
     def chat_prompt(self, question: str, system_prompt: str | None) -> str:
         """The prompt text with one video placeholder, ending with the assistant-turn start, for
         display. `system_prompt` None is the template's default system turn."""
-        pieces = prompts.prompt_pieces(self.prompt_template, question, system_prompt)
+        pieces = self.family.prompt_pieces(question, system_prompt, self.prompt_template)
         return prompts.render_text(pieces, self.video_token)
 
     def build_prompt(self, question: str, system_prompt: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(prefix_ids, suffix_ids): the prompt's ids before the video (system + user-turn start)
         and after it (question + assistant-turn start). Question and system prompt stay text:
         no special or added token can come from them (freemoref.prompts.encode_prompt)."""
-        pieces = prompts.prompt_pieces(self.prompt_template, question, system_prompt)
+        pieces = self.family.prompt_pieces(question, system_prompt, self.prompt_template)
         return prompts.encode_prompt(self.tokenizer, pieces)
 
     @torch.no_grad()
@@ -147,35 +139,37 @@ class VideoLLM:
         """Token ids (n,) -> input embeddings (n, D) in the model's dtype."""
         return self.model.get_input_embeddings()(ids.to(self.device)).to(self.dtype)
 
-    def prepare(self, frame_tokens: torch.Tensor, question: str, *, system_prompt: str | None,
-                roi_box=None) -> PromptParts:
+    def prepare(self, frame_tokens, question: str, *, system_prompt: str | None, roi_box=None) -> PromptParts:
         """Tokenize and embed the prompt around the video, and crop the frames to `roi_box`."""
-        frames, native_per_frame = frame_tokens.shape[0], frame_tokens.shape[1]
-        if roi_box is not None:
-            frame_tokens = layouts.crop_frame_tokens(frame_tokens, roi_box, self.layout)
+        video = frame_tokens if roi_box is None else self.family.crop(frame_tokens, roi_box)
+        if isinstance(video, torch.Tensor):
+            video = video.to(self.device, self.dtype)
         prefix_ids, suffix_ids = self.build_prompt(question, system_prompt)
         return PromptParts(prefix_ids=prefix_ids, suffix_ids=suffix_ids, prefix_embeds=self.embed(prefix_ids),
-                           suffix_embeds=self.embed(suffix_ids),
-                           frame_tokens=frame_tokens.to(self.device, self.dtype), frames=frames,
-                           native_tokens_per_frame=native_per_frame)
+                           suffix_embeds=self.embed(suffix_ids), frame_tokens=video,
+                           frames=self.family.frame_count(frame_tokens), uncropped=frame_tokens)
 
     @torch.no_grad()
-    def prompt_embeds(self, frame_tokens: torch.Tensor, question: str, *, system_prompt: str | None,
+    def prompt_embeds(self, frame_tokens, question: str, *, system_prompt: str | None,
                       roi_box=None) -> torch.Tensor:
         """The native prompt as input embeddings (1, L, D): [prefix | visual | suffix]."""
         parts = self.prepare(frame_tokens, question, system_prompt=system_prompt, roi_box=roi_box)
-        visual = self.assemble(parts.frame_tokens)
+        visual = self.visual_prompt(parts, ResolvedMoRef(1, parts.frames, 0, 1.0)).references[0]
         return torch.cat([parts.prefix_embeds, visual, parts.suffix_embeds], dim=0)[None]
 
+    def visual_prompt(self, parts: PromptParts, resolved: ResolvedMoRef) -> VisualPrompt:
+        """The prepared video's references for `resolved` (freemoref.families.base.VisualPrompt)."""
+        return self.family.visual_prompt(parts.frame_tokens, resolved, len(parts.prefix_ids), parts.uncropped)
+
     @torch.no_grad()
-    def answer(self, frame_tokens: torch.Tensor, question: str, *, system_prompt: str | None,
+    def answer(self, frame_tokens, question: str, *, system_prompt: str | None,
                generation: GenerationOptions, moref: MoRefConfig | None = None, roi_box=None) -> AnswerResult:
         """Answer one question about a video whose frames `encode_frames` encoded."""
         return self.answer_many(frame_tokens, [question], system_prompt=system_prompt, generation=generation,
                                 moref=moref, roi_box=roi_box)[0]
 
     @torch.no_grad()
-    def answer_many(self, frame_tokens: torch.Tensor, questions: list[str], *, system_prompt: str | None,
+    def answer_many(self, frame_tokens, questions: list[str], *, system_prompt: str | None,
                     generation: GenerationOptions, moref: MoRefConfig | None = None, roi_box=None,
                     max_batch_tokens: int = MAX_BATCH_TOKENS) -> list[AnswerResult]:
         """Answer questions about the same frames and RoI together: the system prompt and the
@@ -191,42 +185,23 @@ class VideoLLM:
                                              suffix_embeds=self.embed(suffix_ids)))
         if any(not torch.equal(p.prefix_ids, first.prefix_ids) for p in parts[1:]):
             raise ValueError("questions with different prompt prefixes cannot share a prefill")
-        resolved = self.resolve(moref, first.frames)
-        if resolved.references > 1:
-            references, positions = self.moref_references(first.frame_tokens, resolved)
-        else:  # native: MoRef off, or too few frames for more than one reference
-            visual = self.assemble(first.frame_tokens)
-            references, positions = [visual], [torch.arange(visual.shape[0], device=visual.device)]
+        resolved = self.resolve(moref, first.frame_tokens)
+        visual = self.visual_prompt(first, resolved)
         engine = MoRefEngine(self.model, resolved, max_batch_tokens=max_batch_tokens)
-        outputs = generate_answers(engine, first.prefix_embeds, references, positions,
+        outputs = generate_answers(engine, first.prefix_embeds, visual.references, visual.order,
                                    [p.suffix_embeds for p in parts], generation,
-                                   self.generation_config(generation).eos_token_id, self._stop_checker(generation))
-        return [self._result(out, generation, p, resolved) for out, p in zip(outputs, parts)]
+                                   self.generation_config(generation).eos_token_id, self._stop_checker(generation),
+                                   visual.rope, visual.deepstack)
+        return [self._result(out, generation, p, resolved, visual) for out, p in zip(outputs, parts)]
 
-    def resolve(self, moref: MoRefConfig | None, frames: int) -> ResolvedMoRef:
-        """The MoRef settings for `frames` frames; one reference (native) when MoRef is off."""
-        if moref is None or not moref.enabled:
-            return ResolvedMoRef(1, frames, 0, 1.0)
-        return moref.resolve(frames, self.config.text_config.num_hidden_layers)
+    def resolve(self, moref: MoRefConfig | None, video) -> ResolvedMoRef:
+        """The MoRef settings for this encoded video; one reference (native) when MoRef is off."""
+        return self.family.resolve(moref, video)
 
     def moref_references(self, frame_tokens: torch.Tensor, resolved: ResolvedMoRef):
-        """Split frames (F, t, D) into the N references of `partition_frames`: each reference's
-        visual tokens (l_i, D) and their positions in the un-partitioned visual sequence. The
-        onevision layout's one end-of-video newline goes with the reference holding the last frame."""
-        frames, per_frame, dim = frame_tokens.shape
-        offsets = torch.arange(per_frame, device=frame_tokens.device)
-        references, positions = [], []
-        for ids in partition_frames(frames, resolved.temporal_units, resolved.references):
-            index = torch.tensor(ids, device=frame_tokens.device)
-            tokens = frame_tokens[index].reshape(-1, dim)
-            pos = (index[:, None] * per_frame + offsets[None]).reshape(-1)
-            if self.layout == "onevision" and ids[-1] == frames - 1:
-                newline = layouts.image_newline(self.model).to(tokens.device, tokens.dtype)
-                tokens = torch.cat([tokens, newline.reshape(1, dim)])
-                pos = torch.cat([pos, pos.new_tensor([frames * per_frame])])
-            references.append(tokens)
-            positions.append(pos)
-        return references, positions
+        """LlavaOnevision: the N references of `partition_frames` and their positions in the
+        un-partitioned visual sequence (`LlavaOnevisionFamily.references`)."""
+        return self._llava().references(frame_tokens, resolved)
 
     def _stop_checker(self, generation: GenerationOptions):
         """`tokens -> True` once the decoded text holds a stop string; None without stop strings."""
@@ -269,27 +244,27 @@ class VideoLLM:
         return text[:min(cuts)] if cuts else text
 
     def _result(self, out: MoRefOutput, generation: GenerationOptions, parts: PromptParts,
-                 resolved: ResolvedMoRef) -> AnswerResult:
+                 resolved: ResolvedMoRef, visual: VisualPrompt) -> AnswerResult:
         """Fill the statistics; N, M, L and the keep ratio only where MoRef ran (N > 1)."""
         moref = resolved.references > 1
         output_ids = torch.tensor(out.tokens, dtype=torch.long)
         fusion_layer = resolved.fusion_layer if moref else None
         keep_ratio = resolved.keep_ratio if moref else None
-        newline = 1 if self.layout == "onevision" else 0
+        shape = self.family.flop_shape(parts.frame_tokens, parts.uncropped)
         prefix_tokens, text_tokens = len(parts.prefix_ids), len(parts.prefix_ids) + len(parts.suffix_ids)
         total, total_native = flops.answer_flops(
-            self.config, frames=parts.frames, visual_tokens_per_frame=parts.frame_tokens.shape[1],
+            self.config, frames=shape.items, visual_tokens_per_frame=shape.tokens_per_item,
             text_tokens=text_tokens, output_tokens=len(out.tokens), references=resolved.references,
             fusion_layer=fusion_layer or 0, keep_ratio=keep_ratio, prefix_tokens=prefix_tokens,
-            extra_visual_tokens=newline, native_visual_tokens_per_frame=parts.native_tokens_per_frame)
+            extra_visual_tokens=shape.extra_tokens, native_visual_tokens_per_frame=shape.native_tokens_per_item,
+            vision_flops=shape.vision_flops)
         ratio = flops.attn_flops_ratio(parts.frames, resolved.references, fusion_layer or 0, keep_ratio,
-                                       num_layers=self.config.text_config.num_hidden_layers,
-                                       baseline_frames=BASELINE_FRAMES)
+                                       num_layers=self.family.num_layers, baseline_frames=BASELINE_FRAMES)
         return AnswerResult(
             text=self.decode(output_ids, generation.stop_strings),
-            prompt_tokens=text_tokens + parts.frames * parts.frame_tokens.shape[1] + newline,
+            prompt_tokens=text_tokens + visual.tokens,
             output_tokens=len(out.tokens),
-            visual_tokens_native=parts.frames * parts.native_tokens_per_frame + newline,
+            visual_tokens_native=visual.tokens_native,
             visual_tokens_used=out.visual_tokens_used, references=resolved.references,
             temporal_units=resolved.temporal_units if moref else None, fusion_layer=fusion_layer,
             attn_flops_ratio=ratio, total_flops=total, total_flops_native=total_native,

@@ -100,7 +100,8 @@ class AnswerStage:
         # The vision tower runs once per video, on the frames some question selected only.
         used = np.unique(np.concatenate(per_question)) if per_question else np.arange(0)
         try:
-            pixels = self.llm.preprocess_frames(np.asarray(video.get(Col.FRAMES))[used])
+            frames = np.asarray(video.get(Col.FRAMES))[used]
+            pixels = self.llm.preprocess_frames(frames, times[used] if len(times) else None)
         except Exception as exc:  # a bad frame array fails this video only
             return self._fail(rows, range(len(rows)), ErrorReason.VISION_FAILED, exc)
         with self.device_lock:
