@@ -5,10 +5,10 @@ import json
 import shutil
 
 import pytest
-from pipeline.run.runner import run_job
-from pipeline.store.output_store import OutputStore
 
 from pipeline.config import parse_job_config
+from pipeline.run.runner import run_job
+from pipeline.store.output_store import OutputStore
 from tests.paths import DEMO_VIDEOS
 
 pytestmark = pytest.mark.slow
