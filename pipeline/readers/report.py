@@ -39,7 +39,7 @@ THUMBNAIL_SIZE = 128
 MAX_SCATTER_POINTS = 5000  # beyond this, per-answer plots show a random sample (and say so)
 STAGES = (Col.DECODE_S, Col.GUIDANCE_S, Col.PREFILL_S, Col.GENERATE_S)
 PER_VIDEO_STAGES = (Col.DECODE_S, Col.GUIDANCE_S)  # recorded once per video, repeated on its rows
-ANSWER_COLUMNS = (Col.VIDEO_ID, Col.VIDEO_URI, Col.QUESTION_ID, Col.QUESTION, Col.STATUS, Col.ERROR_REASON,
+REPORT_COLUMNS = (Col.VIDEO_ID, Col.VIDEO_URI, Col.QUESTION_ID, Col.QUESTION, Col.STATUS, Col.ERROR_REASON,
                   Col.ERROR_DETAIL,
                   Col.FRAME_TIMES_S, Col.ROI_BOX, Col.VISUAL_TOKENS_NATIVE, Col.VISUAL_TOKENS_USED, Col.TOTAL_FLOPS,
                   Col.TOTAL_FLOPS_NATIVE,
@@ -292,7 +292,7 @@ def build_report(output: str, storage: StorageConfig | None = None, video_ids: S
     storage = storage or StorageConfig()
     frames_index = FramesIndex(output, storage)
     store = frames_index.store
-    answers = store.read_answers(columns=list(ANSWER_COLUMNS))
+    answers = store.read_answers(columns=list(REPORT_COLUMNS))
     all_videos = sorted(set(answers.column(Col.VIDEO_ID).to_pylist()))
     if video_ids:
         chosen, how = [v for v in video_ids if v in all_videos], "chosen"
