@@ -41,6 +41,7 @@ class StageRequest:
     memory_bytes: int
     count: int = 1
     is_actor: bool = True
+    memory_basis: str = ""  # how the memory request was made, named in messages (an estimate names its model)
 
     def ray_args(self) -> dict:
         args = {"num_cpus": self.cpus, "num_gpus": self.gpus}
@@ -49,7 +50,8 @@ class StageRequest:
         return args
 
     def describe(self) -> str:
-        return f"CPU {self.cpus:g}, GPU {self.gpus:g}, memory {self.memory_bytes / GIB:.1f} GiB"
+        basis = f" ({self.memory_basis})" if self.memory_basis else ""
+        return f"CPU {self.cpus:g}, GPU {self.gpus:g}, memory {self.memory_bytes / GIB:.1f} GiB{basis}"
 
 
 @dataclasses.dataclass
@@ -105,12 +107,21 @@ def checkpoint_bytes(model: str) -> int | None:
 def answer_memory_bytes(cfg: JobConfig) -> int:
     """`answer.memory_gib`, or for `auto`: the weights (loading passes them through host memory)
     plus ANSWER_BASE_MEMORY_GIB."""
+    return answer_memory_estimate(cfg)[0]
+
+
+def answer_memory_estimate(cfg: JobConfig) -> tuple[int, str]:
+    """`answer_memory_bytes` and how it was made, naming the model an estimate was made for."""
     if cfg.answer.memory_gib != "auto":
-        return int(cfg.answer.memory_gib * GIB)
+        return int(cfg.answer.memory_gib * GIB), "answer.memory_gib"
     weights = checkpoint_bytes(cfg.answer.model)
     if weights is None:
-        return int(HUB_MODEL_MEMORY_GIB * GIB)
-    return int(weights + ANSWER_BASE_MEMORY_GIB * GIB)
+        return int(HUB_MODEL_MEMORY_GIB * GIB), (
+            f"answer.memory_gib auto: {HUB_MODEL_MEMORY_GIB:g} GiB assumed for {cfg.answer.model}, whose weights "
+            "are not on this machine; set answer.memory_gib")
+    return int(weights + ANSWER_BASE_MEMORY_GIB * GIB), (
+        f"answer.memory_gib auto: {weights / GIB:.1f} GiB of weights of {cfg.answer.model} "
+        f"+ {ANSWER_BASE_MEMORY_GIB:g} GiB")
 
 
 def answer_concurrency(cfg: JobConfig, answer_gpus: float, cluster_gpus: float, guidance_gpus: float) -> int:
@@ -132,11 +143,12 @@ def stage_requests(cfg: JobConfig, *, gpus_usable: bool, cluster_gpus: float) ->
         return requested if gpus_usable or device == "cuda" else 0.0
 
     answer_gpus = gpus(cfg.answer.num_gpus, cfg.answer.device)
-    answer_memory = answer_memory_bytes(cfg)
+    answer_memory, memory_basis = answer_memory_estimate(cfg)
     if cfg.guidance.placement == "answer_actor":
         # CLIP lives in each answer actor: no CLIP actors; each answer actor holds CLIP's host memory too.
         guidance = StageRequest("guidance", 0.0, 0.0, 0, count=0)
         answer_memory += int(cfg.guidance.memory_gib * GIB)
+        memory_basis += f", + guidance.memory_gib {cfg.guidance.memory_gib:g} GiB"
     else:
         guidance = StageRequest("guidance", cfg.guidance.num_cpus, gpus(cfg.guidance.num_gpus, cfg.guidance.device),
                                 int(cfg.guidance.memory_gib * GIB), count=cfg.guidance.concurrency)
@@ -144,7 +156,8 @@ def stage_requests(cfg: JobConfig, *, gpus_usable: bool, cluster_gpus: float) ->
     return {
         "decode": StageRequest("decode", cfg.decode.num_cpus, 0.0, 0, is_actor=False),
         "guidance": guidance,
-        "answer": StageRequest("answer", cfg.answer.num_cpus, answer_gpus, answer_memory, count=concurrency),
+        "answer": StageRequest("answer", cfg.answer.num_cpus, answer_gpus, answer_memory, count=concurrency,
+                               memory_basis=memory_basis),
         "sink": StageRequest("sink", SINK_CPUS, 0.0, 0, is_actor=False),
     }
 
