@@ -134,7 +134,6 @@ def cmd_search(args) -> int:
 def cmd_index(args) -> int:
     from pipeline.readers.search import FramesIndex
     from pipeline.readers.vector_index import VectorIndex
-
     from pipeline.store.commit_log import CommitLog
     from pipeline.store.output_store import FRAMES_DIR
 

@@ -9,7 +9,6 @@ start a Ray of its own and finish, and the head must never see its driver.
 
 from __future__ import annotations
 
-import pathlib
 import shutil
 import subprocess
 import sys
