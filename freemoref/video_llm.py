@@ -142,6 +142,27 @@ class VideoLLM:
         pieces = prompts.prompt_pieces(self.prompt_template, question, system_prompt)
         return prompts.encode_prompt(self.tokenizer, pieces)
 
+    @property
+    def context_tokens(self) -> int | None:
+        """The language model's context length (its max_position_embeddings); None if unstated."""
+        value = getattr(self.config.text_config, "max_position_embeddings", None)
+        return int(value) if value else None
+
+    def text_tokens(self, question: str, system_prompt: str | None) -> tuple[int, int]:
+        """(tokens before the video, tokens after it) of `question`'s prompt: the system turn and
+        the user-turn start; the question with its options and the assistant-turn start. Text only."""
+        prefix_ids, suffix_ids = self.build_prompt(question, system_prompt)
+        return len(prefix_ids), len(suffix_ids)
+
+    def visual_tokens(self, frame_tokens: torch.Tensor, frames: int, roi_box=None) -> int:
+        """Positions `frames` frames encoded like `frame_tokens` (F, t, D) span in a prompt, cropped
+        to `roi_box` (with MoRef too: the references keep the un-partitioned positions), as
+        `AnswerResult.prompt_tokens` counts them. No model work: one frame's tokens are sliced."""
+        per_frame = frame_tokens.shape[1]
+        if roi_box is not None:
+            per_frame = layouts.crop_frame_tokens(frame_tokens[:1], roi_box, self.layout).shape[1]
+        return frames * per_frame + (1 if self.layout == "onevision" else 0)
+
     @torch.no_grad()
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids (n,) -> input embeddings (n, D) in the model's dtype."""
