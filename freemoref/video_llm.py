@@ -134,6 +134,26 @@ class VideoLLM:
         pieces = self.family.prompt_pieces(question, system_prompt, self.prompt_template)
         return prompts.encode_prompt(self.tokenizer, pieces)
 
+    @property
+    def context_tokens(self) -> int | None:
+        """The language model's context length (its max_position_embeddings); None if unstated."""
+        value = getattr(self.config.text_config, "max_position_embeddings", None)
+        return int(value) if value else None
+
+    def text_tokens(self, question: str, system_prompt: str | None) -> tuple[int, int]:
+        """(tokens before the video, tokens after it) of `question`'s prompt: the system turn and
+        the user-turn start; the question with its options and the assistant-turn start. Text only."""
+        prefix_ids, suffix_ids = self.build_prompt(question, system_prompt)
+        return len(prefix_ids), len(suffix_ids)
+
+    def visual_tokens(self, video, roi_box=None) -> int:
+        """Positions the encoded `video` spans in a prompt, cropped to `roi_box` (with MoRef too:
+        the references keep the un-partitioned positions), as `AnswerResult.prompt_tokens` counts
+        them. No model work: the family's shapes only."""
+        cropped = video if roi_box is None else self.family.crop(video, roi_box)
+        shape = self.family.flop_shape(cropped, video)
+        return shape.items * shape.tokens_per_item + shape.extra_tokens
+
     @torch.no_grad()
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids (n,) -> input embeddings (n, D) in the model's dtype."""

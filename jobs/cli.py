@@ -4,7 +4,7 @@
     moref-index convert SRC_LLAVA_NEXT_DIR DST_HF_DIR
     moref-index tiny-models DIR
     moref-index import-questions --format videomme|mlvu|longvideobench SRC... --out SET.jsonl
-    moref-index score OUTPUT --questions SET.jsonl [--compare OTHER_OUTPUT] [--json]
+    moref-index score OUTPUT --questions SET.jsonl [--compare OTHER_OUTPUT] [--json] [--endpoint-url URL]
     moref-index search "TEXT" --index OUTPUT [--top-k 20] [--json]
     moref-index index OUTPUT [--rebuild]
     moref-index report OUTPUT [--out report.html]
@@ -47,6 +47,9 @@ def cmd_run(args) -> int:
         summary = run_job(cfg)
     except UnschedulableError as exc:
         print(f"error: the job can never be scheduled: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:  # found once the config meets its inputs (files, globs, models)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     except OutputLockedError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -131,9 +134,14 @@ def cmd_search(args) -> int:
 def cmd_index(args) -> int:
     from pipeline.readers.search import FramesIndex
     from pipeline.readers.vector_index import VectorIndex
+    from pipeline.store.commit_log import CommitLog
+    from pipeline.store.output_store import FRAMES_DIR
 
-    state = VectorIndex(FramesIndex(args.output, _storage(args))).sync(rebuild=args.rebuild)
-    print(f"search index: {state['frames']} frames in {state['nlist']} lists, {len(state['files'])} videos")
+    frames = FramesIndex(args.output, _storage(args))
+    frames.store.require(FRAMES_DIR)
+    state = VectorIndex(frames).sync(rebuild=args.rebuild)
+    videos = len(set(CommitLog(frames.store).record(FRAMES_DIR, save=False).column("video_id").to_pylist()))
+    print(f"search index: {state['frames']} frames of {videos} videos in {state['nlist']} lists")
     return 0
 
 
@@ -218,7 +226,8 @@ def cmd_score(args) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    scores = [score_output(path, questions) for path in [args.output] + ([args.compare] if args.compare else [])]
+    scores = [score_output(path, questions, _storage(args))
+              for path in [args.output] + ([args.compare] if args.compare else [])]
     if args.json:
         print(json.dumps(scores[0] if len(scores) == 1 else {"runs": scores}, indent=2))
     else:
@@ -273,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--questions", required=True, help="the question set (.jsonl or .parquet)")
     score.add_argument("--compare", metavar="OTHER_OUTPUT", help="a second run's output.path, shown side by side")
     score.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    _storage_args(score)
     score.set_defaults(func=cmd_score)
 
     search = sub.add_parser("search", help="text search over the frames of an output: the best matching moments")
@@ -319,9 +329,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs a command. A user's mistake (a config error, a path that holds no output) is one
+    `error:` line and exit status 2, never a traceback."""
+    from pipeline.config import ConfigError
+    from pipeline.store.output_store import OutputNotFoundError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ConfigError, OutputNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -192,6 +192,10 @@ class AnswerConfig(_GenerationKeys):  # a model class made by create_model
     # Questions answered together per batch (sharing the video's prefill): their sequences in the
     # layers from the fusion layer on, summed, stay under this many tokens. Bounds GPU memory.
     max_batch_tokens: int = Field(default=MAX_BATCH_TOKENS, ge=1)
+    # A question (with its options and the template's text around it) of more tokens than this is an
+    # error row `question_too_long`, found before any model work, as is one whose whole prompt and
+    # max_new_tokens exceed the model's context: one oversized question never sinks its video's others.
+    max_question_tokens: int = Field(default=4096, ge=1)
     num_gpus: float = Field(default=0.8, ge=0)  # the rest of the GPU beside CLIP's 0.2
     num_cpus: float = Field(default=1.0, ge=0)
     # Host memory each actor reserves from Ray. auto: the checkpoint's weight files (loading passes

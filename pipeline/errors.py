@@ -50,6 +50,11 @@ class ErrorReason(StrEnum):
     GUIDANCE_FAILED = "guidance_failed", True  # the CLIP guidance stage raised
     VISION_FAILED = "vision_failed", True  # the Video-LLM's vision tower raised
     ANSWER_FAILED = "answer_failed", True  # the Video-LLM's generation raised
+    # the question alone ran out of GPU memory (a batch that does is split down to single questions first)
+    OUT_OF_MEMORY = "out_of_memory", True
+    # more tokens than answer.max_question_tokens, or a prompt beyond the model's context; found before
+    # any model work; a changed question or config is asked again by resume (its fingerprint changed)
+    QUESTION_TOO_LONG = "question_too_long"
     # a row that reached the answer stage in error without a reason (no stage writes one today)
     FAILED_BEFORE_ANSWER = "failed_before_answer"
 

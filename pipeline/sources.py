@@ -112,20 +112,31 @@ def _worded(question: str, options: list | None, cfg: QuestionsConfig, what: str
         raise ConfigError(f"{what}: {exc}") from None
 
 
+def _ids(table: pa.Table, column: str, what: str) -> list[str]:
+    """An id column as text; a missing (null) id is an error, never the string "None"."""
+    values = table.column(column).to_pylist()
+    if None in values:
+        raise ConfigError(f"{what}: row {values.index(None) + 1} has no {column}")
+    return [str(v) for v in values]
+
+
 def word_questions(table: pa.Table, cfg: QuestionsConfig) -> pa.Table:
     """The questions file as (video_id, question_id, question) text columns in file order, each
     question worded as the model sees it (`_worded`); checked: no empty question, no pair twice."""
     what = "questions.file"
     _require_columns(table, ("video_id", "question_id", "question"), what)
-    vids = [str(v) for v in table.column("video_id").to_pylist()]
-    qids = [str(q) for q in table.column("question_id").to_pylist()]
+    vids = _ids(table, "video_id", what)
+    qids = _ids(table, "question_id", what)
     texts = table.column("question").to_pylist()
     # Multiple-choice sets (pipeline.readers.benchmark) carry options; CSV files cannot.
     options = table.column("options").to_pylist() if "options" in table.column_names else [None] * len(table)
     worded, seen = [], set()
     for vid, qid, text, choices in zip(vids, qids, texts, options):
-        if not text:
+        if text is None or not str(text).strip():
             raise ConfigError(f"{what}: empty question for video_id={vid!r} question_id={qid!r}")
+        if choices is not None and not isinstance(choices, (list, tuple)):
+            raise ConfigError(f"{what}: options of video_id={vid!r} question_id={qid!r} must be a list of "
+                              f"choices, got {type(choices).__name__} {str(choices)[:60]!r}")
         if (vid, qid) in seen:
             raise ConfigError(f"{what}: duplicate (video_id, question_id) = ({vid!r}, {qid!r})")
         seen.add((vid, qid))

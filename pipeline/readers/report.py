@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from pipeline.config import DecodeConfig, StorageConfig
 from pipeline.readers.search import FrameRows, FramesIndex, QueryEncoder, SearchError, the_clip_model
 from pipeline.schema import STATUS_OK, Col
-from pipeline.store.output_store import RUNS_DIR
+from pipeline.store.output_store import ANSWERS_DIR, FRAMES_DIR, RUNS_DIR
 
 log = logging.getLogger("moref_index")
 
@@ -292,6 +292,7 @@ def build_report(output: str, storage: StorageConfig | None = None, video_ids: S
     storage = storage or StorageConfig()
     frames_index = FramesIndex(output, storage)
     store = frames_index.store
+    store.require(ANSWERS_DIR, FRAMES_DIR)  # OutputNotFoundError before any page is written
     answers = store.read_answers(columns=list(REPORT_COLUMNS))
     all_videos = sorted(set(answers.column(Col.VIDEO_ID).to_pylist()))
     if video_ids:

@@ -156,12 +156,15 @@ def score_answers(answers: pa.Table, questions: list[MultipleChoiceQuestion]) ->
     }
 
 
-def score_output(output_path: str, questions: list[MultipleChoiceQuestion]) -> dict:
-    """Score the answers table under a job's `output.path` (local or any fsspec URL)."""
-    from pipeline.config import OutputConfig
-    from pipeline.store.output_store import OutputStore
+def score_output(output_path: str, questions: list[MultipleChoiceQuestion], storage=None) -> dict:
+    """Score the answers table under a job's `output.path` (local or any fsspec URL);
+    OutputNotFoundError when it holds none."""
+    from pipeline.config import OutputConfig, StorageConfig
+    from pipeline.store.output_store import ANSWERS_DIR, OutputStore
 
-    answers = OutputStore(OutputConfig(path=output_path)).read_answers(columns=SCORE_COLUMNS)
+    store = OutputStore(OutputConfig(path=output_path, storage=storage or StorageConfig()))
+    store.require(ANSWERS_DIR)
+    answers = store.read_answers(columns=SCORE_COLUMNS)
     return {"output": output_path, **score_answers(answers, questions)}
 
 

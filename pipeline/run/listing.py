@@ -55,10 +55,16 @@ def manifest_rows(batch: pa.Table, base: str) -> pa.Table:
     uri_col = "video_uri" if "video_uri" in batch.column_names else "uri"
     if uri_col not in batch.column_names:
         raise ConfigError(f"input.manifest: missing column(s) ['video_uri']; found {batch.column_names}")
-    uris = [str(u) for u in batch.column(uri_col).to_pylist()]
+    raw = batch.column(uri_col).to_pylist()
+    if None in raw:
+        raise ConfigError(f"input.manifest: {raw.count(None)} row(s) have no {uri_col}")
+    uris = [str(u) for u in raw]
     absolute = [u if "://" in u or u.startswith("/") else posixpath.join(base, u) for u in uris]
     if Col.VIDEO_ID in batch.column_names:
-        ids = [str(i) for i in batch.column(Col.VIDEO_ID).to_pylist()]
+        given = batch.column(Col.VIDEO_ID).to_pylist()
+        if None in given:
+            raise ConfigError(f"input.manifest: {given.count(None)} row(s) have no video_id")
+        ids = [str(i) for i in given]
     else:
         ids = [posixpath.basename(u) for u in uris]
     return pa.table([pa.array(ids, pa.string()), pa.array(absolute, pa.string()),

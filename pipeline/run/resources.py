@@ -43,6 +43,7 @@ class StageRequest:
     memory_bytes: int
     count: int = 1
     is_actor: bool = True
+    memory_basis: str = ""  # how the memory request was made, named in messages (an estimate names its model)
 
     def ray_args(self) -> dict:
         args = {"num_cpus": self.cpus, "num_gpus": self.gpus}
@@ -51,7 +52,8 @@ class StageRequest:
         return args
 
     def describe(self) -> str:
-        return f"CPU {self.cpus:g}, GPU {self.gpus:g}, memory {self.memory_bytes / GIB:.1f} GiB"
+        basis = f" ({self.memory_basis})" if self.memory_basis else ""
+        return f"CPU {self.cpus:g}, GPU {self.gpus:g}, memory {self.memory_bytes / GIB:.1f} GiB{basis}"
 
 
 @dataclasses.dataclass
@@ -107,12 +109,21 @@ def checkpoint_bytes(model: str) -> int | None:
 def answer_memory_bytes(cfg: AnswerConfig) -> int:
     """`answer.memory_gib`, or for `auto`: the weights (loading passes them through host memory)
     plus ANSWER_BASE_MEMORY_GIB."""
+    return answer_memory_estimate(cfg)[0]
+
+
+def answer_memory_estimate(cfg: AnswerConfig) -> tuple[int, str]:
+    """`answer_memory_bytes` and how it was made, naming the model an estimate was made for."""
     if cfg.memory_gib != "auto":
-        return int(cfg.memory_gib * GIB)
+        return int(cfg.memory_gib * GIB), "answer.memory_gib"
     weights = checkpoint_bytes(cfg.model)
     if weights is None:
-        return int(HUB_MODEL_MEMORY_GIB * GIB)
-    return int(weights + ANSWER_BASE_MEMORY_GIB * GIB)
+        return int(HUB_MODEL_MEMORY_GIB * GIB), (
+            f"answer.memory_gib auto: {HUB_MODEL_MEMORY_GIB:g} GiB assumed for {cfg.model}, whose weights "
+            "are not on this machine; set answer.memory_gib")
+    return int(weights + ANSWER_BASE_MEMORY_GIB * GIB), (
+        f"answer.memory_gib auto: {weights / GIB:.1f} GiB of weights of {cfg.model} "
+        f"+ {ANSWER_BASE_MEMORY_GIB:g} GiB")
 
 
 def answer_concurrency(cfg: AnswerConfig, answer_gpus: float, cluster_gpus: float, guidance_gpus: float) -> int:
@@ -154,10 +165,13 @@ def answer_request(cfg: AnswerConfig, gpus: ClusterGPUs, beside: StageRequest | 
     """The Video-LLM actors: `auto` concurrency fills the GPUs left `beside` the CLIP actors; with
     CLIP inside each actor (`clip_inside`), each actor also holds CLIP's host memory."""
     answer_gpus = gpus.grant(cfg.num_gpus, cfg.device)
-    memory = answer_memory_bytes(cfg) + (int(clip_inside.memory_gib * GIB) if clip_inside else 0)
+    memory, memory_basis = answer_memory_estimate(cfg)
+    if clip_inside:
+        memory += int(clip_inside.memory_gib * GIB)
+        memory_basis += f", + guidance.memory_gib {clip_inside.memory_gib:g} GiB"
     beside_gpus = beside.gpus * beside.count if beside else 0.0
     return StageRequest("answer", cfg.num_cpus, answer_gpus, memory,
-                        count=answer_concurrency(cfg, answer_gpus, gpus.total, beside_gpus))
+                        count=answer_concurrency(cfg, answer_gpus, gpus.total, beside_gpus), memory_basis=memory_basis)
 
 
 SINK_REQUEST = StageRequest("sink", SINK_CPUS, 0.0, 0, is_actor=False)

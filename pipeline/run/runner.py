@@ -18,10 +18,13 @@ resources, and this module turns that list into Ray Data operators, after checki
 
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
 import logging
 import os
+import shutil
+import tempfile
 import time
 
 import numpy as np
@@ -30,6 +33,7 @@ from pipeline.config import JobConfig
 from pipeline.run import planning
 from pipeline.run.metrics import RunReport, quiet_ray_data_progress
 from pipeline.run.planning import Plan
+from pipeline.run.preflight import check_before_work
 from pipeline.run.resources import (
     ClusterGPUs,
     UnschedulableError,
@@ -100,19 +104,41 @@ def plan_work(cfg: JobConfig, store: OutputStore) -> tuple[Plan, RunSummary]:
 
 
 def _init_ray(cfg: JobConfig) -> bool:
-    """Join the configured cluster, or start a local Ray. Returns True when Ray was local."""
+    """Join the configured cluster, or start a local Ray of this job's own. Returns True when Ray
+    was local.
+
+    Only an explicit address joins a cluster (`ray.address`, or RAY_ADDRESS as `ray job submit`
+    sets it). Otherwise Ray is started here with address "local" and a temp dir of its own: plain
+    `ray.init()` would join whatever head the last `ray start` on this machine recorded in Ray's
+    temp dir (another user's job, or a dead head's leftover address file)."""
     import ray
 
     quiet_ray_data_progress()  # before planning or the pipeline makes a dataset (pipeline/run/metrics.py)
     if ray.is_initialized():
-        return cfg.ray.address is None
-    # Under `ray job submit` RAY_ADDRESS names the cluster the job runs on: join it.
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        return not joins_cluster(cfg)
+    address = joins_cluster(cfg)
     if address:
         ray.init(address=address, log_to_driver=True)
         return False
-    ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True,
+             _temp_dir=_own_ray_temp_dir())
     return True
+
+
+def joins_cluster(cfg: JobConfig) -> str | None:
+    """The address of the cluster the job joins (`ray.address`, else $RAY_ADDRESS); None: a local Ray."""
+    return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def _own_ray_temp_dir() -> str:
+    """A fresh temp dir for a local Ray, removed when this process exits (after Ray's own exit
+    handler has stopped it: atexit runs handlers in reverse order). Short, under the system temp
+    dir Ray itself would use: Ray's Unix socket paths live under it and have a length limit."""
+    from ray._common.utils import get_default_system_temp_dir
+
+    path = tempfile.mkdtemp(prefix="moref-ray-", dir=get_default_system_temp_dir())
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def check_resources(cfg: JobConfig, specs: list[StageSpec], local: bool) -> None:
@@ -211,6 +237,7 @@ def run_job(cfg: JobConfig) -> RunSummary:
     start = time.perf_counter()
     # one run id for the lease, the plan and the files (resolved_run_id mints a new one per call)
     cfg = cfg.model_copy(update={"run_id": cfg.resolved_run_id()})
+    check_before_work(cfg, local=not joins_cluster(cfg))  # ConfigError naming the key, before any work
     store = OutputStore(cfg.output)
     lease = OutputLease(store, cfg.output.lock_ttl_s, cfg.run_id or "").acquire()  # OutputLockedError: in use
     try:

@@ -11,13 +11,17 @@ from __future__ import annotations
 import pathlib
 import threading
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from pipeline.config import AnswerConfig
 from pipeline.errors import ErrorReason
 from pipeline.schema import ANSWER_COLUMNS, STATUS_ERROR, STATUS_OK, Col, as_list, empty_answer_row
+from pipeline.stages.question_isolation import answer_halving_on_oom, too_long
+
+if TYPE_CHECKING:
+    from freemoref.video_llm import AnswerResult
 
 
 def model_label(model: str) -> str:
@@ -91,63 +95,79 @@ class AnswerStage:
         roi_boxes = video.get(Col.ROI_BOXES)
         rois = [None if roi_boxes is None or len(roi_boxes) == 0 else [float(x) for x in roi_boxes[q]]
                 for q in range(len(rows))]
+        # A question the model cannot take is its own error row, found from its text before any
+        # model work (question_isolation.py); the others are asked.
+        text_tokens = {q: self.llm.text_tokens(row[Col.QUESTION], self.cfg.system_prompt) for q, row in enumerate(rows)}
+        asked = [q for q in range(len(rows)) if not self._too_long(rows[q], text_tokens[q][1])]
+        if not asked:
+            return rows
         # Questions with the same frames and RoI share the video prefix's prefill (one group per
         # question unless guidance.selection_scope is "video" or the selections coincide).
         groups: dict[tuple, list[int]] = {}
-        for q, (positions, roi) in enumerate(zip(per_question, rois)):
+        for q in asked:
+            positions, roi = per_question[q], rois[q]
             key = (tuple(positions.tolist()), None if roi is None else tuple(roi))
             groups.setdefault(key, []).append(q)
-        # The vision tower runs once per video, on the frames some question selected only.
-        used = np.unique(np.concatenate(per_question)) if per_question else np.arange(0)
+        # The vision tower runs once per video, on the frames some asked question selected only.
+        used = np.unique(np.concatenate([per_question[q] for q in asked]))
         try:
             frames = np.asarray(video.get(Col.FRAMES))[used]
             pixels = self.llm.preprocess_frames(frames, times[used] if len(times) else None)
         except Exception as exc:  # a bad frame array fails this video only
-            return self._fail(rows, range(len(rows)), ErrorReason.VISION_FAILED, exc)
+            return self._fail(rows, asked, ErrorReason.VISION_FAILED, exc)
         with self.device_lock:
             try:
                 frame_tokens = self.llm.encode_pixels(pixels)
             except Exception as exc:  # a model failure for one video must not fail the job
-                return self._fail(rows, range(len(rows)), ErrorReason.VISION_FAILED, exc)
-            answered = {}
+                return self._fail(rows, asked, ErrorReason.VISION_FAILED, exc)
+            answered: dict[int, AnswerResult] = {}
             for members in groups.values():
                 positions, roi = per_question[members[0]], rois[members[0]]
+                group_tokens = frame_tokens[np.searchsorted(used, positions)]
+                visual = self.llm.visual_tokens(group_tokens, roi)
+                members = [q for q in members
+                           if not self._too_long(rows[q], text_tokens[q][1], sum(text_tokens[q]) + visual)]
+                if not members:
+                    continue
+
+                def answer(batch, tokens=group_tokens, roi=roi):
+                    return self.llm.answer_many(tokens, [rows[q][Col.QUESTION] for q in batch],
+                                                system_prompt=self.cfg.system_prompt, generation=self.generation,
+                                                moref=self.moref, roi_box=roi,
+                                                max_batch_tokens=self.cfg.max_batch_tokens)
+
                 try:
-                    answered[members[0]] = self.llm.answer_many(
-                        frame_tokens[np.searchsorted(used, positions)],
-                        [rows[q][Col.QUESTION] for q in members],
-                        system_prompt=self.cfg.system_prompt,
-                        generation=self.generation,
-                        moref=self.moref,
-                        roi_box=roi,
-                        max_batch_tokens=self.cfg.max_batch_tokens,
-                    )
+                    results, out_of_memory = answer_halving_on_oom(answer, members)
                 except Exception as exc:
                     self._fail(rows, members, ErrorReason.ANSWER_FAILED, exc)
+                    continue
+                answered.update(results)
+                for q, exc in out_of_memory.items():
+                    self._fail(rows, [q], ErrorReason.OUT_OF_MEMORY, exc)
+                del group_tokens
             del frame_tokens
-        for members in groups.values():
-            positions, roi = per_question[members[0]], rois[members[0]]
-            for q, result in zip(members, answered.get(members[0], ())):
-                rows[q].update({
-                    Col.STATUS: STATUS_OK,
-                    Col.ANSWER: result.text,
-                    Col.FRAME_INDICES: indices[positions].tolist(),
-                    Col.FRAME_TIMES_S: times[positions].tolist(),
-                    Col.ROI_BOX: roi,
-                    Col.REFERENCES: result.references,
-                    Col.TEMPORAL_UNITS: result.temporal_units,
-                    Col.FUSION_LAYER: result.fusion_layer,
-                    Col.VISUAL_TOKENS_NATIVE: result.visual_tokens_native,
-                    Col.VISUAL_TOKENS_USED: result.visual_tokens_used,
-                    Col.PROMPT_TOKENS: result.prompt_tokens,
-                    Col.OUTPUT_TOKENS: result.output_tokens,
-                    Col.ATTN_FLOPS_RATIO: result.attn_flops_ratio,
-                    Col.TOTAL_FLOPS: result.total_flops,
-                    Col.TOTAL_FLOPS_NATIVE: result.total_flops_native,
-                    Col.PREFILL_S: result.prefill_s,
-                    Col.GENERATE_S: result.generate_s,
-                    Col.PREFIX_SHARED_WITH: result.shared_with,
-                })
+        for q, result in answered.items():
+            positions, roi = per_question[q], rois[q]
+            rows[q].update({
+                Col.STATUS: STATUS_OK,
+                Col.ANSWER: result.text,
+                Col.FRAME_INDICES: indices[positions].tolist(),
+                Col.FRAME_TIMES_S: times[positions].tolist(),
+                Col.ROI_BOX: roi,
+                Col.REFERENCES: result.references,
+                Col.TEMPORAL_UNITS: result.temporal_units,
+                Col.FUSION_LAYER: result.fusion_layer,
+                Col.VISUAL_TOKENS_NATIVE: result.visual_tokens_native,
+                Col.VISUAL_TOKENS_USED: result.visual_tokens_used,
+                Col.PROMPT_TOKENS: result.prompt_tokens,
+                Col.OUTPUT_TOKENS: result.output_tokens,
+                Col.ATTN_FLOPS_RATIO: result.attn_flops_ratio,
+                Col.TOTAL_FLOPS: result.total_flops,
+                Col.TOTAL_FLOPS_NATIVE: result.total_flops_native,
+                Col.PREFILL_S: result.prefill_s,
+                Col.GENERATE_S: result.generate_s,
+                Col.PREFIX_SHARED_WITH: result.shared_with,
+            })
         return rows
 
     def _question_rows(self, video: dict) -> list[dict]:
@@ -168,6 +188,15 @@ class AnswerStage:
             row.update({Col.QUESTION_ID: str(qid), Col.QUESTION: str(question), Col.STATUS: STATUS_ERROR})
             rows.append(row)
         return rows
+
+    def _too_long(self, row: dict, question_tokens: int, prompt_tokens: int | None = None) -> bool:
+        """Mark `row` question_too_long (with its token count) when the model cannot take it."""
+        why = too_long(question_tokens, self.cfg.max_question_tokens, prompt_tokens, self.cfg.max_new_tokens,
+                       self.llm.context_tokens)
+        if why is not None:
+            row.update({Col.ERROR_REASON: ErrorReason.QUESTION_TOO_LONG.value, Col.ERROR_DETAIL: why,
+                        Col.PROMPT_TOKENS: prompt_tokens})
+        return why is not None
 
     @staticmethod
     def _fail(rows: list[dict], which, reason: ErrorReason, exc: BaseException) -> list[dict]:

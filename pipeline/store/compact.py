@@ -36,6 +36,7 @@ class CompactionResult:
 def compact(store: OutputStore, target_mb: float | None = None, run_id: str = "compact") -> CompactionResult:
     """Compact `store`'s answers/ and frames/ (see the module docstring)."""
     target = int(target_mb * MB) if target_mb else store.cfg.target_file_bytes
+    store.require(ANSWERS_DIR, FRAMES_DIR)  # OutputNotFoundError: no lease file is made where no output is
     with OutputLease(store, store.cfg.lock_ttl_s, run_id):
         commits = CommitLog(store)
         commits.recover()

@@ -59,6 +59,10 @@ def video_key(video_id: str) -> str:
     return f"{readable}-{digest}"
 
 
+class OutputNotFoundError(FileNotFoundError):
+    """A reader was pointed at a path that holds no job output (or not the tables it reads)."""
+
+
 class OutputWriteError(RuntimeError):
     """Output storage refused a write even after the retries; the run stops (a rerun resumes)."""
 
@@ -80,6 +84,14 @@ class OutputStore:
         protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
         self._local = "file" in protocols
         self.retries = cfg.write_retries
+
+    def require(self, *subs: str) -> None:
+        """Raise OutputNotFoundError unless one of the folders `subs` (answers, frames) exists:
+        readers call it first, so a wrong path is one clear error and nothing gets created."""
+        self._invalidate()
+        if not any(self.fs.isdir(self.path(sub)) for sub in subs):
+            what = " or ".join(f"{sub}/" for sub in subs)
+            raise OutputNotFoundError(f"no job output at {self.cfg.path}: it holds no {what}")
 
     def path(self, *parts: str) -> str:
         return "/".join((self.root, *(_safe_part(p) for p in parts)))

@@ -103,6 +103,16 @@ def test_answer_memory_auto_follows_the_checkpoint(tmp_path, tiny_model_dir):
     assert requests(tmp_path, answer={"memory_gib": 3})["answer"].ray_args()["memory"] == 3 * GIB
 
 
+def test_a_memory_estimate_names_the_model_it_was_made_for(tmp_path, tiny_model_dir):
+    hub = "org/some-video-model"
+    with pytest.raises(UnschedulableError) as raised:
+        place(requests(tmp_path, answer={"model": hub}), {**GPU_NODE, "memory_gib": 16})
+    assert f"{HUB_MODEL_MEMORY_GIB:g} GiB assumed for {hub}, whose weights are not on this machine; " \
+           "set answer.memory_gib" in str(raised.value)
+    local = requests(tmp_path, answer={"model": tiny_model_dir["llava"]})["answer"].describe()
+    assert f"of weights of {tiny_model_dir['llava']} + {ANSWER_BASE_MEMORY_GIB:g} GiB" in local
+
+
 @pytest.mark.parametrize("answer, message", [
     ({"concurrency": 0}, "answer.concurrency"), ({"concurrency": "many"}, "answer.concurrency"),
     ({"memory_gib": -1}, "answer.memory_gib"),

@@ -141,10 +141,20 @@ def test_s3_index_brute_force_and_approximate(s3_bucket, clip_dir, query_embeddi
     _, out, _ = run_search(capsys, *base)
     assert moments_of(out) == EXPECTED and json.loads(out)["method"] == "brute_force"
     assert main(["index", output, "--endpoint-url", endpoint]) == 0
-    assert capsys.readouterr().out.startswith("search index: 18 frames in 1 lists, 3 videos")
+    assert capsys.readouterr().out.startswith("search index: 18 frames of 3 videos in 1 lists")
     assert fs.exists(f"{bucket}/archive/out/search-index/state.json")
     _, out, _ = run_search(capsys, *base, "--ann-min-frames", "10")
     assert moments_of(out) == EXPECTED and json.loads(out)["method"] == "ann"
+
+
+def test_index_counts_videos_not_files(tmp_path, query_embedding, capsys):
+    """One frames file of several videos (as a run commits them): the videos are counted."""
+    rng = np.random.default_rng(0)
+    table = pa.concat_tables([frames_table(vid, times, with_cosines(query_embedding, cosines, rng), MODEL)
+                              for vid, (times, cosines) in PLANTED.items()])
+    OutputStore(OutputConfig(path=str(tmp_path))).write_table(table, FRAMES_DIR, "part-run-1.parquet")
+    assert main(["index", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith(f"search index: {table.num_rows} frames of {len(PLANTED)} videos in ")
 
 
 def test_model_mismatch_mixed_models_and_unavailable_model(tmp_path, clip_dir, query_embedding, capsys):

@@ -1,0 +1,58 @@
+"""Checks of a job config against the world, before the run takes the output's lease or starts Ray.
+
+The config's own validation (pipeline/config.py) checks forms; these check that what it names
+exists: the questions file and the manifest, the output path (a folder, or nothing yet), and, on a
+local run, the models given as local paths. A model spelled like a path (`/...`, `./...`, `~/...`,
+or with more than one '/') is a path and never a hub id: a missing one is reported here, naming its
+key, instead of being looked up on the hub or failing inside an actor minutes later. A job that
+joins a cluster skips the model check: its driver may run where the models are not mounted (the
+KubeRay head). Each failure is a ConfigError whose message names the key.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pipeline.config import ConfigError, JobConfig
+from pipeline.sources import filesystem
+
+_CLIP_LOCAL_PREFIX = "local-dir:"  # pipeline/stages/clip_models.py's prefix for a local directory
+
+
+def is_path_like(model: str) -> bool:
+    """A model value that names a local path rather than a hub id ("org/name") or a built-in name."""
+    if "://" in model or model.startswith("hf-hub:"):
+        return False
+    return model.startswith(("/", ".", "~", _CLIP_LOCAL_PREFIX)) or model.count("/") > 1
+
+
+def check_before_work(cfg: JobConfig, local: bool) -> None:
+    """Raise ConfigError naming the key of the first thing the config names that is not there.
+    `local`: the stages run on this machine (a local Ray), so the models must be here."""
+    if local:
+        _check_model("answer.model", cfg.answer.model)
+        _check_model("guidance.model", cfg.guidance.model)
+    if cfg.questions.file:
+        _check_file("questions.file", cfg.questions.file, cfg.input.storage)
+    if cfg.input.manifest:
+        _check_file("input.manifest", cfg.input.manifest, cfg.input.storage)
+    fs, path = filesystem(cfg.output.path, cfg.output.storage)
+    if fs.exists(path) and not fs.isdir(path):
+        raise ConfigError(f"output.path: {cfg.output.path} is a file; give a folder (new or a job's output)")
+
+
+def _check_model(key: str, model: str) -> None:
+    if not is_path_like(model):
+        return
+    path = os.path.expanduser(model.removeprefix(_CLIP_LOCAL_PREFIX))
+    if not os.path.isdir(path):
+        what = "is a file, not a model folder" if os.path.exists(path) else "does not exist"
+        raise ConfigError(f"{key}: {path} {what} (a path is never looked up on the model hub)")
+
+
+def _check_file(key: str, url: str, storage) -> None:
+    fs, path = filesystem(url, storage)
+    if not fs.exists(path):
+        raise ConfigError(f"{key}: file not found: {url}")
+    if fs.isdir(path):
+        raise ConfigError(f"{key}: {url} is a folder; give a file")
