@@ -15,6 +15,8 @@ from annotated_types import Ge, Gt, Le
 
 Granularity = Literal["chunk", "head", "token"]
 GRANULARITIES = get_args(Granularity)
+FusionScope = Literal["question", "video"]
+FUSION_SCOPES = get_args(FusionScope)
 
 # How a LlavaOnevision checkpoint lays a frame's visual tokens out (freemoref/layouts.py implements
 # both; defined here so the job config reads the list without importing torch).
@@ -99,6 +101,8 @@ class ResolvedMoRef:
         (0 when N = 1; L = num_layers gates every layer and never fuses).
     keep_ratio: share of each row's visual tokens kept at fusion (1.0 when N = 1).
     granularity: gate granularity, "chunk" | "head" | "token".
+    fusion_scope: whose attention picks the kept tokens, "question" (each question its own) or
+        "video" (one fusion for all the questions answered together, a shared prefix).
     """
 
     references: int
@@ -106,6 +110,7 @@ class ResolvedMoRef:
     fusion_layer: int
     keep_ratio: float
     granularity: str = "chunk"
+    fusion_scope: str = "question"
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,11 @@ class MoRefConfig:
     keep_ratio: share of each reference's visual tokens kept at fusion; default 1 / N.
     granularity: "chunk" (one gate per reference and layer), "head" (per head), or "token"
         (per head and question token).
+    fusion_scope: "question" (the paper's: each question keeps the visual tokens its own attention
+        scores highest and runs its fused sequence alone) or "video" (one fusion for all the
+        questions answered together: per reference, each token's score is its maximum over those
+        questions, the same ceil(l_i * keep_ratio) tokens are kept, and [system | merged visual]
+        runs once through the layers from L on as a prefix every question reads).
 
     The annotations are the one definition of each option's type and range: `__post_init__`
     checks them, and the job config (pipeline/config.py) validates its `answer.moref` keys
@@ -130,6 +140,7 @@ class MoRefConfig:
     fusion_layer: Annotated[int, Ge(1)] | None = None
     keep_ratio: Annotated[float, Gt(0), Le(1)] | None = None
     granularity: Granularity = "chunk"
+    fusion_scope: FusionScope = "question"
 
     def __post_init__(self):
         for name, hint in get_type_hints(type(self), include_extras=True).items():
@@ -142,16 +153,16 @@ class MoRefConfig:
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         if not self.enabled:
-            return ResolvedMoRef(1, self.temporal_units, 0, 1.0, self.granularity)
+            return ResolvedMoRef(1, self.temporal_units, 0, 1.0, self.granularity, self.fusion_scope)
         n = self.references if self.references is not None else math.ceil(num_frames / self.temporal_units)
         n = min(n, num_frames)  # a reference needs at least one frame
         if n == 1:
-            return ResolvedMoRef(1, self.temporal_units, 0, 1.0, self.granularity)
+            return ResolvedMoRef(1, self.temporal_units, 0, 1.0, self.granularity, self.fusion_scope)
         if self.fusion_layer is not None and self.fusion_layer > num_layers:
             raise ValueError(f"fusion_layer {self.fusion_layer} exceeds the model's {num_layers} layers")
         layer = self.fusion_layer if self.fusion_layer is not None else default_fusion_layer(n, num_layers)
         keep = self.keep_ratio if self.keep_ratio is not None else 1.0 / n
-        return ResolvedMoRef(n, self.temporal_units, layer, keep, self.granularity)
+        return ResolvedMoRef(n, self.temporal_units, layer, keep, self.granularity, self.fusion_scope)
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Decoding a batch of prefilled questions together: one token per question per step, through the
-layers below L (over the video's rows, gated) and the fused layers from L on, on static caches;
+layers below L (over the video's rows, gated) and the fused layers from L on (each question's fused
+cache, or in video scope the shared prefix and its own tokens), on static caches;
 on CUDA the step is recorded once as a CUDA graph and replayed. Then the loop that samples tokens
 and stops each question at its EOS, a stop string or max_new_tokens.
 """
@@ -16,6 +17,7 @@ from freemoref.config import GenerationOptions
 from freemoref.decoder_layers import finish_layer, project_qkv
 from freemoref.fusion import Fusion
 from freemoref.prefill import QuestionPrefill, VideoRows, attend_rows
+from freemoref.shared_prefix import attend_prefix
 
 if TYPE_CHECKING:
     from freemoref.engine import MoRefEngine
@@ -114,10 +116,14 @@ class QuestionBatch:
                 slot = fused.add_token(t)
                 mask = fused.real[:, None, None, :]
                 cos, sin = engine.cos_sin(h, (fused.next_position + t)[:, None])
-                for layer, cache in zip(engine.layers[video.shared_layers :], fused.layers):
+                for li, (layer, cache) in enumerate(zip(engine.layers[video.shared_layers :], fused.layers)):
                     q, k, v = project_qkv(layer, h, cos, sin)
                     cache.update(slot, k, v)
-                    attended = attend(q, cache.k, cache.v, mask, layer.self_attn.scaling, engine.backend)
+                    if prompt.shared_prefix is not None:  # video scope: the shared prefix, then own tokens
+                        attended = attend_prefix(prompt.shared_prefix, li, q, cache, fused.real, fused.real.shape[1],
+                                                 slot, layer.self_attn.scaling)
+                    else:
+                        attended = attend(q, cache.k, cache.v, mask, layer.self_attn.scaling, engine.backend)
                     h = finish_layer(layer, h, attended)
         return engine.logits(h[:, -1])
 

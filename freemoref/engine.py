@@ -6,8 +6,10 @@ A video's questions share its work: `MoRefEngine.encode_video` runs the referenc
 video and frame selection (freemoref/prefill.py, phase 1), then `MoRefEngine.start` prefills a
 batch of questions on them (the question tokens below L, fusion at L, the fused sequences from L
 on) and the batch decodes all its questions together (freemoref/decoding.py). A question's answer
-equals answering it alone. `generate_answers` answers a video's questions in batches within a token
-budget; `MoRefSession`, `moref_generate` and `moref_prefill_logits` serve one prompt.
+equals answering it alone, except in video scope (`fusion_scope: video`), where one fusion chosen
+from all the questions is a shared prefix (freemoref/shared_prefix.py). `generate_answers` answers
+a video's questions in batches within a token budget; `MoRefSession`, `moref_generate` and
+`moref_prefill_logits` serve one prompt.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from freemoref.decoder_layers import split_lm
 from freemoref.decoding import QuestionBatch, decode_batch, synchronize
 from freemoref.fusion import Fusion, keep_counts
 from freemoref.prefill import RotaryPositions, VideoRows, prefill_questions, reference_rows
+from freemoref.shared_prefix import SharedPrefix
 
 # Default budget of tokens in one batch of questions through the layers from L on (their fused
 # sequences together); larger question sets are answered in several batches.
@@ -69,11 +72,13 @@ class MoRefEngine:
         references (l_i, D) with their global positions (l_i,); rope and deepstack as there."""
         return reference_rows(self, prefix, references, positions, rope, deepstack)
 
-    def start(self, video: VideoRows, questions, blocks=None, max_new_tokens: int = 0) -> QuestionBatch:
+    def start(self, video: VideoRows, questions, blocks=None, max_new_tokens: int = 0,
+              prefix: SharedPrefix | None = None) -> QuestionBatch:
         """Prefill B questions (each (q_b, D), identical across rows) on the video's rows; blocks[b]:
         how many leading tokens form the prompt's question (default all; later tokens count as
-        generated ones, for recomputing a decode from scratch). Returns the batch, ready to decode."""
-        prompt = prefill_questions(self, video, questions, blocks, max_new_tokens)
+        generated ones, for recomputing a decode from scratch). Video scope: `prefix` is the shared
+        prefix of a larger set of questions; None builds it from these. Returns the batch, ready to decode."""
+        prompt = prefill_questions(self, video, questions, blocks, max_new_tokens, prefix)
         return QuestionBatch(self, video, prompt, max_new_tokens)
 
 
@@ -154,7 +159,9 @@ def generate_answers(engine: MoRefEngine, prefix, references, positions, suffixe
     """Answer several questions of one video, sharing its prefill: the reference rows once, then the
     questions in batches within `engine.max_batch_tokens`, each prefilled and decoded together.
     suffixes: each question's embeddings (q_b, D); other inputs (rope, deepstack included) as in
-    `MoRefEngine.encode_video`. Outputs in the order of `suffixes`."""
+    `MoRefEngine.encode_video`. In video scope the batches count only the questions' own tokens,
+    and the shared prefix is chosen from all the questions (built first when they take several
+    batches). Outputs in the order of `suffixes`."""
     gen = gen or GenerationOptions()
     device = prefix.device
     synchronize(device)
@@ -164,11 +171,22 @@ def generate_answers(engine: MoRefEngine, prefix, references, positions, suffixe
     shared_s = time.perf_counter() - t0
     per_row = video.prefix_len + (sum(keep_counts(video.lengths, engine.cfg.keep_ratio)) if video.fused
                                   else video.vis_len)
+    video_scope = video.fused and engine.cfg.fusion_scope == "video"
+    if video_scope:  # from L on a question holds only its own tokens; the shared prefix comes once
+        per_row = 0
+    batches = question_batches([s.shape[0] for s in suffixes], per_row, engine.max_batch_tokens)
+    shared_prefix = None
+    if video_scope and len(batches) > 1:
+        # The fusion is chosen from all the questions, so it is built once before any batch.
+        shared_prefix = engine.start(video, suffixes).prompt.shared_prefix
+        synchronize(device)
+        shared_s = time.perf_counter() - t0
     outputs: dict[int, MoRefOutput] = {}  # question_batches covers every question once
     native = sum(video.lengths)
-    for batch_ids in question_batches([s.shape[0] for s in suffixes], per_row, engine.max_batch_tokens):
+    for batch_ids in batches:
         t1 = time.perf_counter()
-        batch = engine.start(video, [suffixes[i] for i in batch_ids], max_new_tokens=gen.max_new_tokens)
+        batch = engine.start(video, [suffixes[i] for i in batch_ids], max_new_tokens=gen.max_new_tokens,
+                             prefix=shared_prefix)
         synchronize(device)
         t2 = time.perf_counter()
         decoded = decode_batch(batch, gen, eos_token_ids, stop_checker)

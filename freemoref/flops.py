@@ -139,11 +139,23 @@ def moref_rows_flops(text: TextShape, system: int, row_visual: int, question: in
     return layers * (linear + pairs * text.attention_per_pair)
 
 
+def shared_prefix_flops(text: TextShape, prefix: int, question: int, output_tokens: int, layers: int,
+                        shared_with: int) -> int:
+    """Video scope, the layers from L on for one question: its 1/shared_with share of the fused
+    prefix [system | merged visual] (run once for the `shared_with` questions), plus its own
+    question tokens and decode steps attending to the prefix and to themselves. With
+    shared_with = 1 it equals `single_sequence_flops` of prefix + question (attention is causal)."""
+    own = layer_flops(text, question, prefix) + sum(
+        layer_flops(text, 1, prefix + question + step) for step in range(max(output_tokens - 1, 0)))
+    return layers * (round(layer_flops(text, prefix) / shared_with) + own)
+
+
 def answer_flops(model_config, *, frames: int, visual_tokens_per_frame: int, text_tokens: int,
                  output_tokens: int, references: int = 1, fusion_layer: int = 0,
                  keep_ratio: float | None = None, prefix_tokens: int = 0, extra_visual_tokens: int = 0,
                  native_visual_tokens_per_frame: int | None = None,
-                 vision_flops: int | None = None) -> tuple[int, int]:
+                 vision_flops: int | None = None, fusion_scope: str = "question",
+                 shared_with: int = 1) -> tuple[int, int]:
     """Whole-model FLOPs of one answer: (total_flops, total_flops_native).
 
     `text_tokens` are the prompt's text tokens, `prefix_tokens` of them (system prompt and
@@ -157,7 +169,10 @@ def answer_flops(model_config, *, frames: int, visual_tokens_per_frame: int, tex
     and projector cost the same in both (`vision_flops`, default: the SigLIP tower's
     `vision_flops_per_frame` per frame; other families pass their own). For a family whose visual
     unit is a temporal patch of frames, `frames` counts those patches. Decode runs
-    output_tokens - 1 steps; lm_head runs once per output token.
+    output_tokens - 1 steps; lm_head runs once per output token. `fusion_scope` "video": the fused
+    prefix [system | merged visual] ran once for the `shared_with` questions answered together, so
+    this answer counts 1/shared_with of it (`shared_prefix_flops`): summed over those answers, it
+    counts once. Everything else is counted as if the question were answered alone, in both scopes.
     """
     text = TextShape.from_config(model_config.text_config)
     system, question = prefix_tokens, text_tokens - prefix_tokens
@@ -181,6 +196,10 @@ def answer_flops(model_config, *, frames: int, visual_tokens_per_frame: int, tex
     rows[-1] += extra_visual_tokens  # onevision's one end-of-video newline joins one reference
     below = moref_rows_flops(text, system, max(rows), question, references, output_tokens, fusion_layer)
     fused_visual = sum(math.ceil(row * keep - 1e-9) for row in rows)  # 1e-9: 21 * (1/3) is 7
-    above = single_sequence_flops(text, system + fused_visual + question, output_tokens,
-                                  layers=text.layers - fusion_layer)
+    if fusion_scope == "video" and fusion_layer < text.layers:
+        above = shared_prefix_flops(text, system + fused_visual, question, output_tokens, text.layers - fusion_layer,
+                                    shared_with)
+    else:
+        above = single_sequence_flops(text, system + fused_visual + question, output_tokens,
+                                      layers=text.layers - fusion_layer)
     return vision + below + above + lm_head, native

@@ -10,6 +10,8 @@
 2. Fusion at L, `fuse`: each question keeps its own top visual tokens of the N rows (scored by its
    queries on layer L's visual keys) in one sequence [system | kept visual | question].
 3. Fused sequence, `fused_sequence`: the B fused sequences, right-padded, through layers L on.
+In video scope (`fusion_scope: video`), phases 2 and 3 are freemoref/shared_prefix.py's: one fusion
+for the batch's questions, run once as a shared prefix, and only the questions' own tokens on top.
 
 Positions, two ways. By default every row shares positions 0..T0-1 (T0 = system + longest
 reference), every question starts at T0 (a shorter reference leaves a gap of a few slots before
@@ -34,6 +36,7 @@ from freemoref.attention import causal_attention, engine_sdpa, gate_mix_weights,
 from freemoref.decoder_layers import finish_layer, project_qkv, project_rotated
 from freemoref.fusion import Fusion, keep_counts, select_visual_tokens, visual_importance
 from freemoref.kv_cache import KVCache, SequenceCache
+from freemoref.shared_prefix import SharedPrefix, questions_on_prefix, run_shared_prefix, video_fusion
 
 if TYPE_CHECKING:
     from freemoref.engine import MoRefEngine
@@ -117,6 +120,9 @@ class QuestionPrefill:
     # (layers below L, N, B, H', 1): each question's gate running max (H' = 1 for "chunk", H for
     # "head"), carried into decoding; None when no gate keeps state (N = 1, "token", fixed weights).
     gate_running: torch.Tensor | None
+    # Video scope: the fused prefix every question reads from L on; `fused` then holds only the
+    # questions' own tokens there. None in question scope.
+    shared_prefix: SharedPrefix | None = None
 
 
 @torch.no_grad()
@@ -226,6 +232,19 @@ def question_rows(engine: MoRefEngine, video: VideoRows, h, own_real, blocks, qu
     return h, caches, cos, sin
 
 
+def question_importance(engine: MoRefEngine, video: VideoRows, h, blocks, cos, sin) -> list[torch.Tensor]:
+    """Each question's importance (N, lv) of the rows' visual tokens at layer L, scored by its
+    prompt question's queries (blocks[b] leading tokens of h (B, qm, D)) on L's visual keys."""
+    inputs = video.fusion_inputs
+    assert inputs is not None  # called only for a fused video
+    if inputs.k_vis is None:  # everything is kept, no need to score
+        return [video.vis_mask.float()] * h.shape[0]
+    layer = engine.layers[video.shared_layers]
+    q = project_rotated(layer, h, cos, sin, "q_proj")  # (B, H, qm, Dh)
+    return [visual_importance(q[i : i + 1, :, : int(blocks[i])], inputs.k_vis, layer.self_attn.scaling,
+                              video.vis_mask) for i in range(h.shape[0])]
+
+
 def fuse(engine: MoRefEngine, video: VideoRows, h, blocks, cos, sin, question_len):
     """Phase 2, at layer L: each question's fusion, scored by its prompt question's queries (blocks[b]
     leading tokens of h (B, qm, D)) on the rows' visual keys. Returns the fusions, the fused
@@ -234,15 +253,8 @@ def fuse(engine: MoRefEngine, video: VideoRows, h, blocks, cos, sin, question_le
     inputs = video.fusion_inputs
     assert inputs is not None  # called only for a fused video (see `prefill_questions`)
     b, qm, d = h.shape
-    if inputs.k_vis is None:  # everything is kept, no need to score
-        importance = [video.vis_mask.float()] * b
-    else:
-        layer = engine.layers[video.shared_layers]
-        q = project_rotated(layer, h, cos, sin, "q_proj")  # (B, H, qm, Dh)
-        importance = [visual_importance(q[i : i + 1, :, : int(blocks[i])], inputs.k_vis,
-                                        layer.self_attn.scaling, video.vis_mask) for i in range(b)]
     fusions = [select_visual_tokens(imp, video.vis_mask, video.positions, engine.cfg.keep_ratio)
-               for imp in importance]
+               for imp in question_importance(engine, video, h, blocks, cos, sin)]
     kept, p = len(fusions[0].rows), video.prefix_len
     fused = h.new_empty(b, p + kept + qm, d)  # hidden: (B, Tf, D)
     fused[:, :p] = inputs.h_prefix
@@ -296,10 +308,12 @@ def fused_deepstack(video: VideoRows, fusions, tf: int, first_layer: int):
     return out
 
 
-def prefill_questions(engine: MoRefEngine, video: VideoRows, questions, blocks, max_new_tokens: int) -> QuestionPrefill:
+def prefill_questions(engine: MoRefEngine, video: VideoRows, questions, blocks, max_new_tokens: int,
+                      prefix: SharedPrefix | None = None) -> QuestionPrefill:
     """Phases 1 (question tokens), 2 and 3 for B questions (each (q_b, D)); blocks[b]: how many
     leading tokens form the prompt's question (default all; later tokens count as generated ones,
-    for recomputing a decode from scratch)."""
+    for recomputing a decode from scratch). In video scope, phases 2 and 3 build one shared prefix
+    from these questions (`freemoref.shared_prefix`), or reuse `prefix`, built from a larger set."""
     if not questions:
         raise ValueError("no questions")
     if min(q.shape[0] for q in questions) < 1:
@@ -327,6 +341,18 @@ def prefill_questions(engine: MoRefEngine, video: VideoRows, questions, blocks, 
         if not video.fused:
             return QuestionPrefill(engine.logits(h[last, question_len - 1]), [None] * b, [sum(video.lengths)] * b,
                                    question_len, own, None, gate_running)
+        if engine.cfg.fusion_scope == "video":
+            assert video.fusion_inputs is not None  # video.fused
+            if video.rope_rows is not None or video.deepstack is not None:
+                raise ValueError("fusion_scope 'video' runs on families with 1-D positions (LlavaOnevision); "
+                                 "this model's multimodal rotary positions need fusion_scope 'question'")
+            if prefix is None:
+                fusion = video_fusion(question_importance(engine, video, h, blocks, cos, sin), video.vis_mask,
+                                      video.positions, engine.cfg.keep_ratio)
+                prefix = run_shared_prefix(engine, video.fusion_inputs.h_prefix, video.fusion_inputs.h_vis, fusion)
+            h, on_prefix = questions_on_prefix(engine, prefix, h, own_real, question_len, max_new_tokens)
+            return QuestionPrefill(engine.logits(h[last, question_len - 1]), [prefix.fusion] * b,
+                                   [len(prefix.fusion.rows)] * b, question_len, own, on_prefix, gate_running, prefix)
         fusions, fused, fused_len, positions = fuse(engine, video, h, blocks, cos, sin, question_len)
         stack = fused_deepstack(video, fusions, fused.shape[1], engine.fusion_layer)
         fused, fused_cache = fused_sequence(engine, fused, fused_len, max_new_tokens, positions,

@@ -55,6 +55,7 @@ class AnswerResult:
     generate_s: float
     token_ids: list[int] = field(default_factory=list)  # the generated ids, for inspection and tests
     shared_with: int = 1  # questions that shared this video prefix's prefill (1 = not shared)
+    fusion_scope: str | None = None  # "question" or "video" where MoRef ran (N > 1), else None
 
 
 @dataclass
@@ -277,7 +278,7 @@ class VideoLLM:
             text_tokens=text_tokens, output_tokens=len(out.tokens), references=resolved.references,
             fusion_layer=fusion_layer or 0, keep_ratio=keep_ratio, prefix_tokens=prefix_tokens,
             extra_visual_tokens=shape.extra_tokens, native_visual_tokens_per_frame=shape.native_tokens_per_item,
-            vision_flops=shape.vision_flops)
+            vision_flops=shape.vision_flops, fusion_scope=resolved.fusion_scope, shared_with=out.shared_with)
         ratio = flops.attn_flops_ratio(parts.frames, resolved.references, fusion_layer or 0, keep_ratio,
                                        num_layers=self.family.num_layers, baseline_frames=BASELINE_FRAMES)
         return AnswerResult(
@@ -288,4 +289,5 @@ class VideoLLM:
             visual_tokens_used=out.visual_tokens_used, references=resolved.references,
             temporal_units=resolved.temporal_units if moref else None, fusion_layer=fusion_layer,
             attn_flops_ratio=ratio, total_flops=total, total_flops_native=total_native,
-            prefill_s=out.prefill_s, generate_s=out.generate_s, token_ids=out.tokens, shared_with=out.shared_with)
+            prefill_s=out.prefill_s, generate_s=out.generate_s, token_ids=out.tokens, shared_with=out.shared_with,
+            fusion_scope=resolved.fusion_scope if moref else None)

@@ -56,6 +56,7 @@ class Col:
     REFERENCES = "references"
     TEMPORAL_UNITS = "temporal_units"
     FUSION_LAYER = "fusion_layer"
+    FUSION_SCOPE = "fusion_scope"
     VISUAL_TOKENS_NATIVE = "visual_tokens_native"
     VISUAL_TOKENS_USED = "visual_tokens_used"
     PROMPT_TOKENS = "prompt_tokens"
@@ -97,6 +98,8 @@ ANSWERS_SCHEMA = pa.schema(
         (Col.REFERENCES, pa.int32()),
         (Col.TEMPORAL_UNITS, pa.int32()),
         (Col.FUSION_LAYER, pa.int32()),
+        # answer.moref.fusion_scope ("question" | "video") where MoRef ran, null otherwise.
+        (Col.FUSION_SCOPE, pa.string()),
         (Col.VISUAL_TOKENS_NATIVE, pa.int64()),
         (Col.VISUAL_TOKENS_USED, pa.int64()),
         (Col.PROMPT_TOKENS, pa.int64()),

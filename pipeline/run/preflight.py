@@ -11,6 +11,7 @@ KubeRay head). Each failure is a ConfigError whose message names the key.
 
 from __future__ import annotations
 
+import json
 import os
 
 from pipeline.config import ConfigError, JobConfig
@@ -32,6 +33,7 @@ def check_before_work(cfg: JobConfig, local: bool) -> None:
     if local:
         _check_model("answer.model", cfg.answer.model)
         _check_model("guidance.model", cfg.guidance.model)
+        _check_fusion_scope(cfg)
     if cfg.questions.file:
         _check_file("questions.file", cfg.questions.file, cfg.input.storage)
     if cfg.input.manifest:
@@ -48,6 +50,23 @@ def _check_model(key: str, model: str) -> None:
     if not os.path.isdir(path):
         what = "is a file, not a model folder" if os.path.exists(path) else "does not exist"
         raise ConfigError(f"{key}: {path} {what} (a path is never looked up on the model hub)")
+
+
+def _check_fusion_scope(cfg: JobConfig) -> None:
+    """Video scope shares one fused prefix with 1-D positions: the families with multimodal rotary
+    positions (Qwen2.5-VL, Qwen3-VL) answer in question scope only."""
+    if cfg.answer.moref.fusion_scope != "video" or not is_path_like(cfg.answer.model):
+        return
+    from freemoref.families import family_name_for_config
+
+    config_file = os.path.join(os.path.expanduser(cfg.answer.model), "config.json")
+    if not os.path.isfile(config_file):
+        return
+    with open(config_file) as f:
+        family = family_name_for_config(json.load(f))
+    if family not in (None, "llava_onevision"):
+        raise ConfigError(f"answer.moref.fusion_scope: 'video' runs on LlavaOnevision checkpoints; {cfg.answer.model} "
+                          f"is {family}, whose multimodal positions need 'question'")
 
 
 def _check_file(key: str, url: str, storage) -> None:

@@ -157,6 +157,7 @@ class AnswerStage:
                 Col.REFERENCES: result.references,
                 Col.TEMPORAL_UNITS: result.temporal_units,
                 Col.FUSION_LAYER: result.fusion_layer,
+                Col.FUSION_SCOPE: result.fusion_scope,
                 Col.VISUAL_TOKENS_NATIVE: result.visual_tokens_native,
                 Col.VISUAL_TOKENS_USED: result.visual_tokens_used,
                 Col.PROMPT_TOKENS: result.prompt_tokens,

@@ -23,6 +23,9 @@ def test_resolve_explicit_options():
     assert cfg.resolve(100, 6) == ResolvedMoRef(2, 16, 4, 0.75, "token")
     assert MoRefConfig(references=8).resolve(3, 28).references == 3  # at most one reference per frame
     assert MoRefConfig(fusion_layer=6).resolve(200, 6).fusion_layer == 6  # gate everywhere, no fusion
+    for frames in (200, 3, 64):  # the scope is carried whatever N resolves to
+        assert MoRefConfig(fusion_scope="video").resolve(frames, 28).fusion_scope == "video"
+    assert MoRefConfig().resolve(200, 28).fusion_scope == "question"
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -32,6 +35,7 @@ def test_resolve_explicit_options():
     ({"keep_ratio": 0.0}, "keep_ratio"),
     ({"keep_ratio": 1.5}, "keep_ratio"),
     ({"granularity": "frame"}, "granularity"),
+    ({"fusion_scope": "frame"}, "fusion_scope"),
 ])
 def test_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

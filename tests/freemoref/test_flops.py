@@ -79,6 +79,23 @@ def test_moref_answer_flops_by_hand():
     assert total < native
 
 
+def test_video_scope_counts_the_shared_prefix_once_per_video():
+    kwargs = dict(frames=4, visual_tokens_per_frame=16, text_tokens=12, output_tokens=3, references=2,
+                  fusion_layer=1, keep_ratio=0.5, prefix_tokens=5, extra_visual_tokens=1)
+    question_scope, native = answer_flops(CONFIG, **kwargs)
+    alone, same_native = answer_flops(CONFIG, fusion_scope="video", shared_with=1, **kwargs)
+    assert alone == question_scope and same_native == native  # causal: prefix then question is one sequence
+    prefix = 5 + 33  # system + fused visual
+    prefix_layer = prefix * LIN + prefix * (prefix + 1) // 2 * PAIR
+    for shared in (2, 5):
+        share, _ = answer_flops(CONFIG, fusion_scope="video", shared_with=shared, **kwargs)
+        # layers 1..3 (3 of them) run the prefix once for `shared` questions
+        assert share == pytest.approx(question_scope - 3 * prefix_layer * (1 - 1 / shared), abs=3)
+    # gated in every layer, nothing is fused: the scope changes nothing
+    assert answer_flops(CONFIG, fusion_scope="video", shared_with=5, **{**kwargs, "fusion_layer": 4}) == \
+        answer_flops(CONFIG, **{**kwargs, "fusion_layer": 4})
+
+
 def test_uneven_rows_are_padded_and_keep_defaults_to_one_over_n():
     # 5 frames over 2 rows: 3 and 2 frames; rows padded to 3 frames below L; fused 2 + 1 frames
     total, _ = answer_flops(CONFIG, frames=5, visual_tokens_per_frame=10, text_tokens=0, output_tokens=1,

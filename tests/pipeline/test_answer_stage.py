@@ -34,6 +34,7 @@ def test_each_question_sees_its_own_frames(tiny_model_dir):
                         generation=GenerationOptions(max_new_tokens=4))
     assert rows[1]["answer"] == direct.text and rows[1]["status"] == "ok"
     assert rows[0]["frames_decoded"] == 6 and rows[0]["decode_s"] == 0.1
+    assert rows[0]["fusion_scope"] is None and rows[0]["fusion_layer"] is None  # no MoRef, nothing fused
 
 
 def test_questions_with_the_same_frames_share_the_prefill(tiny_model_dir):
@@ -51,6 +52,23 @@ def test_questions_with_the_same_frames_share_the_prefill(tiny_model_dir):
                            generation=stage.generation, moref=stage.moref)
         assert row["answer"] == alone.text and row["output_tokens"] == alone.output_tokens
     assert shared[0]["answer"] == apart[0]["answer"]
+
+
+def test_answers_rows_carry_the_fusion_scope(tiny_model_dir):
+    """Both scopes through the stage: each row names its scope, and video scope's rows count the
+    shared fused prefix once for the two questions (less than question scope, the same native)."""
+    frames = np.random.default_rng(0).integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
+    rows = {}
+    for scope in ("question", "video"):
+        cfg = AnswerConfig(model=tiny_model_dir["llava"], max_new_tokens=4,
+                           moref=MoRefConfig(temporal_units=2, references=2, fusion_scope=scope))
+        rows[scope] = AnswerStage(cfg, run_id="r").answer_video(_video(frames, [[1, 2, 3, 5], [1, 2, 3, 5]]))
+    for scope, answered in rows.items():
+        assert [(r["status"], r["fusion_scope"], r["prefix_shared_with"]) for r in answered] == [("ok", scope, 2)] * 2
+        assert all(r["fusion_layer"] is not None and r["fusion_layer"] < 4 for r in answered)  # of 4: fused
+    for q, v in zip(rows["question"], rows["video"]):
+        assert v["total_flops"] < q["total_flops"] and v["total_flops_native"] == q["total_flops_native"]
+        assert v["visual_tokens_used"] == q["visual_tokens_used"]  # the same budget of kept tokens
 
 
 def test_upstream_errors_become_one_row_per_question(tiny_model_dir):

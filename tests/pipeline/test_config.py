@@ -29,7 +29,7 @@ def test_minimal_config_gets_defaults():
     cfg = parse_job_config(MINIMAL)
     assert cfg.input.videos == ["videos/*.mp4"]
     assert cfg.questions.prompts[0].question_id == "prompt-0"
-    assert cfg.answer.moref.granularity == "chunk"
+    assert (cfg.answer.moref.granularity, cfg.answer.moref.fusion_scope) == ("chunk", "question")
     assert cfg.answer.trust_remote_code is False
     assert (cfg.answer.prompt_template, cfg.answer.system_prompt) == ("llava_vid", None)
     assert (cfg.questions.multiple_choice_prompt, cfg.questions.open_ended_prompt) == ("videomme", "none")
@@ -42,6 +42,7 @@ def test_minimal_config_gets_defaults():
         ({"decode__num_frames": 0}, "decode.num_frames"),
         ({"decode__backend": "ffmpeg"}, "decode.backend"),
         ({"answer__moref__granularity": "layer"}, "answer.moref.granularity"),
+        ({"answer__moref__fusion_scope": "frame"}, "answer.moref.fusion_scope"),
         ({"answer__moref__keep_ratio": 1.5}, "answer.moref.keep_ratio"),
         ({"answer__moref__references": 0}, "answer.moref.references"),
         ({"answer__moref__bogus": 1}, "answer.moref.bogus: unknown key"),
@@ -60,8 +61,9 @@ def test_bad_values_fail_naming_the_key(changes, key):
 
 def test_moref_keys_validate_into_the_library_config():
     """answer.moref is freemoref's MoRefConfig itself, its YAML values coerced like every other key."""
-    cfg = parse_job_config(_with(answer__moref={"references": "3", "keep_ratio": 1, "granularity": "head"}))
-    assert cfg.answer.moref == MoRefConfig(references=3, keep_ratio=1.0, granularity="head")
+    cfg = parse_job_config(_with(answer__moref={"references": "3", "keep_ratio": 1, "granularity": "head",
+                                                "fusion_scope": "video"}))
+    assert cfg.answer.moref == MoRefConfig(references=3, keep_ratio=1.0, granularity="head", fusion_scope="video")
     assert isinstance(cfg.answer.moref.keep_ratio, float)
     assert parse_job_config(MINIMAL).answer.moref == MoRefConfig()
 

@@ -45,3 +45,22 @@ def test_qwen2_5_vl_run_then_rerun_resumes(tmp_path, tiny_model_dir, ray_local):
     again = run_job(cfg)
     assert (again.skipped_done, again.processed) == (2, 0)
     assert len(OutputStore(cfg.output).read_answers()) == 2
+
+
+def test_video_fusion_scope_on_qwen_fails_before_any_work(tmp_path, tiny_model_dir):
+    """Video scope shares a fused prefix with 1-D positions: on a Qwen checkpoint the job stops
+    before any work, naming the key."""
+    from pipeline.config import ConfigError
+    from pipeline.run.preflight import check_before_work
+
+    cfg = parse_job_config({
+        "input": {"videos": f"{tmp_path}/*.mp4"}, "questions": {"prompts": ["Describe it."]},
+        "answer": {"model": tiny_model_dir["qwen2_5_vl"], "moref": {"fusion_scope": "video"}},
+        "guidance": {"model": tiny_model_dir["clip"], "pretrained": None},
+        "output": {"path": str(tmp_path / "out")},
+    })
+    with pytest.raises(ConfigError, match=r"^answer\.moref\.fusion_scope: 'video' runs on LlavaOnevision .* is "
+                                          r"qwen2_5_vl"):
+        check_before_work(cfg, local=True)
+    llava = cfg.model_copy(update={"answer": cfg.answer.model_copy(update={"model": tiny_model_dir["llava"]})})
+    check_before_work(llava, local=True)
