@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from pipeline.config import AnswerConfig, GuidanceConfig, JobConfig, OutputConfig
+from pipeline.fingerprint import config_fingerprint
 from pipeline.run.resources import StageRequest
 from pipeline.run.stage_contract import StageSpec
 from pipeline.schema import Col
@@ -54,8 +55,9 @@ class GuideThenAnswer:
     keeps_input_columns = False
     writes: ClassVar[Sequence[str]] = AnswerStage.writes
 
-    def __init__(self, guidance: GuidanceConfig, output: OutputConfig, answer: AnswerConfig, run_id: str):
-        self.answer = AnswerStage(answer, run_id)
+    def __init__(self, guidance: GuidanceConfig, output: OutputConfig, answer: AnswerConfig, run_id: str,
+                 config_fingerprint: str | None = None):
+        self.answer = AnswerStage(answer, run_id, config_fingerprint)
         self.guide = GuidanceStage(guidance)
         self.frames = FramesWriter(output)
 
@@ -68,17 +70,20 @@ class GuideThenAnswer:
 def job_stages(cfg: JobConfig, run_id: str, requests: dict[str, StageRequest]) -> list[StageSpec]:
     """The stages of `cfg`'s job with the resources in `requests` (pipeline.run.resources.stage_requests)."""
     in_flight = cfg.answer.videos_in_flight
+    fingerprint = config_fingerprint(cfg)  # the answer stage stamps every row with its pair's (resume compares)
     decode = StageSpec("decode", DecodeStage, {"cfg": cfg.decode, "storage": cfg.input.storage}, requests["decode"],
                        max_retries=DECODE_TASK_RETRIES)
     # answers rows stream to the driver, whose OutputCommitter writes them in files of many videos
     sink = StageSpec("answers_rows", AnswersRows, {}, requests["sink"], batch_size=None, batch_format="pyarrow")
     if cfg.guidance.placement == "answer_actor":
         answer = StageSpec("guidance_and_answer", GuideThenAnswer,
-                           {"guidance": cfg.guidance, "output": cfg.output, "answer": cfg.answer, "run_id": run_id},
+                           {"guidance": cfg.guidance, "output": cfg.output, "answer": cfg.answer, "run_id": run_id,
+                            "config_fingerprint": fingerprint},
                            requests["answer"], concurrent_calls=in_flight)
         return [decode, answer, sink]
     guidance = StageSpec("guidance", GuideThenWriteFrames, {"cfg": cfg.guidance, "output": cfg.output},
                          requests["guidance"], batch_size=cfg.guidance.videos_per_batch)
-    answer = StageSpec("answer", AnswerStage, {"cfg": cfg.answer, "run_id": run_id}, requests["answer"],
+    answer = StageSpec("answer", AnswerStage, {"cfg": cfg.answer, "run_id": run_id, "config_fingerprint": fingerprint},
+                       requests["answer"],
                        concurrent_calls=in_flight)
     return [decode, guidance, answer, sink]
