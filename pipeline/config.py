@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import hashlib
 import pathlib
 import uuid
 from collections.abc import Mapping, Sequence
@@ -78,6 +79,11 @@ class InputConfig(_Strict):
         return self
 
 
+def prompt_id(question: str) -> str:
+    """The question_id of a prompt given as a plain string: 'prompt-' and 12 hex digits of its text's SHA-256."""
+    return f"prompt-{hashlib.sha256(question.encode()).hexdigest()[:12]}"
+
+
 class GlobalQuestion(_Strict):
     question_id: str
     question: str = Field(min_length=1)
@@ -97,11 +103,9 @@ class QuestionsConfig(_Strict):
     @field_validator("prompts", mode="before")
     @classmethod
     def _strings_become_prompts(cls, value):
+        # A plain string's question_id comes from its text: an edited prompt is a new question.
         if isinstance(value, list):
-            return [
-                {"question_id": f"prompt-{i}", "question": v} if isinstance(v, str) else v
-                for i, v in enumerate(value)
-            ]
+            return [{"question_id": prompt_id(v), "question": v} if isinstance(v, str) else v for v in value]
         return value
 
     @model_validator(mode="after")
@@ -225,6 +229,10 @@ class OutputConfig(_Strict):
     path: str
     storage: StorageConfig = StorageConfig()
     resume: bool = True  # skip (video_id, question_id) pairs already written
+    # Ask a written pair again when what produced its row changed (its fingerprint: the question,
+    # the model, the config that changes answers; pipeline/fingerprint.py); the new row replaces it.
+    # false: keep rows as written, whatever changed.
+    redo_changed: bool = True
     # Rerun pairs whose row is an error with one of these reasons (the new row replaces the old):
     # false / [] = errors are final; true = the transient ErrorReasons; or a list of reasons.
     retry_errors: bool | list[str] = False

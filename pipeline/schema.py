@@ -67,6 +67,7 @@ class Col:
     PREFILL_S = "prefill_s"
     GENERATE_S = "generate_s"
     PREFIX_SHARED_WITH = "prefix_shared_with"
+    FINGERPRINT = "fingerprint"  # of what produced the row (pipeline/fingerprint.py): resume redoes a changed pair
     # frames table rows (with VIDEO_ID and CLIP_MODEL above)
     FRAME_INDEX = "frame_index"
     TIME_S = "time_s"
@@ -114,6 +115,10 @@ ANSWERS_SCHEMA = pa.schema(
         # How many questions shared this row's video prefill (frames, RoI and system prompt):
         # prefill_s holds this row's share of it. 1 = computed for this question alone.
         (Col.PREFIX_SHARED_WITH, pa.int32()),
+        # What produced the row: the question as asked, the model and its revision, and the config
+        # that changes an answer (pipeline/fingerprint.py). A pair whose fingerprint differs from the
+        # current job's is asked again. Null in rows written before it existed.
+        (Col.FINGERPRINT, pa.string()),
     ]
 )
 

@@ -13,6 +13,7 @@ from functools import partial
 from typing import Any, ClassVar
 
 from pipeline.config import AnswerConfig, GuidanceConfig, JobConfig, OutputConfig
+from pipeline.fingerprint import config_fingerprint
 from pipeline.run.resources import (
     SINK_REQUEST,
     ClusterGPUs,
@@ -62,8 +63,9 @@ class GuideThenAnswer:
     keeps_input_columns = False
     writes: ClassVar[Sequence[str]] = AnswerStage.writes
 
-    def __init__(self, guidance: GuidanceConfig, output: OutputConfig, answer: AnswerConfig, run_id: str):
-        self.answer = AnswerStage(answer, run_id)
+    def __init__(self, guidance: GuidanceConfig, output: OutputConfig, answer: AnswerConfig, run_id: str,
+                 config_fingerprint: str | None = None):
+        self.answer = AnswerStage(answer, run_id, config_fingerprint)
         self.guide = GuidanceStage(guidance)
         self.frames = FramesWriter(output)
 
@@ -76,6 +78,7 @@ class GuideThenAnswer:
 def job_stages(cfg: JobConfig, run_id: str, gpus: ClusterGPUs) -> list[StageSpec]:
     """The stages of `cfg`'s job, each with its typed config bound and the resources it asks for,
     built from its own config section. `guidance.placement` is decided here and nowhere else."""
+    fingerprint = config_fingerprint(cfg)  # the answer stage stamps every row with its pair's (resume compares)
     decode = StageSpec("decode", partial(DecodeStage, cfg.decode, storage=cfg.input.storage),
                        decode_request(cfg.decode), max_retries=DECODE_TASK_RETRIES)
     # answers rows stream to the driver, whose OutputCommitter writes them in files of many videos
@@ -84,13 +87,13 @@ def job_stages(cfg: JobConfig, run_id: str, gpus: ClusterGPUs) -> list[StageSpec
     if cfg.guidance.placement == "answer_actor":
         # CLIP lives in each Video-LLM actor: no CLIP actors, the whole GPU share goes to the answer actors
         answer = StageSpec("guidance_and_answer",
-                           partial(GuideThenAnswer, cfg.guidance, cfg.output, cfg.answer, run_id),
+                           partial(GuideThenAnswer, cfg.guidance, cfg.output, cfg.answer, run_id, fingerprint),
                            answer_request(cfg.answer, gpus, clip_inside=cfg.guidance), concurrent_calls=in_flight)
         return [decode, answer, sink]
     clip = guidance_request(cfg.guidance, gpus)
     guidance = StageSpec("guidance", partial(GuideThenWriteFrames, cfg.guidance, cfg.output), clip,
                          batch_size=cfg.guidance.videos_per_batch)
-    answer = StageSpec("answer", partial(AnswerStage, cfg.answer, run_id),
+    answer = StageSpec("answer", partial(AnswerStage, cfg.answer, run_id, fingerprint),
                        answer_request(cfg.answer, gpus, beside=clip), concurrent_calls=in_flight)
     return [decode, guidance, answer, sink]
 

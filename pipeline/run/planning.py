@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import ConfigError, InputConfig, JobConfig, QuestionsConfig, StorageConfig
+from pipeline.fingerprint import config_fingerprint, pair_fingerprint
 from pipeline.run.listing import list_videos, listing_table
 from pipeline.schema import SOURCE_COLUMNS, STATUS_OK, Col
 from pipeline.sources import filesystem, read_table, word_questions
@@ -39,7 +40,8 @@ log = logging.getLogger("moref_index")
 
 # Counts in each planned row.
 N_QUESTIONS, N_SKIPPED, N_RETRIED, N_FILE, N_PENDING = "n_questions", "n_skipped", "n_retried", "n_file", "n_pending"
-COUNTS = (N_QUESTIONS, N_SKIPPED, N_RETRIED, N_FILE, N_PENDING)
+N_CHANGED = "n_changed"  # written pairs asked again: their fingerprint changed (output.redo_changed)
+COUNTS = (N_QUESTIONS, N_SKIPPED, N_RETRIED, N_FILE, N_PENDING, N_CHANGED)
 # Videos per planning task: large enough that a task's fixed costs stay small, small enough that
 # the listing spreads over the cluster's CPUs and a task's memory stays in the tens of MB.
 PLAN_BATCH_VIDEOS = 65536
@@ -53,6 +55,7 @@ class Plan:
     inputs: int = 0  # (video, question) pairs
     skipped_done: int = 0
     retried_errors: int = 0
+    changed_pairs: int = 0  # written pairs pending again because their fingerprint changed
     unmatched_questions: int = 0  # questions-file rows whose video_id is not listed
     pending_videos: int = 0
     pending_pairs: int = 0
@@ -82,9 +85,13 @@ class _Indexes:
     resolved in the task (`_plan_in_task`)."""
 
     questions: Any  # (worded questions table, KeyIndex on video_id), or None
-    done: Any  # KeyIndex on (video_id, question_id): pairs to skip; None with resume off
+    # (KeyIndex on (video_id, question_id), each row's fingerprint): pairs to skip unless their
+    # fingerprint changed; None with resume off
+    done: Any
     retry: Any  # KeyIndex of the error pairs to do again; None with resume off
     prompts: list[tuple[str, str]]
+    # the job's config fingerprint (pipeline/fingerprint.py); None: keep written rows whatever changed
+    config_fingerprint: str | None = None
 
 
 @contextlib.contextmanager
@@ -140,8 +147,11 @@ def plan_work(cfg: JobConfig, store: OutputStore) -> Plan:
     """List the videos, attach their pending questions and count. Planning in tasks needs a
     running Ray; on the driver, Ray is not touched."""
     prompts = [(p.question_id, p.question) for p in cfg.questions.prompts]
+    # on the driver, as the answer stage's (pipeline/run/job_stages.py), which stamps rows with it
+    fingerprint = config_fingerprint(cfg) if cfg.output.redo_changed else None
     with config_errors():
-        planned = _DriverPlanning(cfg, prompts) if plans_on_driver(cfg.input) else _TaskPlanning(cfg, prompts)
+        planned = _DriverPlanning(cfg, prompts, fingerprint) if plans_on_driver(cfg.input) \
+            else _TaskPlanning(cfg, prompts, fingerprint)
         totals = planned.totals()
     if not totals.num_rows and cfg.input.videos:
         raise ConfigError(f"input.videos: no files match {cfg.input.videos}")
@@ -155,6 +165,7 @@ def plan_work(cfg: JobConfig, store: OutputStore) -> Plan:
     sums = {name: int(pc.sum(totals.column(name)).as_py() or 0) for name in COUNTS}
     plan = Plan(videos=int(pc.sum(pc.greater(totals.column(N_QUESTIONS), 0)).as_py() or 0),
                 inputs=sums[N_QUESTIONS], skipped_done=sums[N_SKIPPED], retried_errors=sums[N_RETRIED],
+                changed_pairs=sums[N_CHANGED],
                 unmatched_questions=planned.n_file - sums[N_FILE], pending_pairs=sums[N_PENDING],
                 pending_videos=int(pc.sum(pc.greater(totals.column(N_PENDING), 0)).as_py() or 0))
     if plan.unmatched_questions:
@@ -168,10 +179,10 @@ class _DriverPlanning:
     """Planning in this process, for small inputs: the same functions the tasks run, on the whole
     listing as one batch."""
 
-    def __init__(self, cfg: JobConfig, prompts: list[tuple[str, str]]):
+    def __init__(self, cfg: JobConfig, prompts: list[tuple[str, str]], fingerprint: str | None):
         loaded, self.n_file = _load_questions(cfg.questions, cfg.input.storage, prompts)
         done, retry = _resume_indexes(cfg) if cfg.output.resume else (None, None)
-        self.table = plan_videos(listing_table(cfg.input), _Indexes(loaded, done, retry, prompts))
+        self.table = plan_videos(listing_table(cfg.input), _Indexes(loaded, done, retry, prompts, fingerprint))
 
     def totals(self) -> pa.Table:
         return self.table.select([Col.VIDEO_ID, *COUNTS])
@@ -193,7 +204,7 @@ class _TaskPlanning:
     and the record are indexed by one task each and shared through the object store; the planned
     rows stay in the object store and only ids and counts come to the driver."""
 
-    def __init__(self, cfg: JobConfig, prompts: list[tuple[str, str]]):
+    def __init__(self, cfg: JobConfig, prompts: list[tuple[str, str]], fingerprint: str | None):
         import ray
 
         listing = list_videos(cfg.input)
@@ -205,7 +216,8 @@ class _TaskPlanning:
         resume = ray.remote(num_cpus=1, num_returns=2)(_resume_indexes).remote(cfg) if cfg.output.resume \
             else (None, None)
         self.n_file = ray.get(n_file)
-        indexes = _Indexes(questions=load, done=resume[0], retry=resume[1], prompts=prompts)
+        indexes = _Indexes(questions=load, done=resume[0], retry=resume[1], prompts=prompts,
+                           config_fingerprint=fingerprint)
         self.planned = listing.map_batches(_plan_in_task, fn_kwargs={"refs": indexes}, batch_format="pyarrow",
                                            batch_size=PLAN_BATCH_VIDEOS).materialize()
 
@@ -249,22 +261,25 @@ def _load_questions(cfg: QuestionsConfig, storage: StorageConfig, prompts: list[
     return (table, KeyIndex(table.select([Col.VIDEO_ID]))), table.num_rows
 
 
-def _resume_indexes(cfg: JobConfig) -> tuple[KeyIndex, KeyIndex]:
-    """The output's record as two indexes of (video_id, question_id): pairs
-    to skip, and error pairs to do again (`output.retry_errors`)."""
+def _resume_indexes(cfg: JobConfig) -> tuple[tuple[KeyIndex, pa.Array], KeyIndex]:
+    """The output's record as two indexes of (video_id, question_id): pairs to skip (with each
+    row's fingerprint, to find those that changed), and error pairs to do again
+    (`output.retry_errors`)."""
     record = OutputStore(cfg.output).answer_status_table()
     reasons = pa.array(sorted(r.value for r in cfg.output.retry_reasons()), pa.string())
     retry = pc.fill_null(pc.and_(pc.not_equal(record.column(Col.STATUS), STATUS_OK),
                                  pc.is_in(record.column(Col.ERROR_REASON), value_set=reasons)), False)
     keys = record.select([Col.VIDEO_ID, Col.QUESTION_ID])
-    return KeyIndex(keys.filter(pc.invert(retry))), KeyIndex(keys.filter(retry))
+    done = pc.invert(retry)
+    fingerprints = record.column(Col.FINGERPRINT).filter(done).combine_chunks()
+    return (KeyIndex(keys.filter(done)), fingerprints), KeyIndex(keys.filter(retry))
 
 
 def _plan_in_task(batch: pa.Table, refs: _Indexes) -> pa.Table:
     import ray
 
     questions, done, retry = (None if ref is None else ray.get(ref) for ref in (refs.questions, refs.done, refs.retry))
-    return plan_videos(batch, _Indexes(questions, done, retry, refs.prompts))
+    return plan_videos(batch, _Indexes(questions, done, retry, refs.prompts, refs.config_fingerprint))
 
 
 def plan_videos(batch: pa.Table, indexes: _Indexes) -> pa.Table:
@@ -298,15 +313,37 @@ def plan_videos(batch: pa.Table, indexes: _Indexes) -> pa.Table:
     qid = pa.concat_arrays([_array(q) for q in qids]).take(sort)
     text = pa.concat_arrays([_array(t) for t in texts]).take(sort)
     pairs = pa.table([ids.take(rows), qid], names=[Col.VIDEO_ID, Col.QUESTION_ID])
-    done = indexes.done.contains(pairs) if indexes.done is not None else np.zeros(len(rows), bool)
+    done, changed = _done_and_changed(pairs, text, indexes)
     retried = indexes.retry.contains(pairs) if indexes.retry is not None else np.zeros(len(rows), bool)
     pending = ~done
     per_video = [np.bincount(rows[mask], minlength=n) for mask in (np.ones(len(rows), bool), done, retried & pending)]
     n_pending = np.bincount(rows[pending], minlength=n)
     offsets = np.concatenate([[0], np.cumsum(n_pending)]).astype(np.int32)
     keep = np.flatnonzero(pending)
-    return _planned(batch, [*per_video, np.bincount(from_file, minlength=n), n_pending], offsets,
-                    qid.take(keep), text.take(keep))
+    return _planned(batch, [*per_video, np.bincount(from_file, minlength=n), n_pending,
+                            np.bincount(rows[changed], minlength=n)], offsets, qid.take(keep), text.take(keep))
+
+
+def _done_and_changed(pairs: pa.Table, texts: pa.Array, indexes: _Indexes) -> tuple[np.ndarray, np.ndarray]:
+    """Which pairs are written and stay done, and which are written but changed: their row's
+    fingerprint differs from the one this job would write (a row without one, written before
+    fingerprints, counts as unchanged). Changed pairs are not done: they are asked again."""
+    done = np.zeros(pairs.num_rows, bool)
+    changed = np.zeros(pairs.num_rows, bool)
+    if indexes.done is None:
+        return done, changed
+    index, fingerprints = indexes.done
+    query_rows, index_rows = index.lookup(pairs)
+    done[query_rows] = True
+    if indexes.config_fingerprint is None or not len(query_rows):
+        return done, changed
+    written = fingerprints.take(pa.array(index_rows)).to_pylist()
+    questions = texts.take(pa.array(query_rows)).to_pylist()
+    for row, old, question in zip(query_rows.tolist(), written, questions):
+        if old is not None and old != pair_fingerprint(indexes.config_fingerprint, question):
+            changed[row] = True
+    done &= ~changed
+    return done, changed
 
 
 def _array(values) -> pa.Array:
@@ -315,10 +352,9 @@ def _array(values) -> pa.Array:
 
 def _planned(batch: pa.Table, counts: list[np.ndarray], offsets: np.ndarray, qids: pa.Array,
              texts: pa.Array) -> pa.Table:
-    n_questions, n_skipped, n_retried, n_file, n_pending = counts
     out = batch.append_column(Col.QUESTION_IDS, pa.ListArray.from_arrays(pa.array(offsets), qids))
     out = out.append_column(Col.QUESTIONS, pa.ListArray.from_arrays(pa.array(offsets), texts))
-    for name, values in zip(COUNTS, (n_questions, n_skipped, n_retried, n_file, n_pending)):
+    for name, values in zip(COUNTS, counts, strict=True):
         out = out.append_column(name, pa.array(values.astype(np.int64)))
     return out
 

@@ -59,6 +59,7 @@ class RunSummary:
     inputs: int = 0  # (video, question) pairs in the job
     skipped_done: int = 0  # pairs already in the answers table (resume)
     retried_errors: int = 0  # pairs whose error row is redone (output.retry_errors); replaced, not added
+    changed: int = 0  # written pairs asked again: their fingerprint changed (output.redo_changed); replaced
     processed: int = 0
     ok: int = 0
     errors: int = 0
@@ -76,7 +77,8 @@ class RunSummary:
         lines = [
             f"run {self.run_id}: {self.videos} videos, {self.inputs} (video, question) pairs",
             f"  answered ok: {self.ok}   errors: {self.errors}   skipped (already done): {self.skipped_done}"
-            + (f"   errors retried: {self.retried_errors}" if self.retried_errors else ""),
+            + (f"   errors retried: {self.retried_errors}" if self.retried_errors else "")
+            + (f"   redone (changed since written): {self.changed}" if self.changed else ""),
         ]
         for reason, count in sorted(self.errors_by_reason.items(), key=lambda kv: -kv[1]):
             lines.append(f"    {reason}: {count}")
@@ -99,6 +101,7 @@ def plan_work(cfg: JobConfig, store: OutputStore) -> tuple[Plan, RunSummary]:
     plan = planning.plan_work(cfg, store)
     summary.videos, summary.inputs = plan.videos, plan.inputs
     summary.skipped_done, summary.retried_errors = plan.skipped_done, plan.retried_errors
+    summary.changed = plan.changed_pairs
     summary.unmatched_questions = plan.unmatched_questions
     return plan, summary
 
@@ -280,10 +283,9 @@ def _run_holding_lease(cfg: JobConfig, store: OutputStore, lease: OutputLease, s
                                if st != STATUS_OK)
                 report.committed(committed)
 
-            # rows of these pairs may exist already (retried errors, or resume off): replace them
-            committer = OutputCommitter(store, summary.run_id,
-                                        supersede=bool(cfg.output.retry_reasons()) or not cfg.output.resume,
-                                        on_commit=count)
+            # rows of these pairs may exist already (retried errors, changed pairs, or resume off): replace them
+            supersede = bool(cfg.output.retry_reasons()) or not cfg.output.resume or plan.changed_pairs > 0
+            committer = OutputCommitter(store, summary.run_id, supersede=supersede, on_commit=count)
             dataset = build_dataset(plan.source(), specs)
             with report:
                 for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):

@@ -17,6 +17,7 @@ import numpy as np
 
 from pipeline.config import AnswerConfig
 from pipeline.errors import ErrorReason
+from pipeline.fingerprint import pair_fingerprint
 from pipeline.schema import ANSWER_COLUMNS, STATUS_ERROR, STATUS_OK, Col, as_list, empty_answer_row
 from pipeline.stages.question_isolation import answer_halving_on_oom, too_long
 
@@ -46,12 +47,15 @@ class AnswerStage:
     keeps_input_columns = False
     writes: ClassVar[Sequence[str]] = ANSWER_COLUMNS
 
-    def __init__(self, cfg: AnswerConfig, run_id: str):
+    def __init__(self, cfg: AnswerConfig, run_id: str, config_fingerprint: str | None = None):
+        """`config_fingerprint`: the job's (pipeline/fingerprint.py), computed on the driver; each
+        row gets its pair's fingerprint from it (None: rows without one)."""
         from freemoref.config import MoRefConfig
         from freemoref.loading import load_video_llm
 
         self.cfg = cfg
         self.run_id = run_id
+        self.config_fingerprint = config_fingerprint
         # One video on the model at a time; with answer.videos_in_flight > 1 the other calls do
         # their host work meanwhile. A guidance stage in the same actor takes it too.
         self.device_lock = threading.Lock()
@@ -186,7 +190,9 @@ class AnswerStage:
         for qid, question in zip(as_list(video[Col.QUESTION_IDS]), as_list(video[Col.QUESTIONS])):
             row = empty_answer_row()
             row.update(base)
-            row.update({Col.QUESTION_ID: str(qid), Col.QUESTION: str(question), Col.STATUS: STATUS_ERROR})
+            row.update({Col.QUESTION_ID: str(qid), Col.QUESTION: str(question), Col.STATUS: STATUS_ERROR,
+                        Col.FINGERPRINT: None if self.config_fingerprint is None
+                        else pair_fingerprint(self.config_fingerprint, str(question))})
             rows.append(row)
         return rows
 

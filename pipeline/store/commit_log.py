@@ -1,7 +1,7 @@
 """The record of what an output holds, so resuming reads a few small files instead of every output.
 
 Under `<output>/_commits/`:
-    answers/<stamp>-<id>.parquet   (video_id, question_id, status, error_reason, file) per answers row
+    answers/<stamp>-<id>.parquet   (video_id, question_id, status, error_reason, fingerprint, file) per answers row
     frames/<stamp>-<id>.parquet    (video_id, file) per video in a frames file
     _txn/<id>.json                 a commit in progress: the files it moves into place and removes
 
@@ -41,15 +41,17 @@ TXN_DIR = "_txn"
 PENDING = "_pending-"
 CONSOLIDATE_AT = 32  # manifests per table before they are merged into one
 
+# fingerprint: null in manifests written before it existed (a schema'd read fills it in)
 ANSWERS_RECORD = pa.schema([ANSWERS_SCHEMA.field(c) for c in (Col.VIDEO_ID, Col.QUESTION_ID, Col.STATUS,
-                                                                Col.ERROR_REASON)] + [pa.field("file", pa.string())])
+                                                                Col.ERROR_REASON, Col.FINGERPRINT)]
+                           + [pa.field("file", pa.string())])
 FRAMES_RECORD = pa.schema([pa.field(Col.VIDEO_ID, pa.string()), pa.field("file", pa.string())])
 RECORDS = {"answers": ANSWERS_RECORD, "frames": FRAMES_RECORD}
 
 # What an unrecorded answers file is read for; `error` is the single error column of files written
 # before error_reason/error_detail (null in newer files, as error_reason is in older ones).
 _OLD_ERROR_COLUMN = "error"
-_STATUS_SCHEMA = pa.schema(list(ANSWERS_RECORD)[:4] + [pa.field(_OLD_ERROR_COLUMN, pa.string())])
+_STATUS_SCHEMA = pa.schema(list(ANSWERS_RECORD)[:-1] + [pa.field(_OLD_ERROR_COLUMN, pa.string())])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,7 +206,8 @@ def _answers_record(t: pa.Table, files: pa.Array) -> pa.Table:
         reasons = pa.array([reason or _value(reason_from_old_error_column(old)) for reason, old in
                             zip(reasons.to_pylist(), t.column(_OLD_ERROR_COLUMN).to_pylist())], pa.string())
     return pa.Table.from_arrays([t.column(Col.VIDEO_ID), t.column(Col.QUESTION_ID), t.column(Col.STATUS),
-                                 pa.array(reasons, pa.string()), files], schema=ANSWERS_RECORD)
+                                 pa.array(reasons, pa.string()), t.column(Col.FINGERPRINT), files],
+                                schema=ANSWERS_RECORD)
 
 
 def _value(reason) -> str | None:

@@ -233,13 +233,13 @@ class OutputStore:
         return set(zip(table.column("video_id").to_pylist(), table.column("question_id").to_pylist()))
 
     def answer_status_table(self) -> pa.Table:
-        """Every answers row's (video_id, question_id, status, error_reason) as one Arrow table:
+        """Every answers row's (video_id, question_id, status, error_reason, fingerprint) as one Arrow table:
         what resuming needs, from the record under _commits/ (files written without one, e.g. by
         versions before it, are read once and recorded; their `error` column gives the reason)."""
         from pipeline.store.commit_log import CommitLog
 
         return CommitLog(self).record(ANSWERS_DIR).select([Col.VIDEO_ID, Col.QUESTION_ID, Col.STATUS,
-                                                           Col.ERROR_REASON])
+                                                           Col.ERROR_REASON, Col.FINGERPRINT])
 
     def answer_status(self) -> dict[tuple[str, str], tuple[str, ErrorReason | None]]:
         """(video_id, question_id) -> (status, error reason) of every row in the answers table."""

@@ -1,3 +1,4 @@
+import hashlib
 import pathlib
 import re
 
@@ -28,7 +29,11 @@ def _with(**changes):
 def test_minimal_config_gets_defaults():
     cfg = parse_job_config(MINIMAL)
     assert cfg.input.videos == ["videos/*.mp4"]
-    assert cfg.questions.prompts[0].question_id == "prompt-0"
+    # a plain-string prompt's id comes from its text: an edited prompt is a new question
+    text = cfg.questions.prompts[0].question
+    assert cfg.questions.prompts[0].question_id == f"prompt-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    edited = parse_job_config({**MINIMAL, "questions": {"prompts": [text + "!"]}})
+    assert edited.questions.prompts[0].question_id != cfg.questions.prompts[0].question_id
     assert (cfg.answer.moref.granularity, cfg.answer.moref.fusion_scope) == ("chunk", "question")
     assert cfg.answer.trust_remote_code is False
     assert (cfg.answer.prompt_template, cfg.answer.system_prompt) == ("llava_vid", None)

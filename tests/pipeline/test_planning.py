@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import ConfigError, QuestionsConfig, StorageConfig, parse_job_config
+from pipeline.config import ConfigError, QuestionsConfig, StorageConfig, parse_job_config, prompt_id
 from pipeline.run import planning
 from pipeline.run.listing import split_glob
 from pipeline.schema import ANSWERS_SCHEMA, Col
@@ -144,7 +144,7 @@ def test_questions_file_and_global_prompts(tmp_path, ray_local, where):
              questions={"file": str(tmp_path / "q.jsonl"), "prompts": ["Caption it."]})
     got = {r["video_id"]: r for r in p.rows()}
     # the file's questions in file order, then the prompts
-    assert got["a.mp4"]["question_ids"] == ["q2", "q1", "prompt-0"]
+    assert got["a.mp4"]["question_ids"] == ["q2", "q1", prompt_id("Caption it.")]
     assert got["a.mp4"]["questions"] == ["Where?", "Who?", "Caption it."]
     assert got["other.mp4"]["questions"] == ["Caption it."]
     assert (p.videos, p.inputs, p.unmatched_questions) == (2, 4, 1)
