@@ -78,3 +78,32 @@ def write_archive_video(path: str | Path, seconds: float, width: int = 1920, hei
 def write_archive_video_job(job: tuple) -> str:
     """`write_archive_video(*job)`, for a process pool."""
     return write_archive_video(*job)
+
+
+def repeat_to_length(segment: str | Path, path: str | Path, seconds: float) -> str:
+    """`segment` (starting with a keyframe, closed GOPs) played back to back until `seconds`,
+    remuxed without re-encoding: each repetition's packets shifted by the segment's length. Every
+    frame of the result still has to be decoded; only writing it is cheap."""
+    import av
+
+    with av.open(str(segment)) as src, av.open(str(path), "w") as out:
+        video = src.streams.video[0]
+        stream = out.add_stream_from_template(video)
+        tb = video.time_base
+        length = int(round(float(video.duration * tb) / tb)) if video.duration else None
+        if not length:
+            raise ValueError(f"{segment}: no stream duration to repeat by")
+        end = int(seconds / tb)
+        for repeat in range(int(seconds * 1.0 / float(length * tb)) + 1):
+            src.seek(0, stream=video)
+            for packet in src.demux(video):
+                if packet.size == 0 or packet.pts is None:
+                    continue
+                shift = repeat * length
+                if packet.pts + shift >= end:
+                    break
+                packet.pts += shift
+                packet.dts = None if packet.dts is None else packet.dts + shift
+                packet.stream = stream
+                out.mux(packet)
+    return str(path)
