@@ -39,11 +39,12 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 GIB = 2**30
 WARMUP_SHARE = 0.2  # share of completions counted as warm-up
@@ -101,16 +102,65 @@ def write_video(args: tuple) -> str:
     return path
 
 
-def make_videos(folder: Path, count: int, tiny: bool, workers: int) -> list[str]:
+@dataclass(frozen=True)
+class VideoSet:
+    """The videos of a case. `archive`: real-archive-like H.264 (bench/archive_video.py: moving
+    texture, ARCHIVE_BIT_RATE, a keyframe every ARCHIVE_KEYFRAME_S); else the synthetic gradient
+    clips of `write_video`, `seconds` to `seconds` + 16 long."""
+
+    name: str
+    seconds: float
+    fps: int
+    width: int
+    height: int
+    archive: bool
+
+
+ARCHIVE_BIT_RATE, ARCHIVE_KEYFRAME_S = 8_000_000, 8.0
+# Real shapes: 24-40 s at 24 fps (576-960 frames, so 512 distinct frames exist), 640x360; and the
+# archive sets, 1 and 10 minutes of 1920x1080 at 30 fps. --tiny: the same sets a few seconds long.
+VIDEO_SETS = {s.name: s for s in (VideoSet("360p", 24, 24, 640, 360, False),
+                                  VideoSet("1080p-1min", 60, 30, 1920, 1080, True),
+                                  VideoSet("1080p-10min", 600, 30, 1920, 1080, True))}
+TINY_VIDEO_SETS = {s.name: s for s in (VideoSet("360p", 3, 8, 96, 64, False),
+                                       VideoSet("1080p-1min", 2, 8, 1920, 1080, True),
+                                       VideoSet("1080p-10min", 3, 8, 1920, 1080, True))}
+ARCHIVE_SETS = "360p,1080p-1min,1080p-10min"
+# An archive video longer than this is its first REPEAT_SEGMENT_S (whole GOPs) encoded once and
+# its packets repeated (remuxed, not re-encoded) to the length: every frame is still decoded, and
+# writing 10-minute 1080p videos costs seconds instead of an encoder's minutes.
+REPEAT_SEGMENT_S = 10 * ARCHIVE_KEYFRAME_S
+
+
+def write_archive_job(args: tuple) -> str:
+    """One archive video (bench/archive_video.py): (path, seconds, fps, width, height, seed)."""
+    from archive_video import repeat_to_length, write_archive_video
+
+    path, seconds, fps, width, height, seed = args
+    if seconds <= REPEAT_SEGMENT_S:
+        return write_archive_video(path, seconds, width, height, fps, ARCHIVE_BIT_RATE, ARCHIVE_KEYFRAME_S, seed)
+    segment = f"{path}.segment.mp4"
+    write_archive_video(segment, REPEAT_SEGMENT_S, width, height, fps, ARCHIVE_BIT_RATE, ARCHIVE_KEYFRAME_S, seed)
+    repeat_to_length(segment, path, seconds)
+    os.unlink(segment)
+    return path
+
+
+def make_videos(folder: Path, count: int, video_set: VideoSet, workers: int) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
-    # Real shapes: 24-40 s at 24 fps (576-960 frames, so 512 distinct frames exist), 640x360.
-    seconds, fps, width, height = (3, 8, 96, 64) if tiny else (24, 24, 640, 360)
-    jobs = [(str(folder / f"video-{i:03d}.mp4"), seconds + (i % 5) * (0 if tiny else 4), fps, width, height, i)
-            for i in range(count)]
-    todo = [j for j in jobs if not Path(j[0]).exists()]
+    longer = 0 if video_set.archive or video_set.seconds < 10 else 4  # 360p: 24, 28, ... 40 s
+    jobs = [(str(folder / f"video-{i:03d}.mp4"), video_set.seconds + (i % 5) * longer, video_set.fps,
+             video_set.width, video_set.height, i) for i in range(count)]
+    # Archive sets: one distinct video per worker, the others hard links to them (decoding each
+    # costs the same; encoding 48 of them at 1080p would take minutes of the GPU machine's time).
+    distinct = jobs[: max(1, workers)] if video_set.archive else jobs
+    todo = [j for j in distinct if not Path(j[0]).exists()]
     if todo:
         with multiprocessing.get_context("spawn").Pool(max(1, min(workers, len(todo)))) as pool:
-            pool.map(write_video, todo)
+            pool.map(write_archive_job if video_set.archive else write_video, todo)
+    for i, job in enumerate(jobs[len(distinct):], start=len(distinct)):
+        if not Path(job[0]).exists():
+            os.link(distinct[i % len(distinct)][0], job[0])
     return [j[0] for j in jobs]
 
 
@@ -246,12 +296,31 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, pairs
 
 
-def job_config(args, models: dict, work: Path, frames: int, gpus: int, name: str) -> dict:
+def ray_cpus(gpus: int, decode_cores: int | None) -> tuple[int, float]:
+    """Ray's CPUs for a case and the decode cores per GPU they leave: with `decode_cores`, what the
+    actors reserve (one CLIP actor, one Video-LLM actor per GPU, the sink) plus `decode_cores` decode
+    tasks per GPU (one CPU each), so at most that many decode at once per GPU; else every CPU here."""
+    from pipeline.resources import SINK_CPUS
+
+    devices = max(gpus, 1)
+    clip, answer, decode = (1, 1, 1) if gpus else (0.25, 0.5, 0.5)
+    reserved = clip + answer * devices + SINK_CPUS
+    if decode_cores is not None:
+        total = math.ceil(reserved + devices * decode_cores * decode - 1e-9)
+    else:
+        total = max(4, os.cpu_count() or 4)
+    return total, math.floor((total - reserved) / decode + 1e-9) / devices  # whole decode tasks fit
+
+
+def job_config(args, models: dict, work: Path, frames: int, gpus: int, name: str, video_set: VideoSet,
+               fusion_scope: str) -> dict:
     gpu = gpus > 0
+    moref = {"fusion_scope": fusion_scope, **({"temporal_units": 4, "references": 2} if args.tiny else {})}
     return {
         "run_id": name,
-        "input": {"videos": str(work / "videos" / "*.mp4"), **({"limit": args.videos} if args.videos else {})},
-        "questions": {"file": str(work / "questions.jsonl")},
+        "input": {"videos": str(work / "videos" / video_set.name / "*.mp4"),
+                  **({"limit": args.videos} if args.videos else {})},
+        "questions": {"file": str(work / f"questions-{video_set.name}.jsonl")},
         "decode": {"num_frames": frames, "frame_size": 384 if not args.tiny else 64, "num_cpus": 1 if gpu else 0.5,
                    "timeout_s": 300},
         "guidance": {"model": models["clip"], "pretrained": None, "frames_per_question": frames,
@@ -259,12 +328,11 @@ def job_config(args, models: dict, work: Path, frames: int, gpus: int, name: str
                      "memory_gib": 1 if args.tiny else 4, "batch_size": 256 if gpu else 32},
         "answer": {"model": models["llava"], "max_new_tokens": args.new_tokens,
                    "num_gpus": (1 - args.clip_gpu_fraction) if gpu else 0, "num_cpus": 1 if gpu else 0.5,
-                   "concurrency": "auto" if gpu else 1,
-                   **({"memory_gib": 1, "moref": {"temporal_units": 4, "references": 2}} if args.tiny else {})},
+                   "concurrency": "auto" if gpu else 1, "moref": moref, **({"memory_gib": 1} if args.tiny else {})},
         # a commit per video, so each answers file's mtime is its video's completion time (the
         # throughput timeline below); the commit itself is small next to a video's model time
         "output": {"path": str(work / "out" / name), "max_videos_per_file": 1},
-        "ray": {"num_cpus": max(4, os.cpu_count() or 4)},
+        "ray": {"num_cpus": ray_cpus(gpus, args.decode_cores)[0]},
     }
 
 
@@ -295,7 +363,7 @@ def answers_stats(out: Path) -> dict:
     import pyarrow.parquet as pq
 
     columns = ["video_id", "status", "error_reason", "frames_decoded", "output_tokens", "decode_s", "guidance_s",
-               "prefill_s", "generate_s"]
+               "prefill_s", "generate_s", "fusion_scope"]
     files = [p for p in (out / "answers").glob("*.parquet") if not p.name.startswith(("_", "."))]
     completions = sorted(p.stat().st_mtime for p in files)
     rows = []
@@ -312,6 +380,8 @@ def answers_stats(out: Path) -> dict:
     for r in ok:
         per_video.setdefault(r["video_id"], r)
     clip_rates = [r["frames_decoded"] / r["guidance_s"] for r in per_video.values() if r["guidance_s"]]
+    # One decoder thread per decode task (decode.num_cpus 1; 0.5 with --tiny): its seconds are CPU seconds.
+    decode_s = [r["decode_s"] for r in per_video.values() if r["decode_s"] is not None]
     errors: dict[str, int] = {}
     for r in rows:
         if r["status"] != "ok":
@@ -326,19 +396,23 @@ def answers_stats(out: Path) -> dict:
         "median_generate_ms_per_token": median(
             "generate_s", lambda r: 1000 * r["generate_s"] / max((r["output_tokens"] or 1) - 1, 1)),
         "clip_frames_per_s": statistics.median(clip_rates) if clip_rates else None,
+        "decode_cpu_s_per_video": statistics.fmean(decode_s) if decode_s else None,
+        "fusion_scopes_recorded": sorted({r["fusion_scope"] for r in ok if r["fusion_scope"]}),
     }
 
 
 def run_case(args, models: dict, work: Path, gpus: int, frames: int, variant: tuple[str, list[str]],
-             limit_s: float, log_dir: Path) -> dict:
+             limit_s: float, log_dir: Path, video_set: VideoSet, fusion_scope: str) -> dict:
     import yaml
 
     label, overrides = variant
-    name = f"{'tiny' if args.tiny else 'real'}-g{gpus}-f{frames}" + ("" if label == DEFAULT_VARIANT else f"-{label}")
+    name = (f"{'tiny' if args.tiny else 'real'}-{video_set.name}-g{gpus}-f{frames}-{fusion_scope}"
+            + ("" if label == DEFAULT_VARIANT else f"-{label}"))
     out = work / "out" / name
     shutil.rmtree(out, ignore_errors=True)
     cfg_path = work / f"{name}.yaml"
-    cfg_path.write_text(yaml.safe_dump(job_config(args, models, work, frames, gpus, name), sort_keys=False))
+    cfg_path.write_text(yaml.safe_dump(job_config(args, models, work, frames, gpus, name, video_set, fusion_scope),
+                                       sort_keys=False))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     visible = gpu_ids()[:gpus]
@@ -348,7 +422,10 @@ def run_case(args, models: dict, work: Path, gpus: int, frames: int, variant: tu
                "--summary-json", str(work / f"{name}.summary.json")]
     for override in [*args.set, *overrides]:
         command += ["--set", override]
-    case = {"case": name, "variant": label, "gpus": gpus, "frames": frames, "questions_per_video": args.questions,
+    case = {"case": name, "variant": label, "video_set": video_set.name, "fusion_scope": fusion_scope,
+            "width": video_set.width, "height": video_set.height, "video_seconds": video_set.seconds,
+            "decode_cores_per_gpu": ray_cpus(gpus, args.decode_cores)[1],
+            "gpus": gpus, "frames": frames, "questions_per_video": args.questions,
             "new_tokens": args.new_tokens, "limit_s": round(limit_s, 1), "config": str(cfg_path),
             "set": [*args.set, *overrides]}
     print(f"== {name}: up to {limit_s:.0f} s", flush=True)
@@ -391,6 +468,10 @@ def run_case(args, models: dict, work: Path, gpus: int, frames: int, variant: tu
         case["steady_videos"], case["gpu_busy_fraction"] = 0, sampler.busy_fraction(start, end)
     case["videos_per_gpu_hour"] = rate * 3600 / devices
     case["questions_per_gpu_hour"] = rate * pairs_per_video * 3600 / devices
+    case["end_to_end_questions_per_gpu_hour"] = case["end_to_end_videos_per_gpu_hour"] * pairs_per_video
+    if case.get("decode_cpu_s_per_video") is not None:
+        # decode cores each GPU needs to keep up with the measured rate
+        case["decode_cores_needed_per_gpu"] = case["decode_cpu_s_per_video"] * rate / devices
     case["peak_gib"] = sampler.peak_gib()
     tail = (log_dir / f"{name}.log").read_text(errors="replace").splitlines()[-15:]
     if case["status"] != "ok":
@@ -415,21 +496,27 @@ def markdown(report: dict) -> str:
         f"{report['questions_per_video']} questions per video, {report['new_tokens']} new tokens; "
         f"{report['date']}). Steady state after the first {int(WARMUP_SHARE * 100)}% of videos.",
         "",
-        "| GPUs | frames | videos | pairs | wall s | videos/GPU-h | questions/GPU-h | e2e videos/GPU-h | GPU busy "
-        "| peak GiB | decode s | guidance s | CLIP frames/s | prefill s | generate s | ms/token | status |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| videos | scope | GPUs | frames | videos | pairs | wall s | videos/GPU-h | questions/GPU-h "
+        "| e2e videos/GPU-h | GPU busy | peak GiB | decode s | decode CPU s/video | decode cores/GPU (given, needed) "
+        "| guidance s | CLIP frames/s | prefill s | generate s | ms/token | status |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     for c in report["cases"]:
         busy = c.get("gpu_busy_fraction")
         variant = c.get("variant", DEFAULT_VARIANT)
+        shape = f"{c.get('video_set', '-')} ({c['width']}x{c['height']}, {c['video_seconds']:g} s)" \
+            if c.get("width") else c.get("video_set", "-")
+        cores = f"{_fmt(c.get('decode_cores_per_gpu'), '.1f')}, {_fmt(c.get('decode_cores_needed_per_gpu'), '.1f')}"
         lines.append(
+            f"| {shape} | {c.get('fusion_scope', '-')} "
             f"| {c['gpus']} | {c['frames']}{'' if variant == DEFAULT_VARIANT else f' ({variant})'} "
             f"| {c.get('videos', '-')} | {c.get('pairs', '-')} "
             f"| {_fmt(c.get('wall_s'), '.0f')} | {_fmt(c.get('videos_per_gpu_hour'), '.0f')} "
             f"| {_fmt(c.get('questions_per_gpu_hour'), '.0f')} "
             f"| {_fmt(c.get('end_to_end_videos_per_gpu_hour'), '.0f')} "
             f"| {'-' if busy is None else f'{100 * busy:.0f}%'} | {_fmt(c.get('peak_gib'), '.1f')} "
-            f"| {_fmt(c.get('median_decode_s'), '.2f')} | {_fmt(c.get('median_guidance_s'), '.2f')} "
+            f"| {_fmt(c.get('median_decode_s'), '.2f')} | {_fmt(c.get('decode_cpu_s_per_video'), '.2f')} | {cores} "
+            f"| {_fmt(c.get('median_guidance_s'), '.2f')} "
             f"| {_fmt(c.get('clip_frames_per_s'), '.0f')} | {_fmt(c.get('median_prefill_s'), '.2f')} "
             f"| {_fmt(c.get('median_generate_s'), '.2f')} | {_fmt(c.get('median_generate_ms_per_token'), '.1f')} "
             f"| {c['status']} |")
@@ -438,13 +525,17 @@ def markdown(report: dict) -> str:
                       f"questions per hour of {ratio['baseline_gpus']} (steady state)."]
     lines += ["", "Stage columns are medians over ok answers rows (decode and guidance per video, prefill and "
               "generate per question); GPU busy is nvidia-smi utilization averaged over the steady window and the "
-              "case's GPUs; peak GiB is the most memory any of them had in use."]
+              "case's GPUs; peak GiB is the most memory any of them had in use. Decode CPU s/video is the mean "
+              "decode_s (one decoder thread per decode task); decode cores needed per GPU = that x the videos per "
+              "second per GPU measured; given = the decode tasks Ray's CPUs leave room for per GPU (--decode-cores)."]
     return "\n".join(lines) + "\n"
 
 
 def _scaling_key(case: dict) -> str:
     variant = case.get("variant", DEFAULT_VARIANT)
-    return str(case["frames"]) + ("" if variant == DEFAULT_VARIANT else f" ({variant})")
+    extra = [x for x in (case.get("video_set"), case.get("fusion_scope")) if x]
+    extra += [] if variant == DEFAULT_VARIANT else [variant]
+    return str(case["frames"]) + (f" ({', '.join(extra)})" if extra else "")
 
 
 def gpu_scaling(cases: list[dict]) -> dict[str, dict]:
@@ -507,6 +598,15 @@ def main(argv=None) -> int:
                         help="extra job-config override for every case (passed to moref-index run --set)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                         help="run every case once per variant, with these overrides (default: one run as configured)")
+    parser.add_argument("--video-sets", default="360p",
+                        help=f"comma-separated, of {', '.join(VIDEO_SETS)}: the 360p synthetic clips, and 1- and "
+                             "10-minute 1080p archive-like videos (H.264 ~8 Mbit/s, a keyframe every 8 s)")
+    parser.add_argument("--archive", action="store_const", const=ARCHIVE_SETS, dest="video_sets",
+                        help=f"every video set: --video-sets {ARCHIVE_SETS}")
+    parser.add_argument("--fusion-scope", default="question",
+                        help="answer.moref.fusion_scope values to run each case with, e.g. question,video")
+    parser.add_argument("--decode-cores", type=int, default=None,
+                        help="decode tasks (one CPU each) per GPU that Ray's CPUs leave room for (default: every CPU)")
     parser.add_argument("--budget-s", type=float, default=470.0, help="start no case after this; stop cases to fit")
     parser.add_argument("--work", default="/tmp/moref-pipeline-gpu", help="models, videos, job outputs")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "bench" / "results"))
@@ -527,7 +627,16 @@ def main(argv=None) -> int:
     device = device_name(args.tiny)
     date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
     stem = f"pipeline_gpu_{re.sub(r'[^a-z0-9]+', '-', device.lower()).strip('-')}_{date}"
-    report = {"device": device, "date": date, "shapes": "tiny" if args.tiny else "LLaVA-Video-7B-Qwen2 + ViT-L-14-336",
+    sets = TINY_VIDEO_SETS if args.tiny else VIDEO_SETS
+    unknown = [n for n in args.video_sets.split(",") if n and n not in sets]
+    if unknown:
+        parser.error(f"--video-sets: unknown {unknown}; expected some of {', '.join(sets)}")
+    video_sets = [sets[n] for n in args.video_sets.split(",") if n]
+    scopes = [x for x in args.fusion_scope.split(",") if x]
+    if not scopes or any(x not in ("question", "video") for x in scopes):
+        parser.error(f"--fusion-scope: expected question and/or video, got {args.fusion_scope!r}")
+    report = {"device": device, "date": date, "videos_s_by_set": {}, "decode_cores_arg": args.decode_cores,
+              "shapes": "tiny" if args.tiny else "LLaVA-Video-7B-Qwen2 + ViT-L-14-336",
               "questions_per_video": args.questions, "new_tokens": args.new_tokens, "versions": versions(),
               "argv": sys.argv[1:], "cases": []}
 
@@ -542,9 +651,13 @@ def main(argv=None) -> int:
     with spawn.Pool(1) as builder:
         pending = builder.apply_async(build_models, (str(work), args.tiny))
         t0 = time.time()
-        videos = make_videos(work / "videos", args.videos, args.tiny, max(1, (os.cpu_count() or 2) - 2))
+        for video_set in video_sets:
+            t1 = time.time()
+            videos = make_videos(work / "videos" / video_set.name, args.videos, video_set,
+                                 max(1, (os.cpu_count() or 2) - 2))
+            report["videos_s_by_set"][video_set.name] = time.time() - t1
+            write_questions(work / f"questions-{video_set.name}.jsonl", videos, args.questions)
         report["videos_s"] = time.time() - t0
-        write_questions(work / "questions.jsonl", videos, args.questions)
         models = pending.get()
     report["setup_s"] = time.time() - start
     report["model_timings"] = models.pop("timings")
@@ -553,21 +666,22 @@ def main(argv=None) -> int:
     save()
 
     variants = [parse_variant(v) for v in args.variant] or [(DEFAULT_VARIANT, [])]
-    cases = [(g, f, v) for g in gpu_counts for f in frame_counts for v in variants]
-    for i, (gpus, frames, variant) in enumerate(cases):
+    cases = [(vs, g, f, v, scope) for vs in video_sets for g in gpu_counts for f in frame_counts for v in variants
+             for scope in scopes]
+    for i, (video_set, gpus, frames, variant, scope) in enumerate(cases):
         left = args.budget_s - (time.time() - start)
+        brief = {"case": f"{video_set.name}-g{gpus}-f{frames}-{scope}-{variant[0]}", "variant": variant[0],
+                 "video_set": video_set.name, "fusion_scope": scope, "gpus": gpus, "frames": frames}
         if left < MIN_CASE_S:
-            report["cases"].append({"case": f"g{gpus}-f{frames}-{variant[0]}", "variant": variant[0], "gpus": gpus,
-                                    "frames": frames, "status": "skipped (time budget)"})
+            report["cases"].append({**brief, "status": "skipped (time budget)"})
             continue
         # An equal share of what is left; time a case does not use passes to the next.
         limit = left / (len(cases) - i) - (5 if not args.tiny else 0)
         try:
-            report["cases"].append(run_case(args, models, work, gpus, frames, variant, limit, out_dir))
+            report["cases"].append(run_case(args, models, work, gpus, frames, variant, limit, out_dir, video_set,
+                                            scope))
         except Exception as exc:  # noqa: BLE001 - record it and go on: the other cases still count
-            report["cases"].append({"case": f"g{gpus}-f{frames}-{variant[0]}", "variant": variant[0], "gpus": gpus,
-                                    "frames": frames,
-                                    "status": f"bench error: {type(exc).__name__}: {exc}"[:500]})
+            report["cases"].append({**brief, "status": f"bench error: {type(exc).__name__}: {exc}"[:500]})
         save()
     save()
     print()

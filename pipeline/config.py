@@ -135,6 +135,9 @@ class DecodeConfig(_Strict):
     fps: float = Field(default=1.0, gt=0)  # fps sampling: frames per second of video ...
     max_frames: int = Field(default=256, ge=1, le=4096)  # ... capped at this many
     frame_size: int = Field(default=384, ge=8, le=2048)  # square side the frames are resized to
+    # exact: the frame shown at each sampled time. keyframe: the keyframe nearest each sampled time,
+    # each once (no decoding between keyframes: at most one frame per keyframe interval).
+    seek: Literal["exact", "keyframe"] = "exact"
     timeout_s: float = Field(default=300.0, gt=0)  # per attempt, in an isolated process
     retries: int = Field(default=1, ge=0, le=5)  # retries per backend after a crash or timeout
     read_retries: int = Field(default=4, ge=0, le=20)  # retries after a storage failure, with backoff

@@ -34,3 +34,32 @@ def test_pipeline_gpu_tiny_runs_and_reports(tmp_path):
     assert case["median_output_tokens"] == 4  # EOS can never win: every answer runs to max_new_tokens
     markdown = report.with_suffix(".md").read_text()
     assert markdown.startswith("Pipeline benchmark on cpu") and "| 0 | 8 (clip_in_vlm) |" in markdown
+
+
+def test_pipeline_gpu_tiny_archive_set_in_both_fusion_scopes(tmp_path):
+    """A small 1080p archive case (2 s videos), once per fusion scope, with a decode-core budget:
+    each case row names its scope, video shape and decode cost, and rows carry the scope."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    subprocess.run([sys.executable, str(REPO / "bench" / "pipeline_gpu.py"), "--tiny", "--videos", "2",
+                    "--frames", "8", "--video-sets", "1080p-1min", "--fusion-scope", "question,video",
+                    "--decode-cores", "2", "--work", str(work), "--out", str(out)],
+                   check=True, capture_output=True, timeout=600)
+    (report,) = out.glob("pipeline_gpu_cpu_*.json")
+    cases = json.loads(report.read_text())["cases"]
+    assert [c["fusion_scope"] for c in cases] == ["question", "video"]
+    for case in cases:
+        assert case["status"] == "ok" and (case["videos"], case["ok_pairs"]) == (2, 10)
+        assert case["fusion_scopes_recorded"] == [case["fusion_scope"]]  # the answers rows carry it
+        assert (case["video_set"], case["width"], case["height"], case["video_seconds"]) == ("1080p-1min", 1920,
+                                                                                           1080, 2)
+        assert case["decode_cores_per_gpu"] == 2 and case["decode_cpu_s_per_video"] > 0
+        assert case["decode_cores_needed_per_gpu"] > 0
+        assert case["end_to_end_videos_per_gpu_hour"] > 0
+        assert case["end_to_end_questions_per_gpu_hour"] == pytest.approx(5 * case["end_to_end_videos_per_gpu_hour"])
+    (video, *_) = sorted((work / "tiny" / "videos" / "1080p-1min").glob("*.mp4"))
+    import av
+
+    with av.open(str(video)) as container:
+        stream = container.streams.video[0]
+        assert (stream.width, stream.height, stream.codec_context.name) == (1920, 1080, "h264")
+    assert "| 1080p-1min (1920x1080, 2 s) | video |" in report.with_suffix(".md").read_text()

@@ -289,6 +289,45 @@ def test_synthetic_long_gop_seek_lands_on_the_right_frame(tmp_path):
     assert result.frames_decoded < n
 
 
+def nearest_keyframe_positions(key_ms: list[int], targets: np.ndarray) -> list[int]:
+    """Written out: for each target the keyframe at the least distance (the earlier on a tie), once each."""
+    picked = {min(key_ms, key=lambda k: (abs(k / 1000 - t), k)) for t in targets}
+    return sorted(picked)
+
+
+@pytest.mark.parametrize("backend", ["pyav", "decord"])
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])  # the MP4 index, or the packet scan
+@pytest.mark.parametrize("sampling", [{"num_frames": 12}, {"sampling": "fps", "fps": 6.0}])
+def test_keyframe_seek_returns_the_nearest_keyframes_at_their_true_times(tmp_path, backend, suffix, sampling):
+    n, gop = 40, 8  # 1.6 s at 25 fps, a keyframe every 8 frames (0.32 s): a long GOP for 12 targets
+    pts = [i * 40 for i in range(n)]
+    path = make_video(tmp_path / f"gop{suffix}", pts, gop=gop)
+    keys = [i for i in range(n) if i % gop == 0]
+    exact = decode_video(str(path), cfg(**sampling), backend=backend)
+    video = decode_video(str(path), cfg(seek="keyframe", **sampling), backend=backend)
+    targets = sample_times(video.duration_s, cfg(**sampling))
+    expected_keys = [pts.index(k) for k in nearest_keyframe_positions([pts[k] for k in keys], targets)]
+    assert len(expected_keys) < len(exact.frames)  # fewer frames than exact: one per keyframe at most
+    assert [read_level(f, n) for f in video.frames] == expected_keys
+    assert set(expected_keys) <= set(keys)
+    np.testing.assert_allclose(video.times_s, np.array(pts)[expected_keys] / 1000, atol=1e-6)  # true times
+    np.testing.assert_array_equal(video.indices, expected_keys)
+    assert (video.width, video.height, video.duration_s) == (exact.width, exact.height, exact.duration_s)
+
+
+def test_keyframe_seek_decodes_only_keyframes(tmp_path):
+    n, gop = 120, 30
+    path = make_video(tmp_path / "long_gop.mp4", [i * 40 for i in range(n)], gop=gop)
+    backend = PyAVBackend(S, seek="keyframe")
+    info = backend.probe(str(path))
+    result = backend.read(str(path), sample_times(info.duration_s, cfg(num_frames=32)), info)
+    assert result.indices.tolist() == [0, 30, 60, 90]
+    # each seek decodes its keyframe (the decoder may hold a frame or two of B-frame delay)
+    assert result.frames_decoded is not None and result.frames_decoded <= 4 * 3
+    exact = PyAVBackend(S).read(str(path), sample_times(info.duration_s, cfg(num_frames=32)), info)
+    assert exact.frames_decoded is not None and exact.frames_decoded > 3 * result.frames_decoded
+
+
 @pytest.mark.parametrize("backend", ["pyav", "decord"])
 @pytest.mark.parametrize(("rotation", "corner"), [(-90, (0, -1)), (180, (-1, -1)), (90, (-1, 0))])
 def test_synthetic_rotation_is_upright_in_both_backends(tmp_path, backend, rotation, corner):
@@ -388,9 +427,7 @@ def hostile(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize(
-    ("name", "reason"),
-    [
+HOSTILE_REASONS = [
         ("empty.mp4", ErrorReason.EMPTY_FILE),
         ("random.mp4", ErrorReason.NOT_A_VIDEO),
         ("text.mp4", ErrorReason.NOT_A_VIDEO),
@@ -402,12 +439,15 @@ def hostile(tmp_path):
         ("garbage_samples.mp4", ErrorReason.DECODE_FAILED),
         ("audio_only.m4a", ErrorReason.NO_VIDEO_STREAM),
         ("missing.mp4", ErrorReason.NOT_FOUND),
-    ],
-)
+]
+
+
+@pytest.mark.parametrize(("name", "reason"), HOSTILE_REASONS)
 @pytest.mark.parametrize("backend", ["pyav", "decord"])
-def test_hostile_input_reason(hostile, name, reason, backend):
+@pytest.mark.parametrize("seek", ["exact", "keyframe"])
+def test_hostile_input_reason(hostile, name, reason, backend, seek):
     with pytest.raises(DecodeError) as exc_info:
-        decode_video(str(hostile / name), cfg(), backend=backend)
+        decode_video(str(hostile / name), cfg(seek=seek), backend=backend)
     assert_error(exc_info, reason)
 
 

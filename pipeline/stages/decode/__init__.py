@@ -16,6 +16,11 @@ Rules, and why:
   keyframe lies between the current position and the next target, or, when the file has no full
   index, when the target is more than `pyav_backend._SEEK_GAP_S` ahead; otherwise it decodes forward. Only the
   chosen frames are converted to RGB.
+- `seek: keyframe` trades timing for cost: each target gets the keyframe nearest it (the earlier on
+  a tie), each keyframe once, decoded right after a seek to it and nothing else decoded. Keyframe
+  times come from the container's full index (MP4/MOV, AVI), else from a demux-only scan of the
+  packets (which also gives where the data ends, so cut files fail with the same reasons as in
+  `exact`); decord uses its own key-frame index. Times and ordinals are the decoded keyframes'.
 - Frame index = ordinal of the frame in the stream. Exact when PyAV decodes from the start, or
   lands after a seek on a keyframe of a fully indexed file (MP4/MOV, AVI: the keyframe's position
   in the index, exact for closed GOPs); decord indexes every frame. Otherwise (a seek in MKV/WebM)

@@ -10,7 +10,7 @@ from pipeline.errors import ErrorReason
 from pipeline.stages.decode.backend import Limits, ReadResult, VideoInfo
 from pipeline.stages.decode.errors import DecodeError
 from pipeline.stages.decode.pyav_backend import PyAVBackend
-from pipeline.stages.decode.sampling import pick_frames
+from pipeline.stages.decode.sampling import nearest_keyframes, pick_frames
 from pipeline.stages.decode.source import ByteStream
 
 
@@ -20,9 +20,10 @@ class DecordBackend:
     name = "decord"
     needs_local_path = True  # given a file object it reads the whole file into memory
 
-    def __init__(self, frame_size: int, threads: int = 1):
+    def __init__(self, frame_size: int, threads: int = 1, seek: str = "exact"):
         self.frame_size = frame_size
         self.threads = max(1, threads)
+        self.seek = seek  # DecodeConfig.seek: "exact" or "keyframe"
 
     def probe(self, file: str | ByteStream, limits: Limits | None = None) -> VideoInfo:
         # decord exposes no codec, rotation or stream choice: one PyAV probe serves both backends
@@ -50,7 +51,12 @@ class DecordBackend:
                     ErrorReason.UNSUPPORTED, f"decord reads another video stream ({fps:.3f} fps; probe: {info.fps:.3f})"
                 )
             starts, ends = self._timestamps(vr, n, fps, info)
-            pos = pick_frames(starts, np.sort(np.asarray(times_s, np.float64)))
+            targets = np.sort(np.asarray(times_s, np.float64))
+            if self.seek == "keyframe":  # the keyframes nearest the targets, from decord's own index
+                keys = np.asarray(vr.get_key_indices(), np.int64)
+                pos = keys[nearest_keyframes(starts[keys], targets)]
+            else:
+                pos = pick_frames(starts, targets)
             frames = vr.get_batch(pos.tolist()).asnumpy()
         except DecodeError:
             raise

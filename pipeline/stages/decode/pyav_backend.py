@@ -1,5 +1,6 @@
 """The PyAV (FFmpeg) backend: streams from file objects, seeks when a keyframe lies before the next
-target, decodes forward otherwise, and converts only the chosen frames to RGB.
+target, decodes forward otherwise, and converts only the chosen frames to RGB. With `seek:
+keyframe` it decodes only the keyframes nearest the targets (`_read_keyframes`).
 
 Its probe is also decord's (see `DecordBackend.probe`). Frame ordinals are exact when decoding from
 the start or from an indexed keyframe, else estimated from the time (see the package docstring).
@@ -20,7 +21,7 @@ from pipeline.errors import ErrorReason
 from pipeline.stages.decode.backend import Limits, ReadResult, VideoInfo
 from pipeline.stages.decode.container import check_index_within_file, open_container
 from pipeline.stages.decode.errors import DecodeError
-from pipeline.stages.decode.sampling import TIME_EPS, monotonic_indices
+from pipeline.stages.decode.sampling import TIME_EPS, monotonic_indices, nearest_keyframes
 from pipeline.stages.decode.source import ByteStream, file_size
 
 _SEEK_GAP_S = 5.0  # without a full index: seek only when the next target is this far ahead
@@ -156,9 +157,10 @@ class PyAVBackend:
     name = "pyav"
     needs_local_path = False
 
-    def __init__(self, frame_size: int, threads: int = 1):
+    def __init__(self, frame_size: int, threads: int = 1, seek: str = "exact"):
         self.frame_size = frame_size
         self.threads = max(1, threads)
+        self.seek = seek  # DecodeConfig.seek: "exact" or "keyframe"
 
     def probe(self, file: str | ByteStream, limits: Limits | None = None) -> VideoInfo:
         limits = limits or Limits()
@@ -249,6 +251,8 @@ class PyAVBackend:
             stream.thread_type = "AUTO"
             stream.codec_context.thread_count = self.threads
             keyframes = _keyframe_index(stream, info)
+            if self.seek == "keyframe":
+                return self._read_keyframes(container, stream, info, keyframes, times_s)
             cur = _PyAVCursor(container, stream, info, keyframes)
             scaler = VideoReformatter()  # keeps its swscale context across frames (4x faster)
             images: list[np.ndarray] = []
@@ -272,16 +276,7 @@ class PyAVBackend:
                 if chosen is None:
                     break
                 if chosen is not last:
-                    rgb = scaler.reformat(
-                        chosen.frame, width=s, height=s, format="rgb24", interpolation="BILINEAR", threads=1
-                    )
-                    images.append(_upright(rgb.to_ndarray(), info.rotation))
-                    times.append(chosen.t)
-                    ordinals.append(
-                        chosen.ordinal
-                        if chosen.ordinal is not None
-                        else int(round((chosen.t - info.first_frame_s) * (info.fps or 1.0 / cur.step)))
-                    )
+                    self._keep(chosen, scaler, info, cur, images, times, ordinals)
                     last = chosen
             ended = None
             if cur.eof and last is not None:
@@ -297,6 +292,58 @@ class PyAVBackend:
                 last_error=cur.last_error,
                 frames_decoded=cur.decoded,
             )
+
+    def _keep(self, chosen: _Frame, scaler, info: VideoInfo, cur: _PyAVCursor, images: list, times: list,
+              ordinals: list) -> None:
+        """Convert a chosen frame to upright RGB at the frame size and record its time and ordinal."""
+        s = self.frame_size
+        rgb = scaler.reformat(chosen.frame, width=s, height=s, format="rgb24", interpolation="BILINEAR", threads=1)
+        images.append(_upright(rgb.to_ndarray(), info.rotation))
+        times.append(chosen.t)
+        ordinals.append(chosen.ordinal if chosen.ordinal is not None
+                        else int(round((chosen.t - info.first_frame_s) * (info.fps or 1.0 / cur.step))))
+
+    def _read_keyframes(self, container, stream, info: VideoInfo, keyframes: _KeyframeIndex | None,
+                        times_s: np.ndarray) -> ReadResult:
+        """`seek: keyframe`: the keyframe nearest each target, once each, decoded right after a seek
+        to it (no frame between keyframes is decoded). Keyframe times come from the container's
+        index, else from a scan of the packets (demuxed, not decoded), which also gives where the
+        stream's data ends, so a cut file ends early here as it does in exact mode. Recorded times
+        are the decoded keyframes' own."""
+        scan_end: float | None = None
+        if keyframes is None:
+            keyframes, scan_end = _scan_keyframes(container, stream, info)
+        targets = np.sort(np.asarray(times_s, dtype=np.float64))
+        cur = _PyAVCursor(container, stream, info, keyframes)
+        scaler = VideoReformatter()
+        images: list[np.ndarray] = []
+        times: list[float] = []
+        ordinals: list[int] = []
+        last: _Frame | None = None
+        half = 0.5 * cur.step
+        for k in keyframes.times[nearest_keyframes(keyframes.times, targets)]:
+            if last is not None and last.t >= k - half:
+                continue  # landed on this keyframe already (index times are approximate)
+            cur.seek(k + half)  # backward: the keyframe at k, not the one before it
+            # The first key frame after the seek that is not one already kept (a demuxer may land
+            # on an earlier keyframe: then decode forward to the next).
+            frame = cur.next()
+            while frame is not None and (not frame.frame.key_frame or (last is not None and frame.t <= last.t)):
+                frame = cur.next()
+            if frame is None:
+                break
+            self._keep(frame, scaler, info, cur, images, times, ordinals)
+            last = frame
+        ended = None
+        if cur.eof and last is not None:
+            ended = last.t + last.duration
+        elif scan_end is not None and len(targets) and scan_end < targets[-1]:
+            ended = scan_end
+        s = self.frame_size
+        frames = np.stack(images) if images else np.zeros((0, s, s, 3), np.uint8)
+        return ReadResult(frames=np.ascontiguousarray(frames), times_s=np.asarray(times, np.float64),
+                          indices=monotonic_indices(ordinals), ended_s=ended, errors=cur.errors,
+                          last_error=cur.last_error, frames_decoded=cur.decoded)
 
     @staticmethod
     def _should_seek(pos: float | None, target: float, keyframes, info: VideoInfo) -> bool:
@@ -353,6 +400,23 @@ class _PacketScan:
                 yield packet
         except av.FFmpegError:  # damaged tail: the packets so far still count
             return
+
+
+def _scan_keyframes(container, stream, info: VideoInfo) -> tuple[_KeyframeIndex, float | None]:
+    """The keyframes of a stream without a full index, from its packets (demuxed, not decoded):
+    presentation times and decode-order positions (their ordinals for closed GOPs), and where the
+    last packet ends. Leaves the container at the end: the reader seeks."""
+    tb = stream.time_base
+    scan = _PacketScan(tb, info.start_s, math.inf)
+    times, ordinals = [], []
+    for position, packet in enumerate(p for p in scan.packets(container, stream) if p.size):
+        ts = packet.pts if packet.pts is not None else packet.dts
+        if packet.is_keyframe and ts is not None:
+            times.append(float(ts * tb) - info.start_s)
+            ordinals.append(position)
+    order = np.argsort(times, kind="stable")
+    return (_KeyframeIndex(times=np.asarray(times, np.float64)[order], ordinals=np.asarray(ordinals, np.int64)[order]),
+            scan.end_s)
 
 
 def _keyframe_index(stream, info: VideoInfo) -> _KeyframeIndex | None:

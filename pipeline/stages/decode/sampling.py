@@ -38,3 +38,14 @@ def monotonic_indices(indices: list[int]) -> np.ndarray:
     for i in range(1, len(out)):
         out[i] = max(out[i], out[i - 1] + 1)
     return out
+
+
+def nearest_keyframes(key_times: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Positions into `key_times` (ascending) of the keyframe nearest each target, once each, in
+    time order; a target midway between two keyframes takes the earlier one."""
+    if not len(key_times):
+        return np.zeros(0, np.int64)
+    before = np.clip(np.searchsorted(key_times, targets + TIME_EPS, side="right") - 1, 0, len(key_times) - 1)
+    after = np.minimum(before + 1, len(key_times) - 1)
+    closer_after = (key_times[after] - targets) < (targets - key_times[before])
+    return np.unique(np.where(closer_after, after, before))

@@ -42,9 +42,9 @@ READ_RETRY_MAX_WAIT_S = 30.0
 def make_backend(name: str, cfg: DecodeConfig) -> Backend:
     threads = max(1, int(cfg.num_cpus))
     if name == "pyav":
-        return PyAVBackend(cfg.frame_size, threads)
+        return PyAVBackend(cfg.frame_size, threads, cfg.seek)
     if name == "decord":
-        return DecordBackend(cfg.frame_size, threads)
+        return DecordBackend(cfg.frame_size, threads, cfg.seek)
     raise ValueError(f"unknown decode backend {name!r}; expected one of {BACKENDS}")
 
 
