@@ -9,18 +9,25 @@
     moref-index index OUTPUT [--rebuild]
     moref-index report OUTPUT [--out report.html]
     moref-index compact OUTPUT [--target-mb 128]
+    moref-index status OUTPUT
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import pathlib
 import sys
 
 import yaml
 
+# What `moref-index run` exits with (listed in `run --help`).
+RUN_EXIT_CODES = {
+    0: "the run finished (pairs in error included: each has its row and reason)",
+    1: "the run failed (a traceback says why); a rerun resumes",
+    2: "a bad job config (the message names the key), or stages that can never be scheduled",
+    3: "the output is in use by another run (its lease is held)",
+}
 
 def _parse_overrides(pairs: list[str]) -> dict:
     overrides = {}
@@ -172,6 +179,13 @@ def cmd_compact(args) -> int:
     return 0
 
 
+def cmd_status(args) -> int:
+    from pipeline.readers.output_status import output_status
+
+    print(output_status(args.output, _storage(args)).render())  # no output: OutputNotFoundError, exit 2 in main
+    return 0
+
+
 def cmd_convert(args) -> int:
     from freemoref.convert import convert_llava_next_checkpoint
 
@@ -246,38 +260,62 @@ def _storage_args(parser) -> None:
                         "the environment")
 
 
+class _HelpWithDefaults(argparse.RawDescriptionHelpFormatter):
+    """Each option's default after its help, unless it has none or the help gives it; epilogs as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.default not in (None, False, [], argparse.SUPPRESS) and "default" not in text
+                and action.option_strings):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("moref-index")
+    except PackageNotFoundError:  # run from a checkout that was never installed (`python -m jobs.cli`)
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line (tests/infra parses the KubeRay entrypoints with it)."""
     parser = argparse.ArgumentParser(prog="moref-index", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run a job config (YAML)")
-    run.add_argument("config")
+    exit_codes = "exit codes:\n" + "\n".join(f"  {code}  {what}" for code, what in RUN_EXIT_CODES.items())
+    run = sub.add_parser("run", help="run a job config (YAML)", epilog=exit_codes)
+    run.add_argument("config", help="the job config (YAML); relative paths in it resolve against its folder")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     run.add_argument("--summary-json", help="also write the run summary to this file")
     run.add_argument("--show", type=int, default=0, metavar="N", help="print N rows of the answers table")
     run.set_defaults(func=cmd_run)
 
     convert = sub.add_parser("convert", help="convert a LLaVA-NeXT LLaVA-Video checkpoint to HF LlavaOnevision")
-    convert.add_argument("src")
-    convert.add_argument("dst")
+    convert.add_argument("src", help="the LLaVA-NeXT checkpoint folder (e.g. LLaVA-Video-7B-Qwen2)")
+    convert.add_argument("dst", help="the folder to write the HF LlavaOnevision checkpoint to")
     convert.add_argument("--vision-config", help="dir with the SigLIP config, if not derivable from src")
-    convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                         help="the weights' dtype in dst (default: as stored in src)")
     convert.set_defaults(func=cmd_convert)
 
     tiny = sub.add_parser("tiny-models", help="build the tiny offline models used by the demo")
-    tiny.add_argument("dir")
+    tiny.add_argument("dir", help="where to build them (reused when already there)")
     tiny.set_defaults(func=cmd_tiny_models)
 
     importer = sub.add_parser("import-questions",
                               help="convert benchmark annotations into a multiple-choice question set")
-    importer.add_argument("--format", required=True, choices=["videomme", "mlvu", "longvideobench"])
+    importer.add_argument("--format", required=True, choices=["videomme", "mlvu", "longvideobench"],
+                          help="the benchmark whose annotations these are")
     importer.add_argument("src", nargs="+", help="annotation files (.json, .jsonl or .parquet)")
     importer.add_argument("--out", "-o", required=True, help="the question set to write (.jsonl or .parquet)")
     importer.add_argument("--video-suffix", default=".mp4", help="videomme: appended to videoID to make video_id")
     importer.set_defaults(func=cmd_import_questions)
 
-    score = sub.add_parser("score", help="accuracy of a run's answers against a multiple-choice question set")
+    score = sub.add_parser("score", help="accuracy of a run's answers against a multiple-choice benchmark file")
     score.add_argument("output", help="the job's output.path (local or URL)")
     score.add_argument("--questions", required=True, help="the question set (.jsonl or .parquet)")
     score.add_argument("--compare", metavar="OTHER_OUTPUT", help="a second run's output.path, shown side by side")
@@ -286,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.set_defaults(func=cmd_score)
 
     search = sub.add_parser("search", help="text search over the frames of an output: the best matching moments")
-    search.add_argument("text")
+    search.add_argument("text", help="what to look for, in words")
     search.add_argument("--index", required=True, metavar="OUTPUT", help="the job's output path (local or URL)")
     search.add_argument("--top-k", type=int, default=20, help="moments to print (default 20)")
     search.add_argument("--min-score", type=float, default=0.2,
@@ -305,14 +343,14 @@ def build_parser() -> argparse.ArgumentParser:
     search.set_defaults(func=cmd_search)
 
     index = sub.add_parser("index", help="build or update the approximate search index of an output")
-    index.add_argument("output")
+    index.add_argument("output", help="the job's output path (local or URL)")
     index.add_argument("--rebuild", action="store_true", help="retrain from scratch instead of adding new frames")
     _storage_args(index)
     index.set_defaults(func=cmd_index)
 
     report = sub.add_parser("report", help="a self-contained HTML report of an output")
-    report.add_argument("output")
-    report.add_argument("--out", default="report.html")
+    report.add_argument("output", help="the job's output path (local or URL)")
+    report.add_argument("--out", default="report.html", help="the HTML file to write")
     report.add_argument("--video", action="append", default=[], help="a video to show in detail (repeatable)")
     report.add_argument("--max-videos", type=int, default=6, help="videos shown in detail when none are chosen")
     _model_args(report)
@@ -320,11 +358,21 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_report)
 
     compact = sub.add_parser("compact", help="rewrite an output's small answers and frames files into large ones")
-    compact.add_argument("output")
+    compact.add_argument("output", help="the job's output path (local or URL)")
     compact.add_argument("--target-mb", type=float, help="file size to pack up to (default output.target_file_mb)")
     _storage_args(compact)
     compact.set_defaults(func=cmd_compact)
 
+    status = sub.add_parser("status", help="what an output holds: runs, pairs ok and in error by reason, files, "
+                            "the last run's throughput")
+    status.add_argument("output", help="the job's output path (local or URL)")
+    _storage_args(status)
+    status.set_defaults(func=cmd_status)
+
+    for command in sub.choices.values():
+        command.formatter_class = _HelpWithDefaults
+        command.add_argument("-v", "--verbose", action="store_true",
+                             help="also log other libraries' INFO lines and model-loading progress bars")
     return parser
 
 
@@ -332,10 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     """Runs a command. A user's mistake (a config error, a path that holds no output) is one
     `error:` line and exit status 2, never a traceback."""
     from pipeline.config import ConfigError
+    from pipeline.run.quiet import configure_logging
     from pipeline.store.output_store import OutputNotFoundError
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(verbose=args.verbose)
     try:
         return args.func(args)
     except (ConfigError, OutputNotFoundError) as exc:

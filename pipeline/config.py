@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import difflib
 import hashlib
 import pathlib
+import typing
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, get_type_hints
@@ -359,7 +361,7 @@ def _describe(errors: Sequence[Mapping[str, Any]]) -> str:
         key = ".".join(str(p) for p in err["loc"]) or "<root>"
         # Unknown keys: of a model (extra_forbidden) or of a dataclass such as answer.moref.
         if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
-            lines.append(f"{key}: unknown key")
+            lines.append(f"{key}: unknown key{_did_you_mean(err['loc'])}")
         else:
             value = err.get("input")
             # Echo scalars only: a mapping may hold storage credentials, and so may these keys.
@@ -367,6 +369,34 @@ def _describe(errors: Sequence[Mapping[str, Any]]) -> str:
             shown = "" if secret or isinstance(value, (dict, list)) else f" (got {value!r})"
             lines.append(f"{key}: {err['msg']}{shown}")
     return "; ".join(lines)
+
+
+def _did_you_mean(loc: Sequence[Any]) -> str:
+    """' (did you mean 'x'?)' when a key valid where the unknown one stands is spelled close to it."""
+    node: Any = JobConfig
+    for part in loc[:-1]:
+        if isinstance(part, str):  # ints index list items, whose type _unwrapped already took
+            fields = _keys_of(node)
+            node = _unwrapped(fields[part]) if part in fields else None
+    close = difflib.get_close_matches(str(loc[-1]), list(_keys_of(node)), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _keys_of(node: Any) -> dict[str, Any]:
+    """Key -> annotation of a config model or dataclass; empty for anything else."""
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        return {name: f.annotation for name, f in node.model_fields.items()}
+    if dataclasses.is_dataclass(node):
+        return {f.name: f.type for f in dataclasses.fields(node)}
+    return {}
+
+
+def _unwrapped(annotation: Any) -> Any:
+    """The model or dataclass inside `X | None` and `list[X]`."""
+    for arg in typing.get_args(annotation) or ():
+        if _keys_of(inner := _unwrapped(arg)):
+            return inner
+    return annotation
 
 
 def parse_job_config(data: Any, base_dir: pathlib.Path | None = None) -> JobConfig:

@@ -1,6 +1,7 @@
 """`moref-index report`: one self-contained HTML page about an output (answers, frames, runs).
 
-Sections: the runs and their throughput; for a few videos (chosen, or a seeded random sample on a
+Sections: the runs and their throughput; every answer beside its question with status and reason,
+filtered in the page (`pipeline.readers.report_answers`); for a few videos (chosen, or a seeded random sample on a
 large output, which the page says), each question's CLIP relevance over time with the frames the
 Video-LLM saw marked, thumbnails of those frames and the RoI box drawn on one of them; visual
 tokens and FLOPs spent against native per answer; seconds per stage; error reasons.
@@ -27,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import DecodeConfig, StorageConfig
+from pipeline.readers.report_answers import answers_table_html
 from pipeline.readers.search import FrameRows, FramesIndex, QueryEncoder, SearchError, the_clip_model
 from pipeline.schema import STATUS_OK, Col
 from pipeline.store.output_store import ANSWERS_DIR, FRAMES_DIR, RUNS_DIR
@@ -40,7 +42,7 @@ MAX_SCATTER_POINTS = 5000  # beyond this, per-answer plots show a random sample 
 STAGES = (Col.DECODE_S, Col.GUIDANCE_S, Col.PREFILL_S, Col.GENERATE_S)
 PER_VIDEO_STAGES = (Col.DECODE_S, Col.GUIDANCE_S)  # recorded once per video, repeated on its rows
 REPORT_COLUMNS = (Col.VIDEO_ID, Col.VIDEO_URI, Col.QUESTION_ID, Col.QUESTION, Col.STATUS, Col.ERROR_REASON,
-                  Col.ERROR_DETAIL,
+                  Col.ERROR_DETAIL, Col.ANSWER,
                   Col.FRAME_TIMES_S, Col.ROI_BOX, Col.VISUAL_TOKENS_NATIVE, Col.VISUAL_TOKENS_USED, Col.TOTAL_FLOPS,
                   Col.TOTAL_FLOPS_NATIVE,
                   *STAGES)
@@ -138,6 +140,11 @@ def _run_files(store) -> list[str]:
 
 def _sample(n: int, k: int) -> np.ndarray:
     return np.sort(np.random.default_rng(0).choice(n, size=k, replace=False)) if n > k else np.arange(n)
+
+
+def answers_section(answers: pa.Table) -> Section:
+    table, note = answers_table_html(answers)
+    return Section("Answers", _note(note) + table, "answers")
 
 
 def cost_section(answers: pa.Table) -> Section:
@@ -260,7 +267,8 @@ def _thumbnails(answered: list[dict], storage: StorageConfig) -> str:
     out = []
     for r in answered:
         times = [t for t in wanted[r[Col.QUESTION_ID]] if t in by_time]
-        out.append(f'<div class="strip"><p>{html.escape(r[Col.QUESTION_ID])}: {html.escape(r[Col.QUESTION])}</p>')
+        out.append(f'<div class="strip"><p>{html.escape(r[Col.QUESTION_ID])}: {html.escape(r[Col.QUESTION])} '
+                   f'<span class="answer">&rarr; {html.escape(r[Col.ANSWER] or "")}</span></p>')
         out.extend(_thumbnail(by_time[t], f"{t:.1f} s") for t in times)
         if r[Col.ROI_BOX] is not None and times:
             out.append(_roi_plot(by_time[times[len(times) // 2]], r[Col.ROI_BOX], times[len(times) // 2]))
@@ -300,7 +308,7 @@ def build_report(output: str, storage: StorageConfig | None = None, video_ids: S
     else:
         chosen = [all_videos[i] for i in _sample(len(all_videos), max_videos)]
         how = "all" if len(chosen) == len(all_videos) else f"a random sample (seed 0) of {len(all_videos)}"
-    sections = [runs_section(store)]
+    sections = [runs_section(store), answers_section(answers)]
     detail = [_note(f"{len(chosen)} video(s) in detail: {how}.")]
     if chosen:
         table = answers.filter(pc.is_in(answers.column(Col.VIDEO_ID), pa.array(chosen, pa.string())))
@@ -329,6 +337,7 @@ body {{ font-family: sans-serif; margin: 2em; max-width: 1100px; }}
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 2px 8px; text-align: right; }}
 .note {{ color: #555; }} .thumb {{ display: inline-block; margin: 2px; font-size: 11px; text-align: center; }}
 .video {{ border-top: 1px solid #ddd; margin-top: 1em; }} img.plot {{ max-width: 100%; }}
+table.answers td {{ text-align: left; vertical-align: top; }} .answer {{ font-weight: bold; }}
 </style></head><body>
 <h1>moref-index report</h1><p>{html.escape(output)}: {html.escape(summary)}</p>
 {body}

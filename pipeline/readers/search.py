@@ -158,8 +158,14 @@ class FramesIndex:
         counts = table.column(Col.CLIP_MODEL).value_counts()
         return {str(c["values"]): int(c["counts"]) for c in counts.to_pylist()}
 
-    def read(self, video_ids: Sequence[str] | None = None, columns: Sequence[str] = FRAME_COLUMNS) -> pa.Table:
-        ds = self.dataset(video_ids)
+    def read(self, video_ids: Sequence[str] | None = None, columns: Sequence[str] = FRAME_COLUMNS,
+             files: Sequence[str] | None = None) -> pa.Table:
+        """Frames of the given videos (all without), from `files` when the caller knows which
+        files hold them (the search index does), else from the files the record names."""
+        if files is not None:
+            ds = pads.dataset(list(files), filesystem=self.store.fs, format="parquet") if files else None
+        else:
+            ds = self.dataset(video_ids)
         if ds is None:
             return pa.table({c: [] for c in columns})
         return ds.to_table(columns=list(columns), filter=self._only(video_ids))
@@ -274,7 +280,10 @@ def search_vector(index: FramesIndex, query: np.ndarray, *, top_k: int = DEFAULT
         frames = frames if video_ids is not None else state["frames"]
         candidates = ann.candidate_videos(query, state, min_score, max_videos=max(4 * top_k, 50),
                                           video_ids=video_ids)
-        rows = FrameRows.from_table(index.read(candidates)) if candidates else None
+        # A synced index's id map names the files holding the candidates: reading the record
+        # instead costs a pass over the whole archive's record per query.
+        files = ann.video_files(state, candidates) if update_index else None
+        rows = FrameRows.from_table(index.read(candidates, files=files)) if candidates else None
         method = "ann"
     else:
         table = index.read(video_ids)

@@ -7,6 +7,8 @@ import shutil
 
 import pyarrow as pa
 import pytest
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select
 
 from jobs.cli import main
 from pipeline.config import OutputConfig
@@ -85,7 +87,57 @@ def test_report_of_an_output_with_error_rows_only(browser, tmp_path, capsys):
     assert main(["report", str(tmp_path / "out"), "--out", str(page)]) == 0
     seen = rendered(browser, page)
     assert seen["images"] and all(i["ok"] for i in seen["images"])
-    assert seen["plots"] == {"runs": 0, "videos": 0, "cost": 0, "stages": 0, "errors": 1}
+    assert seen["plots"] == {"runs": 0, "answers": 0, "videos": 0, "cost": 0, "stages": 0, "errors": 1}
     assert "4 videos, 4 answers rows (0 ok, 4 errors)" in seen["text"]
     assert "no answered questions with token and FLOP counts" in seen["text"]
     assert "not_found: detail" in seen["text"]
+
+
+def answers_shown(browser) -> list[dict]:
+    """The answers table's rows the page shows now, as the reader sees them."""
+    return browser.execute_script("""
+        return Array.from(document.querySelectorAll('#answers-table tbody tr')).filter(r => !r.hidden)
+            .map(r => { const c = Array.from(r.cells).map(td => td.innerText);
+                        return {video: c[0], question_id: c[1], question: c[2], status: c[3], reason: c[4],
+                                said: c[5]}; });
+    """)
+
+
+def test_report_shows_answers_and_filters_them_in_the_page(small_run_output, browser, tmp_path):
+    page = tmp_path / "report.html"
+    assert main(["report", str(small_run_output), "--out", str(page), "--max-videos", "0"]) == 0
+    expected = OutputStore(OutputConfig(path=str(small_run_output))).read_answers().to_pylist()
+    browser.get(page.resolve().as_uri())
+    shown = answers_shown(browser)
+    # every answers row, each answer (or error detail) beside its question, status and reason
+    assert sorted((r["video"], r["question_id"]) for r in shown) == sorted(
+        (r[Col.VIDEO_ID], r[Col.QUESTION_ID]) for r in expected)
+    by_pair = {(r[Col.VIDEO_ID], r[Col.QUESTION_ID]): r for r in expected}
+    for row in shown:
+        want = by_pair[(row["video"], row["question_id"])]
+        assert row["question"] == want[Col.QUESTION] and row["status"] == want[Col.STATUS]
+        said = want[Col.ANSWER] if want[Col.STATUS] == "ok" else want[Col.ERROR_DETAIL]
+        assert row["said"].split() == (said or "").split()  # the page collapses runs of white space
+        assert row["reason"] == (want[Col.ERROR_REASON] or "(none)")
+
+    def counter() -> str:
+        return browser.find_element(By.ID, "answers-shown").text
+
+    assert counter() == f"{len(expected)} of {len(expected)} rows shown"
+    errors = [r for r in expected if r[Col.STATUS] != "ok"]
+    assert errors and len(errors) < len(expected)  # the filter has something to tell apart
+    Select(browser.find_element(By.ID, "filter-status")).select_by_value("error")
+    assert sorted(r["video"] for r in answers_shown(browser)) == sorted(r[Col.VIDEO_ID] for r in errors)
+    assert counter() == f"{len(errors)} of {len(expected)} rows shown"
+    reason = errors[0][Col.ERROR_REASON]
+    Select(browser.find_element(By.ID, "filter-status")).select_by_value("")
+    Select(browser.find_element(By.ID, "filter-reason")).select_by_value(reason)
+    assert {r["reason"] for r in answers_shown(browser)} == {reason}
+    assert len(answers_shown(browser)) == sum(r[Col.ERROR_REASON] == reason for r in expected)
+    Select(browser.find_element(By.ID, "filter-reason")).select_by_value("")
+    browser.find_element(By.ID, "filter-question").send_keys("who")
+    assert sorted(r["video"] for r in answers_shown(browser)) == sorted(
+        r[Col.VIDEO_ID] for r in expected if r[Col.QUESTION_ID] == "who")
+    Select(browser.find_element(By.ID, "filter-status")).select_by_value("ok")
+    assert all(r["question_id"] == "who" and r["status"] == "ok" for r in answers_shown(browser))
+    assert len(answers_shown(browser)) == sum(r[Col.QUESTION_ID] == "who" and r[Col.STATUS] == "ok" for r in expected)

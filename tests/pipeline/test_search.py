@@ -243,3 +243,25 @@ def test_search_benchmark_self_check(tmp_path):
     result = json.loads((tmp_path / "bench_search.json").read_text())["scales"][0]
     assert result["method"] == "ann" and result["recall_at_10"] >= 0.9 and result["moments_found_mean"] > 0
     assert (tmp_path / "bench_search.md").read_text().startswith("Search benchmark")
+
+
+def test_the_index_names_the_files_of_candidate_videos_as_the_record_does(tmp_path):
+    """A query reads only the candidates' frames files, found in the index's id map rather than
+    the whole archive's record: both must name the same files, also for files of many videos."""
+
+    dim, out = 16, str(tmp_path)
+    rng = np.random.default_rng(3)
+    store = OutputStore(OutputConfig(path=out))
+    for part in range(4):  # files of 5 videos each, as the pipeline's commits pack them
+        tables = [frames_table(f"p{part}-v{v}", np.arange(20) * 0.5,
+                               (e := rng.standard_normal((20, dim)).astype(np.float32))
+                               / np.linalg.norm(e, axis=1, keepdims=True)) for v in range(5)]
+        store.write_table(pa.concat_tables(tables), FRAMES_DIR, f"part-{part}.parquet")
+    frames = FramesIndex(out)
+    index = VectorIndex(frames)
+    state = index.sync()
+    for chosen in (["p0-v1"], ["p1-v0", "p3-v4"], ["p2-v2", "p2-v3"], [f"p{p}-v0" for p in range(4)]):
+        assert index.video_files(state, chosen) == frames.files(chosen)
+        # and the rows read from them are exactly those videos' frames
+        read = frames.read(chosen, files=index.video_files(state, chosen))
+        assert sorted(set(read.column("video_id").to_pylist())) == sorted(chosen) and read.num_rows == 20 * len(chosen)
