@@ -1,7 +1,8 @@
-"""One HF decoder layer (Qwen2-style: pre-norm, rotary, GQA attention, gated MLP) run piece by
-piece. The engine drives the layers itself because the batch changes shape at the fusion layer
-(N rows below it, one sequence per question from it on), which the HF forward cannot do; between
-`project_qkv` and `finish_layer` it runs whichever attention the phase needs.
+"""One HF decoder layer (Qwen2/Qwen3-style: pre-norm, per-head q/k norms where present, rotary, GQA
+attention, gated MLP) run piece by piece. The engine drives the layers itself because the batch
+changes shape at the fusion layer (N rows below it, one sequence per question from it on), which the
+HF forward cannot do; between `project_qkv` and `finish_layer` it runs whichever attention the phase
+needs.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ def project_qkv(layer, h, cos, sin):
     attn = layer.self_attn
     x = layer.input_layernorm(h)
     shape = (*x.shape[:-1], -1, attn.head_dim)
-    q = attn.q_proj(x).view(shape).transpose(1, 2)
-    k = attn.k_proj(x).view(shape).transpose(1, 2)
+    q = head_norm(attn, "q_proj", attn.q_proj(x).view(shape)).transpose(1, 2)
+    k = head_norm(attn, "k_proj", attn.k_proj(x).view(shape)).transpose(1, 2)
     v = attn.v_proj(x).view(shape).transpose(1, 2)
     return rope(q, cos, sin), rope(k, cos, sin).contiguous(), v.contiguous()
 
@@ -46,7 +47,15 @@ def project_rotated(layer, h, cos, sin, proj: str):
     fusion scoring, which needs only the question's queries and the visual tokens' keys."""
     attn = layer.self_attn
     x = layer.input_layernorm(h)
-    return rope(getattr(attn, proj)(x).view(*x.shape[:-1], -1, attn.head_dim).transpose(1, 2), cos, sin)
+    heads = head_norm(attn, proj, getattr(attn, proj)(x).view(*x.shape[:-1], -1, attn.head_dim))
+    return rope(heads.transpose(1, 2), cos, sin)
+
+
+def head_norm(attn, proj: str, x):
+    """Qwen3-style per-head RMSNorm of queries or keys (B, T, H, Dh) before rotary (`q_norm`,
+    `k_norm`); unchanged for layers without one (Qwen2)."""
+    norm = getattr(attn, proj[0] + "_norm", None)
+    return x if norm is None else norm(x)
 
 
 def finish_layer(layer, h, o):

@@ -336,6 +336,35 @@ def build_tiny_qwen_vl_tokenizer():
     return tokenizer
 
 
+def _qwen_vl_ids(tokenizer) -> dict:
+    """The config's token ids of a tiny Qwen VL tokenizer."""
+    ids = dict(zip(QWEN_VL_SPECIAL_TOKENS, tokenizer.convert_tokens_to_ids(list(QWEN_VL_SPECIAL_TOKENS))))
+    return dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+
+
+def _qwen_vl_text_config(tokenizer, shape: TinyQwenVLShape, **rope) -> dict:
+    endoftext_id, im_end_id = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    return dict(vocab_size=len(tokenizer), hidden_size=shape.text_hidden, intermediate_size=shape.text_intermediate,
+                num_hidden_layers=shape.text_layers, num_attention_heads=shape.text_heads,
+                num_key_value_heads=shape.text_kv_heads, max_position_embeddings=4096, tie_word_embeddings=False,
+                bos_token_id=endoftext_id, eos_token_id=im_end_id, pad_token_id=endoftext_id,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, **rope})
+
+
+def _save_qwen_vl(model, processor, tokenizer, out_dir: Path, seed: int) -> str:
+    """Randomize the model, give it greedy generation defaults, save model and processor."""
+    import transformers
+
+    _randomize(model, seed)
+    endoftext_id, im_end_id = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    model.generation_config = transformers.GenerationConfig(
+        eos_token_id=[im_end_id, endoftext_id], pad_token_id=endoftext_id, do_sample=False)
+    model.save_pretrained(str(out_dir))
+    processor.save_pretrained(str(out_dir))
+    return str(out_dir)
+
+
 def build_tiny_qwen2_5_vl(out_dir: str | Path, *, seed: int = 0, shape: TinyQwenVLShape | None = None) -> str:
     """Write a tiny random Qwen2.5-VL checkpoint with its processor (image and video processors,
     tokenizer with the family's special tokens, chat template) to `out_dir`, offline. Loads back
@@ -348,35 +377,82 @@ def build_tiny_qwen2_5_vl(out_dir: str | Path, *, seed: int = 0, shape: TinyQwen
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_qwen_vl_tokenizer()
-    ids = dict(zip(QWEN_VL_SPECIAL_TOKENS, tokenizer.convert_tokens_to_ids(list(QWEN_VL_SPECIAL_TOKENS))))
-    endoftext_id, im_end_id = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
     half = shape.text_hidden // shape.text_heads // 2  # rotary frequencies per head
     spatial = half * 3 // 8  # Qwen2.5-VL-7B splits its 64 as 16 (t), 24 (h), 24 (w)
     config = transformers.Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=shape.text_hidden, intermediate_size=shape.text_intermediate,
-            num_hidden_layers=shape.text_layers, num_attention_heads=shape.text_heads,
-            num_key_value_heads=shape.text_kv_heads, max_position_embeddings=4096, tie_word_embeddings=False,
-            bos_token_id=endoftext_id, eos_token_id=im_end_id, pad_token_id=endoftext_id,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                             "mrope_section": [half - 2 * spatial, spatial, spatial]}),
+        text_config=_qwen_vl_text_config(tokenizer, shape, mrope_section=[half - 2 * spatial, spatial, spatial]),
         vision_config=dict(
             depth=shape.vision_layers, hidden_size=shape.vision_hidden, intermediate_size=shape.vision_intermediate,
             num_heads=shape.vision_heads, patch_size=shape.patch_size, spatial_merge_size=2, temporal_patch_size=2,
             tokens_per_second=2, window_size=shape.window_size, out_hidden_size=shape.text_hidden,
             fullatt_block_indexes=[shape.vision_layers - 1]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False)
-    model = transformers.Qwen2_5_VLForConditionalGeneration(config)
-    _randomize(model, seed)
-    model.generation_config = transformers.GenerationConfig(
-        eos_token_id=[im_end_id, endoftext_id], pad_token_id=endoftext_id, do_sample=False)
-    model.save_pretrained(str(out_dir))
+        tie_word_embeddings=False, **_qwen_vl_ids(tokenizer))
     size = {"shortest_edge": shape.min_pixels, "longest_edge": shape.max_pixels}
     common = dict(patch_size=shape.patch_size, merge_size=2, temporal_patch_size=2, size=size)
     processor = transformers.Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**common), tokenizer=tokenizer,
                                     video_processor=Qwen2VLVideoProcessor(**common, cap_pixels_per_frame=True),
                                     chat_template=QWEN_VL_CHAT_TEMPLATE)
-    processor.save_pretrained(str(out_dir))
-    return str(out_dir)
+    return _save_qwen_vl(transformers.Qwen2_5_VLForConditionalGeneration(config), processor, tokenizer, out_dir, seed)
+
+
+# Qwen3-VL's chat template (chat_template.json of the Qwen3-VL Instruct checkpoints), reduced to what
+# a video question uses: ChatML with no default system turn, media as
+# <|vision_start|><|video_pad|><|vision_end|> in the content's order.
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass
+class TinyQwen3VLShape(TinyQwenVLShape):
+    """Shapes of the tiny Qwen3-VL: as the tiny Qwen2.5-VL, with a third ViT block so that two
+    DeepStack taps (blocks 0 and 1, feeding decoder layers 0 and 1) precede the last block, an 8 x 8
+    learned position grid, and frames capped at 20 merged tokens each (32 x 40 pixels)."""
+
+    vision_layers: int = 3
+    deepstack_layers: tuple[int, ...] = (0, 1)
+    position_grid: int = 8
+    max_tokens_per_frame: int = 20
+    max_frames: int = 16
+
+
+def build_tiny_qwen3_vl(out_dir: str | Path, *, seed: int = 0, shape: TinyQwen3VLShape | None = None) -> str:
+    """Write a tiny random Qwen3-VL checkpoint (interleaved multimodal RoPE, per-head q/k norms,
+    DeepStack) with its processor (Qwen3-VL video processor, tokenizer with the family's special
+    tokens, chat template) to `out_dir`, offline. Loads back with `AutoProcessor` and
+    `Qwen3VLForConditionalGeneration.from_pretrained`. Returns the dir."""
+    import transformers
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    shape = shape or TinyQwen3VLShape()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_qwen_vl_tokenizer()
+    tokenizer.chat_template = QWEN3_VL_CHAT_TEMPLATE
+    head_dim = shape.text_hidden // shape.text_heads
+    spatial = head_dim // 8  # Qwen3-VL-8B splits its 64 frequencies as 24 (t), 20 (h), 20 (w), interleaved
+    config = transformers.Qwen3VLConfig(
+        text_config=_qwen_vl_text_config(tokenizer, shape, mrope_interleaved=True,
+                                         mrope_section=[head_dim // 2 - 2 * spatial, spatial, spatial])
+        | {"head_dim": head_dim},
+        vision_config=dict(
+            depth=shape.vision_layers, hidden_size=shape.vision_hidden, intermediate_size=shape.vision_intermediate,
+            num_heads=shape.vision_heads, patch_size=shape.patch_size, spatial_merge_size=2, temporal_patch_size=2,
+            out_hidden_size=shape.text_hidden, num_position_embeddings=shape.position_grid ** 2,
+            deepstack_visual_indexes=list(shape.deepstack_layers)),
+        tie_word_embeddings=False, **_qwen_vl_ids(tokenizer))
+    frame_pixels = shape.max_tokens_per_frame * (2 * shape.patch_size) ** 2
+    size = {"shortest_edge": shape.min_pixels, "longest_edge": frame_pixels * shape.max_frames}
+    common = dict(patch_size=shape.patch_size, merge_size=2, temporal_patch_size=2, size=size)
+    video_processor = Qwen3VLVideoProcessor(**common, cap_pixels_per_frame=True,
+                                            max_video_tokens=shape.max_tokens_per_frame)
+    processor = transformers.Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(**common), tokenizer=tokenizer,
+                                              video_processor=video_processor, chat_template=QWEN3_VL_CHAT_TEMPLATE)
+    return _save_qwen_vl(transformers.Qwen3VLForConditionalGeneration(config), processor, tokenizer, out_dir, seed)

@@ -196,15 +196,17 @@ def cmd_convert(args) -> int:
 
 def build_tiny_models(root: pathlib.Path) -> dict[str, str]:
     """Tiny random models for the demo and tests, built offline once and reused."""
-    from freemoref.tiny import build_tiny_llava_onevision, build_tiny_qwen2_5_vl
+    from freemoref.tiny import build_tiny_llava_onevision, build_tiny_qwen2_5_vl, build_tiny_qwen3_vl
     from pipeline.stages.clip_models import build_tiny_clip
 
     paths = {"llava": root / "tiny-llava-onevision", "clip": root / "tiny-clip",
-             "qwen2_5_vl": root / "tiny-qwen2_5_vl"}
+             "qwen2_5_vl": root / "tiny-qwen2_5_vl", "qwen3_vl": root / "tiny-qwen3_vl"}
     if not (paths["llava"] / "config.json").exists():
         build_tiny_llava_onevision(str(paths["llava"]))
     if not (paths["qwen2_5_vl"] / "config.json").exists():
         build_tiny_qwen2_5_vl(str(paths["qwen2_5_vl"]))
+    if not (paths["qwen3_vl"] / "config.json").exists():
+        build_tiny_qwen3_vl(str(paths["qwen3_vl"]))
     if not paths["clip"].exists() or not any(paths["clip"].iterdir()):
         build_tiny_clip(str(paths["clip"]))
     return {name: str(path) for name, path in paths.items()}

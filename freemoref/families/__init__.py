@@ -9,13 +9,15 @@ from importlib import import_module
 FAMILIES = {
     "llava_onevision": ("freemoref.families.llava_onevision", "LlavaOnevisionFamily"),
     "qwen2_5_vl": ("freemoref.families.qwen2_5_vl", "Qwen25VLFamily"),
+    "qwen3_vl": ("freemoref.families.qwen3_vl", "Qwen3VLFamily"),
 }
 # What a checkpoint's config says -> family name.
 ARCHITECTURES = {
     "LlavaOnevisionForConditionalGeneration": "llava_onevision",
     "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+    "Qwen3VLForConditionalGeneration": "qwen3_vl",
 }
-MODEL_TYPES = {"llava_onevision": "llava_onevision", "qwen2_5_vl": "qwen2_5_vl"}
+MODEL_TYPES = {"llava_onevision": "llava_onevision", "qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl"}
 
 
 def family_class(name: str):

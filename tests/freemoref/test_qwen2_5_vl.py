@@ -70,9 +70,9 @@ def test_native_equals_hf_forward_and_generate(llm):
 
 
 @torch.no_grad()
-def test_roi_crop_equals_hf_forward_on_the_cropped_grid(llm):
-    """The crop keeps the merged tokens inside the box; HF's forward given those features and the
-    cropped grid (its own positions for it) gives the same logits."""
+def test_roi_crop_equals_hf_forward_and_generate_on_the_cropped_grid(llm):
+    """The crop keeps the merged tokens inside the box; HF's forward and greedy generate given those
+    features and the cropped grid (its own positions for it) give the same logits and tokens."""
     video = frames()
     encoded = llm.encode_frames(video, np.arange(4) / 4.0)
     box = (0.0, 0.0, 0.6, 0.6)
@@ -83,12 +83,15 @@ def test_roi_crop_equals_hf_forward_on_the_cropped_grid(llm):
     cfg = llm.config
     ids = torch.cat([parts.prefix_ids, torch.full((t * h * w,), cfg.video_token_id), parts.suffix_ids])[None]
     features = BaseModelOutputWithPooling(pooler_output=(parts.frame_tokens.features().reshape(-1, dim),))
-    theirs = llm.model(input_ids=ids, mm_token_type_ids=(ids == cfg.video_token_id).int() * 2,
-                       video_grid_thw=torch.tensor([[t, 2 * h, 2 * w]]), second_per_grid_ts=torch.tensor([0.5]),
-                       mm_encoder_outputs={"video": features}).logits[0, -1]
+    call = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                mm_token_type_ids=(ids == cfg.video_token_id).int() * 2,
+                video_grid_thw=torch.tensor([[t, 2 * h, 2 * w]]), second_per_grid_ts=torch.tensor([0.5]),
+                mm_encoder_outputs={"video": features})
+    theirs = llm.model(**call).logits[0, -1]
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
-    result = llm.answer(encoded, QUESTION, system_prompt=SYSTEM, generation=GenerationOptions(max_new_tokens=3),
-                        roi_box=box)
+    hf_ids = llm.model.generate(**call, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:]
+    result = llm.answer(encoded, QUESTION, system_prompt=SYSTEM, generation=GREEDY, roi_box=box)
+    assert result.token_ids == hf_ids.tolist() and len(set(result.token_ids)) > 2
     assert (result.visual_tokens_used, result.visual_tokens_native) == (t * h * w, full[0] * full[1] * full[2])
     assert result.total_flops < result.total_flops_native
 

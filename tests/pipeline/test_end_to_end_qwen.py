@@ -1,5 +1,5 @@
-"""The whole job with the tiny Qwen2.5-VL (picked from its config.json): prompt-guided frames, RoI,
-Free-MoRef over temporal patches; rows, stats and a resuming rerun."""
+"""The whole job with each tiny Qwen family (Qwen2.5-VL, Qwen3-VL; picked from its config.json):
+prompt-guided frames, RoI, Free-MoRef over temporal patches; rows, stats and a resuming rerun."""
 
 import json
 import shutil
@@ -17,7 +17,8 @@ VIDEO = "kinetics_armwrestling.mp4"
 NUM_FRAMES = 8
 
 
-def test_qwen2_5_vl_run_then_rerun_resumes(tmp_path, tiny_model_dir, ray_local):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_qwen_run_then_rerun_resumes(tmp_path, tiny_model_dir, ray_local, family):
     shutil.copy(DEMO_VIDEOS / VIDEO, tmp_path / VIDEO)
     (tmp_path / "questions.jsonl").write_text("\n".join(
         json.dumps({"video_id": VIDEO, "question_id": qid, "question": text})
@@ -29,7 +30,7 @@ def test_qwen2_5_vl_run_then_rerun_resumes(tmp_path, tiny_model_dir, ray_local):
         "decode": {"num_frames": NUM_FRAMES, "frame_size": 64, "num_cpus": 0.5, "timeout_s": 120},
         "guidance": {"model": tiny_model_dir["clip"], "pretrained": None, "frames_per_question": 6,
                      "num_cpus": 0.25, "num_gpus": 0, "selection": "prompt", "roi_ratio": 0.5},
-        "answer": {"model": tiny_model_dir["qwen2_5_vl"], "max_new_tokens": 4, "num_cpus": 0.5, "num_gpus": 0,
+        "answer": {"model": tiny_model_dir[family], "max_new_tokens": 4, "num_cpus": 0.5, "num_gpus": 0,
                    "moref": {"enabled": True, "temporal_units": 4, "references": 2}},
         "output": {"path": str(tmp_path / "out")},
     })
@@ -38,7 +39,7 @@ def test_qwen2_5_vl_run_then_rerun_resumes(tmp_path, tiny_model_dir, ray_local):
     rows = OutputStore(cfg.output).read_answers().to_pylist()
     assert sorted(r["question_id"] for r in rows) == ["q-what", "q-who"]
     for r in rows:
-        assert r["status"] == "ok" and r["model"] == "tiny-qwen2_5_vl" and len(r["frame_indices"]) == 6
+        assert r["status"] == "ok" and r["model"] == f"tiny-{family}" and len(r["frame_indices"]) == 6
         assert r["references"] == 2 and r["roi_box"] is not None
         assert 0 < r["visual_tokens_used"] < r["visual_tokens_native"] < r["prompt_tokens"]
         assert 0 < r["total_flops"] < r["total_flops_native"] and 1 <= r["output_tokens"] <= 4
