@@ -70,6 +70,17 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """Videos listed, pairs pending (changed, retried), skipped as done, models, resources and an
+    estimate: the run's own planning and checks, with no lease taken and nothing written."""
+    from pipeline.config import load_job_config
+    from pipeline.run.preview import preview_job
+
+    preview = preview_job(load_job_config(args.config, _parse_overrides(args.set)))  # ConfigError: exit 2
+    print(preview.render())
+    return 0 if preview.placeable else 2
+
+
 def _show_answers(cfg, n: int) -> None:
     from pipeline.schema import Col
     from pipeline.store.output_store import OutputStore
@@ -295,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--summary-json", help="also write the run summary to this file")
     run.add_argument("--show", type=int, default=0, metavar="N", help="print N rows of the answers table")
     run.set_defaults(func=cmd_run)
+
+    plan = sub.add_parser("plan", help="what a run of a job config would do, without doing it", epilog=exit_codes)
+    plan.add_argument("config", help="the job config (YAML), as for run")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    plan.set_defaults(func=cmd_plan)
 
     convert = sub.add_parser("convert", help="convert a LLaVA-NeXT LLaVA-Video checkpoint to HF LlavaOnevision")
     convert.add_argument("src", help="the LLaVA-NeXT checkpoint folder (e.g. LLaVA-Video-7B-Qwen2)")

@@ -85,18 +85,4 @@ def output_status(output: str, storage: StorageConfig | None = None) -> OutputSt
         files[sub] = (len(paths), sum(int(store.fs.info(p)["size"]) for p in paths))
     index_state = store.path(*SEARCH_INDEX_STATE)
     index_frames = json.loads(store.fs.cat_file(index_state))["frames"] if store.fs.exists(index_state) else None
-    return OutputStatus(output, _runs(store), ok, errors, files, index_frames)
-
-
-def _runs(store: OutputStore) -> list[dict]:
-    base = store.path(RUNS_DIR)
-    if not store.fs.exists(base):
-        return []
-    found = []
-    for path, info in store.fs.find(base, detail=True).items():
-        name = path.rsplit("/", 1)[-1]
-        if name.endswith(".json") and not name.startswith(("_", ".")):
-            written = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or 0
-            written = written.timestamp() if hasattr(written, "timestamp") else float(written)
-            found.append((written, name, json.loads(store.fs.cat_file(path))))
-    return [summary for _, _, summary in sorted(found, key=lambda t: (t[0], t[1]))]
+    return OutputStatus(output, store.run_records(), ok, errors, files, index_frames)

@@ -19,7 +19,6 @@ import base64
 import dataclasses
 import html
 import io
-import json
 import logging
 from collections.abc import Sequence
 
@@ -31,7 +30,7 @@ from pipeline.config import DecodeConfig, StorageConfig
 from pipeline.readers.report_answers import answers_table_html
 from pipeline.readers.search import FrameRows, FramesIndex, QueryEncoder, SearchError, the_clip_model
 from pipeline.schema import STATUS_OK, Col
-from pipeline.store.output_store import ANSWERS_DIR, FRAMES_DIR, RUNS_DIR
+from pipeline.store.output_store import ANSWERS_DIR, FRAMES_DIR
 
 log = logging.getLogger("moref_index")
 
@@ -112,10 +111,7 @@ def decode_at(uri: str, times_s: Sequence[float], storage: StorageConfig, size: 
 
 
 def runs_section(store) -> Section:
-    runs = []
-    for path in _run_files(store):
-        with store.fs.open(path, "rb") as f:
-            runs.append(json.loads(f.read()))
+    runs = store.run_records()
     if not runs:
         return Section("Runs", _note("no run summaries under runs/"), "runs")
     rows = []
@@ -129,13 +125,6 @@ def runs_section(store) -> Section:
     head = "".join(f"<th>{h}</th>" for h in
                    ("run", "status", "videos", "answers", "ok", "errors", "seconds", "answers / s"))
     return Section("Runs and throughput", f"<table><tr>{head}</tr>{''.join(rows)}</table>", "runs")
-
-
-def _run_files(store) -> list[str]:
-    base = store.path(RUNS_DIR)
-    if not store.fs.exists(base):
-        return []
-    return sorted(p for p in store.fs.find(base) if p.endswith(".json") and not p.rsplit("/", 1)[-1].startswith("_"))
 
 
 def _sample(n: int, k: int) -> np.ndarray:

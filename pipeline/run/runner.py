@@ -59,6 +59,7 @@ class RunSummary:
     inputs: int = 0  # (video, question) pairs in the job
     skipped_done: int = 0  # pairs already in the answers table (resume)
     retried_errors: int = 0  # pairs whose error row is redone (output.retry_errors); replaced, not added
+    gpus: float = 0.0  # GPUs of the cluster when the run started (plan's GPU-hour estimate)
     changed: int = 0  # written pairs asked again: their fingerprint changed (output.redo_changed); replaced
     processed: int = 0
     ok: int = 0
@@ -264,6 +265,7 @@ def _run_holding_lease(cfg: JobConfig, store: OutputStore, lease: OutputLease, s
 
             local = _init_ray(cfg)
             cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
+            summary.gpus = cluster_gpus
             # job_stages imports the model stages (torch): only once there is work to do
             from pipeline.run.job_stages import job_stages
 

@@ -93,6 +93,20 @@ class OutputStore:
             what = " or ".join(f"{sub}/" for sub in subs)
             raise OutputNotFoundError(f"no job output at {self.cfg.path}: it holds no {what}")
 
+    def run_records(self) -> list[dict]:
+        """The run records under runs/ (each run's summary), oldest first by when they were written."""
+        base = self.path(RUNS_DIR)
+        if not self.fs.exists(base):
+            return []
+        found = []
+        for path, info in self.fs.find(base, detail=True).items():
+            name = path.rsplit("/", 1)[-1]
+            if name.endswith(".json") and not name.startswith(("_", ".")):
+                written = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or 0
+                written = written.timestamp() if hasattr(written, "timestamp") else float(written)
+                found.append((written, name, json.loads(self.fs.cat_file(path))))
+        return [record for _, _, record in sorted(found, key=lambda t: (t[0], t[1]))]
+
     def path(self, *parts: str) -> str:
         return "/".join((self.root, *(_safe_part(p) for p in parts)))
 
