@@ -9,9 +9,9 @@ from tests.paths import REPO
 
 
 def recipes() -> dict[str, str]:
-    """First comment line of each SQL block of the README's "DuckDB recipes" -> the SQL."""
+    """First comment line of each SQL block of the README's "Query the output" -> the SQL."""
     text = (REPO / "README.md").read_text()
-    section = text[text.index("## DuckDB recipes"):]
+    section = text[text.index("## Query the output"):]
     section = section[: section.index("\n## ", 1)]
     blocks = re.findall(r"```sql\n(.*?)```", section, re.S)
     return {b.splitlines()[0].removeprefix("-- "): b for b in blocks}
