@@ -66,6 +66,7 @@ class RunSummary:
     errors: int = 0
     errors_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
     unmatched_questions: int = 0  # questions whose video_id matches no listed video (not inputs)
+    unmatched_examples: list = dataclasses.field(default_factory=list)  # the first few, as [video_id, question_id]
     elapsed_s: float = 0.0
     questions_per_s: float = 0.0  # (video, question) pairs processed per second of the whole run
     status: str = "complete"  # or "failed": the run stopped early; `failure` says why; rerun to resume
@@ -84,7 +85,9 @@ class RunSummary:
         for reason, count in sorted(self.errors_by_reason.items(), key=lambda kv: -kv[1]):
             lines.append(f"    {reason}: {count}")
         if self.unmatched_questions:
-            lines.append(f"  questions naming no listed video (not run): {self.unmatched_questions}")
+            named = ", ".join(f"{v}/{q}" for v, q in self.unmatched_examples)
+            more = ", ..." if self.unmatched_questions > len(self.unmatched_examples) else ""
+            lines.append(f"  questions naming no listed video (not run): {self.unmatched_questions} ({named}{more})")
         lines.append(f"  output: {self.output}/answers and {self.output}/frames  ({self.elapsed_s:.1f} s, "
                      f"{self.questions_per_s:.2f} questions/s)")
         if self.status != "complete":
@@ -104,6 +107,7 @@ def plan_work(cfg: JobConfig, store: OutputStore) -> tuple[Plan, RunSummary]:
     summary.skipped_done, summary.retried_errors = plan.skipped_done, plan.retried_errors
     summary.changed = plan.changed_pairs
     summary.unmatched_questions = plan.unmatched_questions
+    summary.unmatched_examples = [list(pair) for pair in plan.unmatched_examples]
     return plan, summary
 
 
