@@ -2,7 +2,8 @@
 
 - base (this folder): `config` (the job config, one typed section per stage), `errors` (the error
   reasons every stage writes), `schema` (the output tables' columns), `sources` (filesystems and
-  the input files: manifests, question files). Imports nothing else of pipeline/.
+  the input files: manifests, question files), `fingerprint` (what produced an answers row, for
+  resume). Imports nothing else of pipeline/.
 - `store/`: the output store on a filesystem: answers and frames files, the commit record and
   journal, the output lock, compaction. Imports the base only.
 - `stages/`: the job's stages, each a class with one method (rows in, rows out) that declares the

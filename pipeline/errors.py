@@ -31,10 +31,13 @@ class ErrorReason(StrEnum):
     # other storage I/O failure; the fallback backend reads the same storage, so it is not tried
     READ_FAILED = "read_failed", True, True
     EMPTY_FILE = "empty_file", False, True  # zero bytes
+    # the path cannot be resolved: a symlink loop, a name too long, a file where a folder should be
+    UNRESOLVABLE_PATH = "unresolvable_path", False, True
     # the input, as the shared probe sees it
     TOO_LARGE = "too_large", False, True  # file bytes or frame pixels beyond the configured limits
     TOO_LONG = "too_long", False, True  # duration beyond max_duration_s
-    NOT_A_VIDEO = "not_a_video", False, True  # bytes no demuxer recognises
+    # bytes no demuxer recognises, or text: a playlist, an FFmpeg concat list, any non-media text
+    NOT_A_VIDEO = "not_a_video", False, True
     UNREADABLE_CONTAINER = "unreadable_container", False, True  # a known container that cannot be parsed
     NO_VIDEO_STREAM = "no_video_stream", False, True  # a media file without a video stream
     TRUNCATED = "truncated", False, True  # the file ends before the data its header describes

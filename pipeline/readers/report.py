@@ -115,7 +115,7 @@ def runs_section(store) -> Section:
     if not runs:
         return Section("Runs", _note("no run summaries under runs/"), "runs")
     rows = []
-    for r in sorted(runs, key=lambda r: str(r.get("run_id"))):
+    for r in sorted(runs, key=lambda r: (str(r.get("run_id")), int(r.get("attempt") or 1))):
         elapsed = float(r.get("elapsed_s") or 0.0)
         processed = int(r.get("processed") or 0)
         rate = f"{processed / elapsed:.2f}" if elapsed > 0 else "-"

@@ -10,6 +10,7 @@ Rows are VIDEO_SCHEMA; duplicates are resolved later, in planning (pipeline/run/
 from __future__ import annotations
 
 import fnmatch
+import logging
 import posixpath
 from typing import Any
 
@@ -21,6 +22,7 @@ from pipeline.sources import filesystem, full_uri, glob_root, read_dataset, read
 
 # The listing's rows; size_bytes is -1 when unknown (manifests do not carry sizes).
 VIDEO_SCHEMA = pa.schema([(Col.VIDEO_ID, pa.string()), (Col.VIDEO_URI, pa.string()), (Col.SIZE_BYTES, pa.int64())])
+log = logging.getLogger("moref_index")
 _UNIT_SCHEMA = pa.schema([("url", pa.string()), ("root", pa.string())])  # split_glob's units
 
 
@@ -97,7 +99,15 @@ def glob_unit(batch: pa.Table, storage: StorageConfig) -> pa.Table:
     sizes: list[int] = []
     for url, root in zip(batch.column("url").to_pylist(), batch.column("root").to_pylist()):
         fs, path = filesystem(url, storage)
-        matches = fs.glob(path, detail=True) if fs.exists(glob_root(path) or "/") else {}
+        # folders a local walk could not list (unreadable): reported, not silent (an object store's
+        # listing has no unreadable folders: a refused listing raises)
+        unlisted: list[OSError] = []
+        local = "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
+        options = {"on_error": unlisted.append} if local else {}
+        matches = fs.glob(path, detail=True, **options) if fs.exists(glob_root(path) or "/") else {}
+        for exc in unlisted:
+            log.warning("input.videos: cannot list folder %s (%s): its videos are left out",
+                        getattr(exc, "filename", None) or url, getattr(exc, "strerror", None) or exc)
         for name, info in sorted(matches.items()):
             if info.get("type") == "directory":
                 continue

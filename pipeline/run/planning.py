@@ -45,6 +45,7 @@ COUNTS = (N_QUESTIONS, N_SKIPPED, N_RETRIED, N_FILE, N_PENDING, N_CHANGED)
 # Videos per planning task: large enough that a task's fixed costs stay small, small enough that
 # the listing spreads over the cluster's CPUs and a task's memory stays in the tens of MB.
 PLAN_BATCH_VIDEOS = 65536
+UNMATCHED_EXAMPLES = 5  # unmatched questions named in the summary
 # `input.planning: auto` plans a manifest up to this size on the driver (about 100k rows of CSV)
 DRIVER_MANIFEST_BYTES = 8 << 20
 
@@ -57,6 +58,8 @@ class Plan:
     retried_errors: int = 0
     changed_pairs: int = 0  # written pairs pending again because their fingerprint changed
     unmatched_questions: int = 0  # questions-file rows whose video_id is not listed
+    # the first few of them (by video_id, question_id), as (video_id, question_id)
+    unmatched_examples: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     pending_videos: int = 0
     pending_pairs: int = 0
     # the pending rows (pipeline.schema.SOURCE_COLUMNS): a Ray Dataset when planned in tasks, an
@@ -157,6 +160,10 @@ def plan_work(cfg: JobConfig, store: OutputStore) -> Plan:
         raise ConfigError(f"input.videos: no files match {cfg.input.videos}")
     work_filter: dict[str, Any] = {}
     totals, extra_rows = _resolve_duplicates(planned, totals, work_filter)
+    # matched against every listed video: questions of videos input.limit leaves out name a video
+    matched = int(pc.sum(totals.column(N_FILE)).as_py() or 0)
+    unmatched = planned.n_file - matched
+    examples = planned.unmatched_examples(totals.column(Col.VIDEO_ID), UNMATCHED_EXAMPLES) if unmatched else []
     if cfg.input.limit and totals.num_rows > cfg.input.limit:
         first = pc.select_k_unstable(totals, k=cfg.input.limit, sort_keys=[(Col.VIDEO_ID, "ascending")])
         totals = totals.take(first)
@@ -166,10 +173,11 @@ def plan_work(cfg: JobConfig, store: OutputStore) -> Plan:
     plan = Plan(videos=int(pc.sum(pc.greater(totals.column(N_QUESTIONS), 0)).as_py() or 0),
                 inputs=sums[N_QUESTIONS], skipped_done=sums[N_SKIPPED], retried_errors=sums[N_RETRIED],
                 changed_pairs=sums[N_CHANGED],
-                unmatched_questions=planned.n_file - sums[N_FILE], pending_pairs=sums[N_PENDING],
+                unmatched_questions=unmatched, unmatched_examples=examples, pending_pairs=sums[N_PENDING],
                 pending_videos=int(pc.sum(pc.greater(totals.column(N_PENDING), 0)).as_py() or 0))
     if plan.unmatched_questions:
-        log.warning("%d questions name video_ids that match no listed video", plan.unmatched_questions)
+        log.warning("%d questions name video_ids that match no listed video, e.g. %s", plan.unmatched_questions,
+                    ", ".join(f"{v}/{q}" for v, q in examples))
     if plan.pending_pairs:
         plan.pending = planned.pending(work_filter, extra_rows)
     return plan
@@ -181,6 +189,7 @@ class _DriverPlanning:
 
     def __init__(self, cfg: JobConfig, prompts: list[tuple[str, str]], fingerprint: str | None):
         loaded, self.n_file = _load_questions(cfg.questions, cfg.input.storage, prompts)
+        self.loaded = loaded
         done, retry = _resume_indexes(cfg) if cfg.output.resume else (None, None)
         self.table = plan_videos(listing_table(cfg.input), _Indexes(loaded, done, retry, prompts, fingerprint))
 
@@ -189,6 +198,9 @@ class _DriverPlanning:
 
     def rows_of(self, ids: pa.Array) -> list[dict]:
         return _rows_of(self.table, ids).to_pylist()
+
+    def unmatched_examples(self, listed: pa.ChunkedArray, k: int) -> list[tuple[str, str]]:
+        return unmatched_examples(self.loaded, listed, k)
 
     def pending(self, work_filter: dict[str, Any], extra_rows: list[dict]) -> pa.Table:
 
@@ -216,6 +228,7 @@ class _TaskPlanning:
         resume = ray.remote(num_cpus=1, num_returns=2)(_resume_indexes).remote(cfg) if cfg.output.resume \
             else (None, None)
         self.n_file = ray.get(n_file)
+        self.loaded = load
         indexes = _Indexes(questions=load, done=resume[0], retry=resume[1], prompts=prompts,
                            config_fingerprint=fingerprint)
         self.planned = listing.map_batches(_plan_in_task, fn_kwargs={"refs": indexes}, batch_format="pyarrow",
@@ -228,6 +241,12 @@ class _TaskPlanning:
         if not tables:
             return pa.schema([(Col.VIDEO_ID, pa.string())] + [(c, pa.int64()) for c in COUNTS]).empty_table()
         return pa.concat_tables(tables).combine_chunks()
+
+    def unmatched_examples(self, listed: pa.ChunkedArray, k: int) -> list[tuple[str, str]]:
+        """In a task, beside the questions it looks at (the driver never holds the file)."""
+        import ray
+
+        return ray.get(ray.remote(num_cpus=1)(unmatched_examples).remote(self.loaded, listed, k))
 
     def rows_of(self, ids: pa.Array) -> list[dict]:
         return self.planned.map_batches(_rows_of, fn_kwargs={"ids": ids}, batch_format="pyarrow",
@@ -259,6 +278,18 @@ def _load_questions(cfg: QuestionsConfig, storage: StorageConfig, prompts: list[
                           .to_pylist()))
         raise ConfigError(f"questions: question_id(s) {both} used both in the file and in prompts for {vid!r}")
     return (table, KeyIndex(table.select([Col.VIDEO_ID]))), table.num_rows
+
+
+def unmatched_examples(loaded, listed: pa.ChunkedArray, k: int) -> list[tuple[str, str]]:
+    """The first `k` (video_id, question_id) of the questions file, in that order, whose video_id
+    is not among the `listed` ids."""
+    if loaded is None:
+        return []
+    table = loaded[0]
+    ids = listed.combine_chunks() if isinstance(listed, pa.ChunkedArray) else listed
+    missing = table.filter(pc.invert(pc.is_in(table.column(Col.VIDEO_ID), value_set=ids)))
+    first = missing.sort_by([(Col.VIDEO_ID, "ascending"), (Col.QUESTION_ID, "ascending")]).slice(0, k)
+    return list(zip(first.column(Col.VIDEO_ID).to_pylist(), first.column(Col.QUESTION_ID).to_pylist()))
 
 
 def _resume_indexes(cfg: JobConfig) -> tuple[tuple[KeyIndex, pa.Array], KeyIndex]:

@@ -23,9 +23,11 @@ import collections
 import dataclasses
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
+import traceback
 
 import numpy as np
 
@@ -66,10 +68,14 @@ class RunSummary:
     errors: int = 0
     errors_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
     unmatched_questions: int = 0  # questions whose video_id matches no listed video (not inputs)
+    unmatched_examples: list = dataclasses.field(default_factory=list)  # the first few, as [video_id, question_id]
     elapsed_s: float = 0.0
     questions_per_s: float = 0.0  # (video, question) pairs processed per second of the whole run
     status: str = "complete"  # or "failed": the run stopped early; `failure` says why; rerun to resume
-    failure: str | None = None
+    failure: str | None = None  # one line; the whole trace is in `trace_log`
+    trace_log: str | None = None  # runs/<record>.log under the output, beside this record
+    record: str | None = None  # this attempt's record: runs/<run_id>.json, or <run_id>~N.json for the Nth
+    attempt: int = 1  # runs under this run id so far, this one included
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -84,12 +90,39 @@ class RunSummary:
         for reason, count in sorted(self.errors_by_reason.items(), key=lambda kv: -kv[1]):
             lines.append(f"    {reason}: {count}")
         if self.unmatched_questions:
-            lines.append(f"  questions naming no listed video (not run): {self.unmatched_questions}")
+            named = ", ".join(f"{v}/{q}" for v, q in self.unmatched_examples)
+            more = ", ..." if self.unmatched_questions > len(self.unmatched_examples) else ""
+            lines.append(f"  questions naming no listed video (not run): {self.unmatched_questions} ({named}{more})")
         lines.append(f"  output: {self.output}/answers and {self.output}/frames  ({self.elapsed_s:.1f} s, "
                      f"{self.questions_per_s:.2f} questions/s)")
         if self.status != "complete":
             lines.append(f"  RUN FAILED after {self.processed} pairs (rerun to resume): {self.failure}")
         return "\n".join(lines)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # terminal colour and cursor codes (Ray colours its errors)
+FAILURE_CHARS = 500
+
+
+def one_line(exc: BaseException) -> str:
+    """A failure as one line for the run record: the innermost cause Ray wraps (a task's or an
+    actor's own exception), its type and the first line of its message, without colour codes."""
+    inner = exc
+    while isinstance(getattr(inner, "cause", None), BaseException):  # RayTaskError and friends
+        inner = inner.cause  # type: ignore[attr-defined]
+    lines = [line.strip() for line in _ANSI.sub("", str(inner)).splitlines() if line.strip()]
+    return f"{type(inner).__name__}: {lines[0] if lines else ''}"[:FAILURE_CHARS]
+
+
+def _record_name(store: OutputStore, run_id: str) -> tuple[str, int]:
+    """This attempt's run record, without a suffix: runs/<run_id>.json for a run id's first attempt,
+    <run_id>~2.json for its second and so on ('~' never occurs in a run id): a repeated run id keeps
+    every attempt's record. Chosen holding the output's lease, so no other run picks the same."""
+    name, attempt = run_id, 1
+    while store.fs.exists(store.path(RUNS_DIR, f"{name}.json")):
+        attempt += 1
+        name = f"{run_id}~{attempt}"
+    return name, attempt
 
 
 def plan_work(cfg: JobConfig, store: OutputStore) -> tuple[Plan, RunSummary]:
@@ -104,6 +137,7 @@ def plan_work(cfg: JobConfig, store: OutputStore) -> tuple[Plan, RunSummary]:
     summary.skipped_done, summary.retried_errors = plan.skipped_done, plan.retried_errors
     summary.changed = plan.changed_pairs
     summary.unmatched_questions = plan.unmatched_questions
+    summary.unmatched_examples = [list(pair) for pair in plan.unmatched_examples]
     return plan, summary
 
 
@@ -235,9 +269,11 @@ def _plain(value):
 
 
 def run_job(cfg: JobConfig) -> RunSummary:
-    """Run the job; the summary is also written to runs/<run_id>.json. A run that fails (e.g. the
-    output storage stays down past the write retries) still writes its summary, with status
-    'failed', before raising: every pair it wrote is final, a rerun does the rest."""
+    """Run the job; the summary is also written to runs/<run_id>.json (runs/<run_id>~N.json for the
+    Nth attempt under the same run id). A run that fails (e.g. the output storage stays down past
+    the write retries) still writes its summary, with status 'failed' and a one-line failure, and
+    the whole trace to the .log beside it, before raising: every pair it wrote is final, a rerun
+    does the rest."""
     start = time.perf_counter()
     # one run id for the lease, the plan and the files (resolved_run_id mints a new one per call)
     cfg = cfg.model_copy(update={"run_id": cfg.resolved_run_id()})
@@ -256,6 +292,7 @@ def _run_holding_lease(cfg: JobConfig, store: OutputStore, lease: OutputLease, s
     if removed:
         log.info("removed %d temporary files left by an interrupted run", removed)
     plan, summary = plan_work(cfg, store)
+    summary.record, summary.attempt = _record_name(store, summary.run_id)
     log.info("planned %d videos with %d pending pairs", plan.pending_videos, plan.pending_pairs)
     log.info("%s", cfg.frame_plan().describe())
     reasons: collections.Counter = collections.Counter()
@@ -298,14 +335,20 @@ def _run_holding_lease(cfg: JobConfig, store: OutputStore, lease: OutputLease, s
                 committer.close()
     except BaseException as exc:
         summary.status = "failed"
-        summary.failure = f"{type(exc).__name__}: {exc}"[:2000]
+        summary.failure = one_line(exc)
+        try:
+            trace = _ANSI.sub("", "".join(traceback.format_exception(exc)))
+            store.write_bytes(trace.encode(), RUNS_DIR, f"{summary.record}.log")
+            summary.trace_log = f"{RUNS_DIR}/{summary.record}.log"
+        except Exception:  # noqa: BLE001 - never hide the run's own error behind this one
+            log.exception("could not write the run's trace")
         raise
     finally:
         summary.errors_by_reason = dict(reasons)
         summary.elapsed_s = round(time.perf_counter() - start, 3)
         summary.questions_per_s = round(summary.processed / summary.elapsed_s, 3) if summary.elapsed_s else 0.0
         try:
-            store.write_json(summary.to_dict(), RUNS_DIR, f"{summary.run_id}.json")
+            store.write_json(summary.to_dict(), RUNS_DIR, f"{summary.record}.json")
         except Exception:  # noqa: BLE001 - never hide the run's own error behind this one
             if summary.status == "complete":
                 raise

@@ -6,7 +6,8 @@ Layout under the output path:
     _commits/                            the record of what is committed (pipeline/store/commit_log.py)
     _staging/frames/<video-key>.parquet  one video's frames, written by guidance, until committed
     _lock.json                           the running job's lease (pipeline/store/output_lock.py)
-    runs/<run_id>.json                   the run summary
+    runs/<run_id>.json                   the run summary (<run_id>~N.json: the Nth attempt of a run id;
+                                         a failed run's trace beside it, as .log)
 
 Every file appears whole or not at all: local files are written beside their final name and
 renamed, object-store uploads become visible only when complete; a commit of several files goes

@@ -421,9 +421,14 @@ def hostile(tmp_path):
         "no_moov.mp4": bytes(no_moov),
         "cut_mkv.mkv": (real_video("pancake_h264_opus.mkv")).read_bytes()[:120],
     }
+    files.update({  # text FFmpeg would open as a list of other inputs (a concat list refused as "unsafe")
+        "concat_list.mp4": b"ffconcat version 1.0\nfile 'faststart.mp4'\n",
+        "playlist.mp4": b"#EXTM3U\n#EXTINF:10,\nhttp://example.invalid/segment0.ts\n",
+    })
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     make_audio_only(tmp_path / "audio_only.m4a")
+    (tmp_path / "symlink_loop.mp4").symlink_to(tmp_path / "symlink_loop.mp4")
     return tmp_path
 
 
@@ -439,6 +444,9 @@ HOSTILE_REASONS = [
         ("garbage_samples.mp4", ErrorReason.DECODE_FAILED),
         ("audio_only.m4a", ErrorReason.NO_VIDEO_STREAM),
         ("missing.mp4", ErrorReason.NOT_FOUND),
+        ("concat_list.mp4", ErrorReason.NOT_A_VIDEO),
+        ("playlist.mp4", ErrorReason.NOT_A_VIDEO),
+        ("symlink_loop.mp4", ErrorReason.UNRESOLVABLE_PATH),
 ]
 
 

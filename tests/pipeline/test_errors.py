@@ -20,7 +20,10 @@ def test_reasons_are_distinct_lowercase_words():
 def test_transient_reasons_are_the_failures_of_storage_processes_and_models():
     assert TRANSIENT_REASONS == {
         "timeout", "crashed", "read_failed", "internal_error", "guidance_failed", "vision_failed", "answer_failed",
+        "out_of_memory",
     }  # fmt: skip
+    # permanent: the same input fails the same way (a changed question is asked again by resume)
+    assert not ErrorReason.QUESTION_TOO_LONG.transient and not ErrorReason.UNRESOLVABLE_PATH.transient
     assert OutputConfig(path="o", retry_errors=True).retry_reasons() == TRANSIENT_REASONS
     assert OutputConfig(path="o", retry_errors=["truncated"]).retry_reasons() == {ErrorReason.TRUNCATED}
     assert OutputConfig(path="o").retry_reasons() == frozenset()
@@ -30,7 +33,7 @@ def test_reasons_every_backend_would_repeat_are_the_storage_and_probe_ones():
     repeated = {r for r in ErrorReason if r.same_for_every_backend}
     assert repeated == {
         "not_found", "permission_denied", "read_failed", "empty_file", "too_large", "too_long", "not_a_video",
-        "unreadable_container", "no_video_stream", "truncated",
+        "unreadable_container", "no_video_stream", "truncated", "unresolvable_path",
     }  # fmt: skip
 
 
@@ -53,3 +56,20 @@ def test_unknown_retry_reasons_are_refused():
 )
 def test_old_error_column_gives_the_reason_prefix(error, reason):
     assert reason_from_old_error_column(error) == reason
+
+
+def test_readme_lists_every_reason_with_whether_retry_errors_redoes_it():
+    """The README's failure-handling table: every reason, once, its `retry_errors: true` column
+    saying exactly whether it is transient."""
+    from tests.paths import REPO
+
+    text = (REPO / "README.md").read_text()
+    table = text[text.index("| reason | meaning | retried in the run | `retry_errors: true` |"):]
+    table = table[:table.index("\n\n")]
+    listed: dict[str, str] = {}
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        for name in cells[0].split(","):
+            listed[name.strip().strip("`")] = cells[3]
+    assert sorted(listed) == sorted(r.value for r in ErrorReason)
+    assert {r: listed[r.value] for r in ErrorReason} == {r: "yes" if r.transient else "no" for r in ErrorReason}

@@ -93,6 +93,18 @@ def test_limit_takes_the_first_ids(video_tree, ray_local, where):
     assert (p.videos, p.inputs, p.pending_pairs) == (2, 2, 2)
 
 
+def test_limit_applies_before_matching_and_unmatched_questions_are_named(video_tree, ray_local, where):
+    """Questions of videos input.limit leaves out name a listed video: not counted as unmatched.
+    Those naming no listed video are counted, and the first ones named."""
+    qfile = video_tree / "q.jsonl"
+    qfile.write_text("".join(json.dumps({"video_id": v, "question_id": q, "question": "Why?"}) + "\n" for v, q in [
+        ("a.mp4", "q1"), ("sub/a.mp4", "q1"), ("typo.mp4", "q2"), ("typo.mp4", "q1"), ("gone.mkv", "q1")]))
+    p = plan(video_tree, {"videos": f"{video_tree}/**/*.m*", "limit": 1}, where, questions={"file": str(qfile)})
+    assert [v["video_id"] for v in p.rows()] == ["a.mp4"]
+    assert (p.inputs, p.unmatched_questions) == (1, 3)  # sub/a.mp4's question is cut by the limit, not unmatched
+    assert p.unmatched_examples == [("gone.mkv", "q1"), ("typo.mp4", "q1"), ("typo.mp4", "q2")]
+
+
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
 def test_manifest_formats_and_relative_uris(tmp_path, fmt, ray_local, where):
     table = pa.table({"video_uri": ["clips/x.mp4", "/abs/y.mp4"], "video_id": ["x", "y"]})

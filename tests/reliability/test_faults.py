@@ -181,9 +181,19 @@ def test_unwritable_output_fails_the_run_and_the_rerun_completes(tmp_path, ray_l
     failed = json.loads((out / "runs" / "blocked.json").read_text())
     assert failed["status"] == "failed" and "after 2 attempts" in failed["failure"]
     assert failed["inputs"] == 6 and failed["processed"] < 6
+    # the failure is one line without colour codes; the whole trace is in the log beside the record
+    assert failed["failure"].startswith("OutputWriteError: cannot write ")
+    assert "\n" not in failed["failure"] and "\x1b" not in failed["failure"]
+    assert failed["trace_log"] == "runs/blocked.log"
+    trace = (out / "runs" / "blocked.log").read_text()
+    assert trace.startswith("Traceback") and "OutputWriteError" in trace and "\x1b" not in trace
 
     (out / "answers").unlink()
     summary = run_job(cfg)
+    # the same run id again: a record of its own, the failed attempt's kept
+    assert json.loads((out / "runs" / "blocked.json").read_text()) == failed
+    again = json.loads((out / "runs" / "blocked~2.json").read_text())
+    assert (again["status"], again["attempt"], again["record"], again["failure"]) == ("complete", 2, "blocked~2", None)
 
     expected = {(f"clip{i}.avi", p["question_id"]) for i in range(3) for p in PROMPTS}
     assert_exactly_once(rows_of(cfg), expected)

@@ -91,8 +91,33 @@ def _diagnose_mp4(file: str | ByteStream) -> DecodeError:
     return DecodeError(ErrorReason.UNREADABLE_CONTAINER, "mp4 boxes are intact but FFmpeg cannot parse them")
 
 
+# Text that FFmpeg would open as a list of other inputs: its concat demuxer, HLS and other playlists.
+_TEXT_LISTS = (b"ffconcat", b"#EXTM3U", b"[playlist]", b"<?xml", b"file ")
+_TEXT_BYTES = frozenset(range(0x20, 0x7F)) | {0x09, 0x0A, 0x0D}
+
+
+def _text_not_media(head: bytes) -> str | None:
+    """What a file of text is (it is never a video, whatever its name), or None for binary data.
+    Checked before FFmpeg opens it: a concat list or playlist would make FFmpeg open the files it
+    names (refused as unsafe: a misleading permission error), or fetch URLs."""
+    if not head or _sniff_container(head) is not None:
+        return None
+    start = head.lstrip(b"\xef\xbb\xbf").lstrip()
+    if start.startswith(_TEXT_LISTS):
+        return "a playlist or FFmpeg concat list (text naming other files)"
+    sample = head[:512]
+    if all(b in _TEXT_BYTES for b in sample):
+        return "text, not media"
+    return None
+
+
 @contextlib.contextmanager
 def open_container(file: str | ByteStream) -> Iterator[av.container.InputContainer]:
+    if not isinstance(file, str):
+        file.seek(0)
+    what = _text_not_media(_read_at(file, 0, 512))
+    if what is not None:
+        raise DecodeError(ErrorReason.NOT_A_VIDEO, f"{what}: {file if isinstance(file, str) else 'the object'}")
     if not isinstance(file, str):
         file.seek(0)
     try:

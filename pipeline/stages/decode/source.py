@@ -9,6 +9,7 @@ FFmpeg would otherwise report as damaged data.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pathlib
 import tempfile
@@ -68,6 +69,10 @@ class StorageFile:
         return getattr(self._f, name)
 
 
+# a path that cannot be resolved: a symlink loop, a name too long, a file where a folder should be
+UNRESOLVABLE_ERRNOS = frozenset({errno.ELOOP, errno.ENAMETOOLONG, errno.ENOTDIR})
+
+
 def storage_error(uri: str, exc: BaseException) -> DecodeError:
     """A storage failure as an error: missing, refused, or (anything else: connection refused or
     reset, timeouts, 5xx, which botocore raises as non-OSError types) read_failed, retried later."""
@@ -98,6 +103,8 @@ def open_source(
         except PermissionError:
             raise DecodeError(ErrorReason.PERMISSION_DENIED, f"cannot stat {path}") from None
         except OSError as exc:
+            if exc.errno in UNRESOLVABLE_ERRNOS:  # the same on every try: not a storage failure
+                raise DecodeError(ErrorReason.UNRESOLVABLE_PATH, f"{path}: {exc.strerror}") from None
             raise DecodeError(ErrorReason.READ_FAILED, f"{type(exc).__name__}: {exc}") from None
         if not os.path.isfile(path):
             raise DecodeError(ErrorReason.NOT_A_VIDEO, f"not a regular file: {path}")
