@@ -20,8 +20,6 @@ from pipeline.stages.decode import DecodeStage
 from pipeline.stages.guidance import GuidanceStage
 from pipeline.stages.output_rows import AnswersRows, FramesWriter
 
-DECODE_TASK_RETRIES = 2  # a decode task whose worker process dies (e.g. OOM-killed) is run again
-
 
 class GuideThenWriteFrames:
     """The guidance actor: several videos per call (`guidance.videos_per_batch`), so the image
@@ -68,8 +66,7 @@ class GuideThenAnswer:
 def job_stages(cfg: JobConfig, run_id: str, requests: dict[str, StageRequest]) -> list[StageSpec]:
     """The stages of `cfg`'s job with the resources in `requests` (pipeline.run.resources.stage_requests)."""
     in_flight = cfg.answer.videos_in_flight
-    decode = StageSpec("decode", DecodeStage, {"cfg": cfg.decode, "storage": cfg.input.storage}, requests["decode"],
-                       max_retries=DECODE_TASK_RETRIES)
+    decode = StageSpec("decode", DecodeStage, {"cfg": cfg.decode, "storage": cfg.input.storage}, requests["decode"])
     # answers rows stream to the driver, whose OutputCommitter writes them in files of many videos
     sink = StageSpec("answers_rows", AnswersRows, {}, requests["sink"], batch_size=None, batch_format="pyarrow")
     if cfg.guidance.placement == "answer_actor":

@@ -49,8 +49,8 @@ class StageSpec:
     batch, so it must be cheap to build). kwargs: its constructor arguments. request: CPUs, GPUs,
     host memory and (actors) how many, from `pipeline.run.resources.stage_requests`. batch_size: rows
     per call (None: whatever block Ray Data has). concurrent_calls: calls one actor runs at once,
-    each on its own thread (the stage then guards its own shared state). max_retries: a task
-    whose worker dies is retried this many times (actors are restarted by Ray Data instead).
+    each on its own thread (the stage then guards its own shared state). A task whose worker dies
+    is retried and a dead actor restarted, both by Ray Data (pipeline/run/runner.py).
     """
 
     name: str
@@ -60,7 +60,6 @@ class StageSpec:
     batch_size: int | None = 1
     batch_format: BatchFormat = "rows"
     concurrent_calls: int = 1
-    max_retries: int = 0
 
     @property
     def is_actor(self) -> bool:
