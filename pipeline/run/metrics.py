@@ -15,15 +15,25 @@ All are recorded on the driver from the answers rows as they are committed (the 
   moref_flops_saved                    counter    native - spent, over the rows that have both
   moref_stage_seconds{stage}           counter    decode, guidance (once per video), prefill, generate (per pair)
   moref_stage_duration_seconds{stage}  histogram  the same seconds, one observation per video or pair
+  moref_progress{step}                 gauge      the progress line's counts (below), set as it is written
 
 Ray exports a histogram's buckets and count exactly but its _sum from bucket midpoints; the
 moref_stage_seconds counters hold the exact totals.
 
 Progress: when stderr is not a terminal (a log file, `ray job submit`, a pod's log) Ray Data's
-progress bars are turned off and a thread logs one line every `ray.progress_interval_s`, counting
-the rows that reached the driver ("written": those committed):
+progress bars are turned off and a thread logs a line `FIRST_LINE_S` after the run starts (while
+videos are still being listed), then every `ray.progress_interval_s`, with what each step has done:
 
-  progress: 120/500 pairs (96 written), 24 videos, 3 errors, 1.8 pairs/s, eta 3m31s
+  progress: listed 24 videos (96 pairs); decoded 20, embedded 18 videos; answered 40/96 pairs,
+  committed 32; 3 errors; 0.9 pairs/s, eta 1m02s
+
+(one line in the log). listed: the videos with pending pairs, known once planning is done;
+decoded and embedded: videos through decode and guidance; answered: pairs out of the Video-LLM
+stage (ok or error); committed: pairs written to the output. The stages report their counts from
+the workers to a small actor (`StageCounter`) the driver reads each line, so they move while
+rows are still on their way to the driver; a task Ray retries counts again. The ETA divides the
+pairs still to answer by the answered pairs per second since the first was answered. The same
+counts are the `moref_progress` gauge, tagged by step.
 """
 
 from __future__ import annotations
@@ -48,6 +58,16 @@ TOKEN_COLUMNS = {"prompt": Col.PROMPT_TOKENS, "output": Col.OUTPUT_TOKENS, "visu
 # them the same way); prefill (this row's share) and generate are per pair.
 PER_VIDEO_STAGES = {"decode": Col.DECODE_S, "guidance": Col.GUIDANCE_S}
 PER_PAIR_STAGES = {"prefill": Col.PREFILL_S, "generate": Col.GENERATE_S}
+FIRST_LINE_S = 5.0  # the first progress line, even when nothing is done yet
+STEPS = ("listed", "decoded", "embedded", "answered", "committed")
+# What each stage's output counts toward (pipeline/run/job_stages.py names the stages): videos
+# (distinct video ids of the rows out) or pairs (rows out).
+STAGE_STEPS: dict[str, tuple[tuple[str, str], ...]] = {
+    "decode": (("decoded", "videos"),),
+    "guidance": (("embedded", "videos"),),
+    "answer": (("answered", "pairs"),),
+    "guidance_and_answer": (("embedded", "videos"), ("answered", "pairs")),
+}
 # seconds: from a short clip's share of a batched CLIP call to a long video's decode
 DURATION_BOUNDARIES = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0]
 
@@ -120,6 +140,8 @@ class _Instruments:
         self.durations = Histogram("moref_stage_duration_seconds", "seconds per video (decode, guidance) or "
                                    "pair (prefill, generate)", boundaries=DURATION_BOUNDARIES,
                                    tag_keys=(*run, "stage"))
+        self.progress = Gauge("moref_progress", "the progress line's counts: videos listed, decoded, embedded; "
+                              "pairs answered, committed", tag_keys=(*run, "step"))
 
     @classmethod
     def get(cls) -> _Instruments:
@@ -155,6 +177,11 @@ class RunMetrics:
                 ins.durations.observe(value, tags=tags)
 
 
+    def progress(self, counts: dict[str, int]) -> None:
+        for step, n in counts.items():
+            self.ins.progress.set(float(n), tags={"run_id": self.run_id, "step": step})
+
+
 def _inc(counter, value: float, tags: dict[str, str]) -> None:
     if value > 0:  # Ray's Counter.inc refuses 0
         counter.inc(float(value), tags=tags)
@@ -170,64 +197,139 @@ def format_duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-class Progress:
-    """The progress line (module docstring): counts rows as they reach the driver and as they are
-    committed; `tick` logs a line when `interval_s` has passed since the last one."""
+class StageCounter:
+    """What the stages have done (the steps of STAGE_STEPS), added to from the workers as each stage
+    call returns; one Ray actor per run (`start_stage_counter`), read by the driver's progress line."""
 
-    def __init__(self, planned_pairs: int, interval_s: float, clock: Callable[[], float] = time.monotonic,
-                 emit: Callable[[str], None] | None = None):
-        self.planned, self.interval_s, self.clock = planned_pairs, interval_s, clock
-        self.emit = emit or (lambda line: log.info("%s", line))
-        self.pairs = self.written = self.videos = self.errors = 0
-        self.start_time = self.last = clock()
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(("decoded", "embedded", "answered"), 0)
+
+    def add(self, counts: dict[str, int]) -> None:
+        for step, n in counts.items():
+            self.counts[step] += n
+
+    def get(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+def start_stage_counter():
+    """The run's StageCounter actor (no CPU: it only adds numbers)."""
+    import ray
+
+    return ray.remote(num_cpus=0)(StageCounter).remote()
+
+
+def stage_counts(stage: str, out) -> dict[str, int]:
+    """What one call of `stage` that returned `out` (rows, or a pyarrow table) adds to the steps."""
+    steps = STAGE_STEPS.get(stage, ())
+    if not steps:
+        return {}
+    if isinstance(out, pa.Table):
+        pairs = out.num_rows
+        videos = len(pc.unique(out.column(Col.VIDEO_ID))) if pairs else 0
+    else:
+        pairs, videos = len(out), len({row.get(Col.VIDEO_ID) for row in out})
+    return {step: videos if unit == "videos" else pairs for step, unit in steps}
+
+
+class Progress:
+    """The progress line (module docstring) and the `moref_progress` gauge: a thread writes a line
+    FIRST_LINE_S after `start`, then every `interval_s`, with the stages' counts read just before
+    (`read_stages`, once the pipeline runs). `emit` None: no lines (on a terminal Ray Data's bars
+    show progress), the gauge still moves."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic,
+                 emit: Callable[[str], None] | None = None, first_line_s: float = FIRST_LINE_S):
+        self.interval_s, self.clock, self.emit = interval_s, clock, emit
+        self.listed_videos: int | None = None  # None: still listing
+        self.planned = 0
+        self.stages = dict.fromkeys(("decoded", "embedded", "answered"), 0)
+        self.committed_pairs = self.errors = 0
+        self.read_stages: Callable[[], dict[str, int]] | None = None
+        self.on_counts: Callable[[dict[str, int]], None] | None = None  # the gauge
+        self.start_time = clock()
+        self.pipeline_start: float | None = None
+        self.next_line = self.start_time + min(first_line_s, interval_s)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
 
-    def received(self, rows: pa.Table) -> None:
+    def planned_work(self, videos: int, pairs: int) -> None:
+        """Planning is done: these videos and pairs are pending; the pipeline starts now."""
+        self.listed_videos, self.planned, self.pipeline_start = videos, pairs, self.clock()
+
+    def committed(self, rows: pa.Table) -> None:
         statuses = rows.column(Col.STATUS).to_pylist()
-        self.pairs += len(statuses)
-        self.errors += len(statuses) - statuses.count(STATUS_OK)
-        self.videos += len(pc.unique(rows.column(Col.VIDEO_ID)))  # a video's rows come together
+        with self._lock:
+            self.committed_pairs += len(statuses)
+            self.errors += len(statuses) - statuses.count(STATUS_OK)
 
-    def committed(self, rows: int) -> None:
-        self.written += rows
+    def counts(self) -> dict[str, int]:
+        """The steps' counts now (the gauge's values)."""
+        if self.read_stages is not None:
+            try:
+                self.stages.update(self.read_stages())
+            except Exception as exc:  # noqa: BLE001 - a missed reading only delays the numbers
+                log.debug("stage counts not read: %s", exc)
+        with self._lock:
+            return {"listed": self.listed_videos or 0, **self.stages, "committed": self.committed_pairs}
 
-    def line(self, final: str | None = None) -> str:
+    def line(self, counts: dict[str, int], final: str | None = None) -> str:
         """`final`: the last line's ending, "done" or "stopped" (the run failed)."""
-        elapsed = self.clock() - self.start_time
-        rate = self.pairs / elapsed if elapsed > 0 else 0.0
+        now = self.clock()
+        answered = counts["answered"]
+        busy = now - self.pipeline_start if self.pipeline_start is not None else 0.0
+        rate = answered / busy if busy > 0 else 0.0
         if final:
-            tail = f"{final} after {format_duration(elapsed)}"
-        elif rate > 0 and self.pairs < self.planned:
-            tail = f"eta {format_duration((self.planned - self.pairs) / rate)}"
+            tail = f"{final} after {format_duration(now - self.start_time)}"
+        elif rate > 0 and answered < self.planned:
+            tail = f"eta {format_duration((self.planned - answered) / rate)}"
         else:
             tail = "eta ?"
-        return (f"progress: {self.pairs}/{self.planned} pairs ({self.written} written), {self.videos} videos, "
-                f"{self.errors} errors, {rate:.1f} pairs/s, {tail}")
+        listed = ("listing videos" if self.listed_videos is None
+                  else f"listed {self.listed_videos} videos ({self.planned} pairs)")
+        return (f"progress: {listed}; decoded {counts['decoded']}, embedded {counts['embedded']} videos; "
+                f"answered {answered}/{self.planned} pairs, committed {counts['committed']}; "
+                f"{self.errors} errors; {rate:.1f} pairs/s, {tail}")
 
     def tick(self) -> bool:
+        """Write a line (and set the gauge) when it is due; True when it was."""
         now = self.clock()
-        if now - self.last < self.interval_s:
+        if now < self.next_line:
             return False
-        self.last = now
-        self.emit(self.line())
+        self.next_line = now + self.interval_s
+        self._write()
         return True
 
-    def start(self) -> None:
-        """Log from a thread, so that the line comes also while no rows arrive (models loading,
-        the autoscaler adding nodes)."""
+    def _write(self, final: str | None = None) -> None:
+        counts = self.counts()
+        if self.on_counts is not None:
+            self.on_counts(counts)
+        if self.emit is not None:
+            self.emit(self.line(counts, final))
+
+    def start(self) -> Progress:
+        """Write from a thread, so that lines come also while nothing moves (listing, models
+        loading, the autoscaler adding nodes)."""
         def run() -> None:
-            while not self._stop.wait(min(self.interval_s, 1.0)):
+            while not self._stop.wait(min(self.interval_s, 0.5)):
                 self.tick()
 
         self._thread = threading.Thread(target=run, name="moref-progress", daemon=True)
         self._thread.start()
+        return self
 
     def stop(self, failed: bool = False) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self.emit(self.line(final="stopped" if failed else "done"))
+        self._write(final="stopped" if failed else "done")
+
+
+def run_progress(interval_s: float, interactive: bool | None = None) -> Progress:
+    """The run's progress, started: lines in the log unless stderr is a terminal."""
+    interactive = sys.stderr.isatty() if interactive is None else interactive
+    return Progress(interval_s, emit=None if interactive else (lambda line: log.info("%s", line))).start()
 
 
 def quiet_ray_data_progress(interactive: bool | None = None) -> bool:
@@ -245,30 +347,28 @@ def quiet_ray_data_progress(interactive: bool | None = None) -> bool:
 
 
 class RunReport:
-    """The runner's one handle on metrics and progress: `committed` from the committer's on_commit,
-    `received` for each batch of answers rows reaching the driver; `with report:` around the loop
-    runs the progress line."""
+    """The runner's one handle on metrics and progress once Ray runs: `committed` from the
+    committer's on_commit; `counter` is the StageCounter the stages add to; the run's `progress`
+    (`run_progress`, started before planning) reads it and sets the moref_progress gauge. `with
+    report:` around the pipeline's loop."""
 
-    def __init__(self, run_id: str, planned_pairs: int, progress_interval_s: float,
-                 interactive: bool | None = None):
+    def __init__(self, run_id: str, planned_pairs: int, progress: Progress):
+        import ray
+
         self.metrics = RunMetrics(run_id, planned_pairs)
-        # On a terminal Ray Data's bars stay (they redraw in place); elsewhere the line replaces them.
-        self.progress = Progress(planned_pairs, progress_interval_s) if quiet_ray_data_progress(interactive) else None
+        self.progress = progress
+        self.counter = start_stage_counter()
+        progress.read_stages = lambda: ray.get(self.counter.get.remote(), timeout=10)
+        progress.on_counts = self.metrics.progress
 
     def committed(self, rows: pa.Table) -> None:
         self.metrics.record(CommitStats.of(rows))
-        if self.progress is not None:
-            self.progress.committed(rows.num_rows)
-
-    def received(self, rows: pa.Table) -> None:
-        if self.progress is not None:
-            self.progress.received(rows)
+        self.progress.committed(rows)
 
     def __enter__(self) -> RunReport:
-        if self.progress is not None:
-            self.progress.start()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.progress is not None:
-            self.progress.stop(failed=exc_type is not None)
+        """The stages' last counts, read while the counter lives (it goes with this report)."""
+        self.progress.counts()
+        self.progress.read_stages = None

@@ -3,7 +3,10 @@
 Without `--verbose` the driver logs the `moref_index` logger at INFO and everything else at WARNING
 (open_clip logs its model loading at INFO on the root logger, faiss's loader one line per CPU
 feature it probes), and transformers and huggingface_hub draw no progress bars and log errors only.
-Those two read environment variables; the worker processes of a local Ray inherit the driver's,
+Ray logs INFO lines of its own ("Started a local Ray instance", each dataset's plan): its driver
+logger and Ray Data's console handler go to WARNING too (`ray_logging_level`, `quiet_ray_data_console`;
+Ray Data's file log in the session folder keeps everything). transformers and huggingface_hub read
+environment variables; the worker processes of a local Ray inherit the driver's,
 and on a cluster the runner hands them to the job's workers (`worker_env`, through `ray.init`'s
 runtime_env, which Ray merges with the submitted job's own per variable).
 """
@@ -49,10 +52,31 @@ def _quiet_loaded_libraries() -> None:
         disable_progress_bars()
 
 
+def verbose() -> bool:
+    return bool(os.environ.get(VERBOSE_ENV))
+
+
+def ray_logging_level() -> int:
+    """The level of Ray's own driver logger (ray.init's logging_level)."""
+    return logging.INFO if verbose() else logging.WARNING
+
+
+def quiet_ray_data_console() -> None:
+    """Ray Data's console handler at WARNING unless verbose (it configures itself on import,
+    at INFO: a few lines per dataset)."""
+    if verbose():
+        return
+    import ray.data  # noqa: F401 - its import configures the 'ray.data' logger
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):  # the console; the session log file is not one
+            handler.setLevel(logging.WARNING)
+
+
 def worker_env() -> dict[str, str]:
     """Environment variables for a cluster's workers: the quiet ones unless verbose, leaving out
     any the submitted job already sets (Ray refuses to merge a variable set twice)."""
-    if os.environ.get(VERBOSE_ENV):
+    if verbose():
         return {}
     job = _job_env_vars()
     return {name: os.environ.get(name, value) for name, value in QUIET_ENV.items() if name not in job}

@@ -6,7 +6,7 @@ decode (CPU tasks) -> guidance (CLIP actors, which also stage the frames) -> ans
 (pipeline/store/committer.py) and counts the run summary.
 The driver holds the output's lease (pipeline/store/output_lock.py) for the whole run.
 
-Faults: a decode task whose worker dies is retried (`max_retries`); Ray Data restarts a dead actor
+Faults: a task whose worker dies is retried (Ray Data's default); Ray Data restarts a dead actor
 and retries its tasks (its defaults: max_restarts=-1, max_task_retries=-1). Staged frames have
 deterministic names and only the driver commits, so a retry never duplicates. Storage errors are
 retried inside the stages (decode.read_retries, output.write_retries).
@@ -33,9 +33,10 @@ import numpy as np
 
 from pipeline.config import JobConfig
 from pipeline.run import planning
-from pipeline.run.metrics import RunReport, quiet_ray_data_progress
+from pipeline.run.metrics import Progress, RunReport, quiet_ray_data_progress, run_progress, stage_counts
 from pipeline.run.planning import Plan
 from pipeline.run.preflight import check_before_work
+from pipeline.run.quiet import quiet_ray_data_console, ray_logging_level, worker_env
 from pipeline.run.resources import (
     ClusterGPUs,
     UnschedulableError,
@@ -152,14 +153,17 @@ def _init_ray(cfg: JobConfig) -> bool:
     import ray
 
     quiet_ray_data_progress()  # before planning or the pipeline makes a dataset (pipeline/run/metrics.py)
+    quiet_ray_data_console()  # Ray's own INFO lines only with --verbose (pipeline/run/quiet.py)
     if ray.is_initialized():
         return not joins_cluster(cfg)
     address = joins_cluster(cfg)
     if address:
-        ray.init(address=address, log_to_driver=True)
+        env = worker_env()  # quiet libraries on the cluster's workers too (pipeline/run/quiet.py)
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env} if env else None,
+                 logging_level=ray_logging_level())
         return False
     ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True,
-             _temp_dir=_own_ray_temp_dir())
+             _temp_dir=_own_ray_temp_dir(), logging_level=ray_logging_level())
     return True
 
 
@@ -198,17 +202,18 @@ def check_resources(cfg: JobConfig, specs: list[StageSpec], local: bool) -> None
         log.warning("%s; waiting for the autoscaler (set ray.node_shapes to check against the nodes it can add)", exc)
 
 
-def build_dataset(source, specs: list[StageSpec]):
+def build_dataset(source, specs: list[StageSpec], counter=None):
     """The Ray Data pipeline of the job's stages (pipeline/run/job_stages.py) over `source` (the planned
-    videos, one per block: `planning.Plan.source`), checked first."""
+    videos, one per block: `planning.Plan.source`), checked first. `counter`: the run's StageCounter
+    actor (pipeline/run/metrics.py), told what each stage call did."""
     check_chain(SOURCE_COLUMNS, specs)
     ds = source
     for spec in specs:
-        ds = _map_stage(ds, spec)
+        ds = _map_stage(ds, spec, counter)
     return ds
 
 
-def _map_stage(ds, spec: StageSpec):
+def _map_stage(ds, spec: StageSpec, counter=None):
     """One stage as a Ray Data map_batches: actors for stateful stages (models), tasks otherwise."""
     from ray.data import ActorPoolStrategy
 
@@ -220,8 +225,11 @@ def _map_stage(ds, spec: StageSpec):
         # once run on threads; the stage guards its model (AnswerStage.device_lock).
         pool = ActorPoolStrategy(size=spec.request.count, max_concurrent_calls_per_actor=spec.concurrent_calls,
                                  enable_true_multi_threading=spec.concurrent_calls > 1)
-        return ds.map_batches(_actor_class(spec), compute=pool, **args)
-    return ds.map_batches(_task_function(spec), max_retries=spec.max_retries, **args)
+        return ds.map_batches(_actor_class(spec, counter), compute=pool, **args)
+    # Named parameters only (Ray 2.60 deprecates the others): a task whose worker dies is retried
+    # as Ray Data retries every task (max_retries=-1); decoding runs in an isolated child process,
+    # so a file that crashes or hangs the decoder yields an error row and never kills the worker.
+    return ds.map_batches(_task_function(spec, counter), **args)
 
 
 class _StageActor:
@@ -229,33 +237,44 @@ class _StageActor:
     the stage's rows. Subclassed per stage (`_actor_class`), so Ray names actors after the stage."""
 
     spec: StageSpec
+    counter = None
 
     def __init__(self):
         self.stage = self.spec.construct()
 
     def __call__(self, batch):
-        return _call_stage(self.stage, batch, self.spec)
+        return _call_stage(self.stage, batch, self.spec, self.counter)
 
 
-def _actor_class(spec: StageSpec) -> type:
-    return type(spec.stage.__name__, (_StageActor,), {"spec": spec})
+def _actor_class(spec: StageSpec, counter=None) -> type:
+    return type(spec.stage.__name__, (_StageActor,), {"spec": spec, "counter": counter})
 
 
-def _task_function(spec: StageSpec):
+def _task_function(spec: StageSpec, counter=None):
     def run(batch):
-        return _call_stage(spec.construct(), batch, spec)
+        return _call_stage(spec.construct(), batch, spec, counter)
 
     run.__name__ = run.__qualname__ = spec.stage.__name__  # Ray names the operator and its tasks after it
     return run
 
 
-def _call_stage(stage, batch, spec: StageSpec):
+def _call_stage(stage, batch, spec: StageSpec, counter=None):
     if spec.batch_format == "pyarrow":
-        return stage(batch)
+        out = stage(batch)
+        _count(counter, spec.name, out)
+        return out
     rows = [{name: _plain(values[i]) for name, values in batch.items()} for i in range(len(next(iter(batch.values()))))]
     out = stage(rows)
+    _count(counter, spec.name, out)
     names = list(dict.fromkeys(name for row in out for name in row)) or list(spec.writes)
     return {name: [row.get(name) for row in out] for name in names}
+
+
+def _count(counter, stage: str, out) -> None:
+    """Tell the run's StageCounter what this call did (not waited for: progress only)."""
+    counts = stage_counts(stage, out) if counter is not None else {}
+    if counts:
+        counter.add.remote(counts)
 
 
 def _plain(value):
@@ -280,13 +299,19 @@ def run_job(cfg: JobConfig) -> RunSummary:
     check_before_work(cfg, local=not joins_cluster(cfg))  # ConfigError naming the key, before any work
     store = OutputStore(cfg.output)
     lease = OutputLease(store, cfg.output.lock_ttl_s, cfg.run_id or "").acquire()  # OutputLockedError: in use
+    progress = run_progress(cfg.ray.progress_interval_s)  # a first line within seconds, also while listing
+    failed = True
     try:
-        return _run_holding_lease(cfg, store, lease, start)
+        summary = _run_holding_lease(cfg, store, lease, start, progress)
+        failed = False
+        return summary
     finally:
+        progress.stop(failed=failed)
         lease.release()
 
 
-def _run_holding_lease(cfg: JobConfig, store: OutputStore, lease: OutputLease, start: float) -> RunSummary:
+def _run_holding_lease(cfg: JobConfig, store: OutputStore, lease: OutputLease, start: float,
+                       progress: Progress) -> RunSummary:
     CommitLog(store).recover()
     removed = store.clean_temporaries()
     if removed:
@@ -295,6 +320,7 @@ def _run_holding_lease(cfg: JobConfig, store: OutputStore, lease: OutputLease, s
     summary.record, summary.attempt = _record_name(store, summary.run_id)
     log.info("planned %d videos with %d pending pairs", plan.pending_videos, plan.pending_pairs)
     log.info("%s", cfg.frame_plan().describe())
+    progress.planned_work(plan.pending_videos, plan.pending_pairs)
     reasons: collections.Counter = collections.Counter()
     try:
         if plan.pending is not None:
@@ -310,7 +336,7 @@ def _run_holding_lease(cfg: JobConfig, store: OutputStore, lease: OutputLease, s
                                                                 total=cluster_gpus))
             check_resources(cfg, specs, local)
             log.info("resources per actor: %s", {s.name: (s.request.describe(), s.request.count) for s in specs})
-            report = RunReport(summary.run_id, plan.pending_pairs, cfg.ray.progress_interval_s)  # metrics.py
+            report = RunReport(summary.run_id, plan.pending_pairs, progress)  # metrics.py
 
             def count(committed) -> None:
                 """The summary counts committed rows: a failed run's `processed` pairs are final."""
@@ -325,12 +351,11 @@ def _run_holding_lease(cfg: JobConfig, store: OutputStore, lease: OutputLease, s
             # rows of these pairs may exist already (retried errors, changed pairs, or resume off): replace them
             supersede = bool(cfg.output.retry_reasons()) or not cfg.output.resume or plan.changed_pairs > 0
             committer = OutputCommitter(store, summary.run_id, supersede=supersede, on_commit=count)
-            dataset = build_dataset(plan.source(), specs)
+            dataset = build_dataset(plan.source(), specs, report.counter)
             with report:
                 for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
                     if lease.lost:
                         raise OutputLockedError(lease.lost)
-                    report.received(batch)
                     committer.add(batch)
                 committer.close()
     except BaseException as exc:

@@ -54,8 +54,8 @@ class StageSpec:
     cheap to build. request: CPUs, GPUs, host memory and (actors) how many, built from the stage's
     own config section (pipeline/run/resources.py) where the stage is listed. batch_size: rows
     per call (None: whatever block Ray Data has). concurrent_calls: calls one actor runs at once,
-    each on its own thread (the stage then guards its own shared state). max_retries: a task
-    whose worker dies is retried this many times (actors are restarted by Ray Data instead).
+    each on its own thread (the stage then guards its own shared state). A task whose worker dies
+    is retried and a dead actor restarted, both by Ray Data (pipeline/run/runner.py).
     """
 
     name: str
@@ -64,7 +64,6 @@ class StageSpec:
     batch_size: int | None = 1
     batch_format: BatchFormat = "rows"
     concurrent_calls: int = 1
-    max_retries: int = 0
 
     def __post_init__(self):
         construct = self.construct

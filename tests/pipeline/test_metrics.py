@@ -10,7 +10,16 @@ import pyarrow as pa
 import pytest
 
 from pipeline.errors import ErrorReason
-from pipeline.run.metrics import CommitStats, Progress, RunMetrics, RunReport, format_duration
+from pipeline.run.metrics import (
+    CommitStats,
+    Progress,
+    RunMetrics,
+    RunReport,
+    format_duration,
+    quiet_ray_data_progress,
+    run_progress,
+    stage_counts,
+)
 from pipeline.schema import ANSWERS_SCHEMA, STATUS_ERROR, STATUS_OK, empty_answer_row
 from tests.prometheus import sample, scrape
 
@@ -102,26 +111,43 @@ class Clock:
 
 
 def test_progress_line_wording_and_interval():
-    clock, lines = Clock(), []
-    progress = Progress(planned_pairs=500, interval_s=30, clock=clock, emit=lines.append)
-    clock.now += 10
-    assert not progress.tick() and lines == []  # within the interval
-    clock.now += 20
+    clock, lines, stages = Clock(), [], {"decoded": 0, "embedded": 0, "answered": 0}
+    progress = Progress(interval_s=30, clock=clock, emit=lines.append, first_line_s=5)
+    clock.now += 4
+    assert not progress.tick() and lines == []
+    clock.now += 1  # the first line comes early, while the videos are still being listed
     assert progress.tick()
-    assert lines == ["progress: 0/500 pairs (0 written), 0 videos, 0 errors, 0.0 pairs/s, eta ?"]
-    progress.received(ROWS)
-    progress.committed(3)
-    clock.now += 20
-    assert not progress.tick()
-    clock.now += 10  # 60 s in: 5 pairs at 1/12 pairs/s, 495 to go in 5940 s
+    assert lines == ["progress: listing videos; decoded 0, embedded 0 videos; answered 0/0 pairs, committed 0; "
+                     "0 errors; 0.0 pairs/s, eta ?"]
+    clock.now += 5
+    progress.planned_work(videos=100, pairs=500)  # the pipeline starts 10 s in
+    progress.read_stages = lambda: dict(stages)
+    clock.now += 24
+    assert not progress.tick()  # an interval after the last line
+    stages.update(decoded=12, embedded=10, answered=5)
+    progress.committed(ROWS.slice(0, 3))
+    clock.now += 1  # 25 s after the pipeline started: 5 pairs answered, 0.2/s, 495 to go in 2475 s
     assert progress.tick()
-    assert lines[-1] == "progress: 5/500 pairs (3 written), 3 videos, 2 errors, 0.1 pairs/s, eta 1h39m"
-    clock.now += 5  # the next line is an interval after the last, not after the start
+    assert lines[-1] == ("progress: listed 100 videos (500 pairs); decoded 12, embedded 10 videos; answered 5/500 "
+                         "pairs, committed 3; 0 errors; 0.2 pairs/s, eta 41m15s")
+    progress.committed(ROWS.slice(3))
+    clock.now += 5
     assert not progress.tick()
     progress.stop()
-    assert lines[-1] == "progress: 5/500 pairs (3 written), 3 videos, 2 errors, 0.1 pairs/s, done after 1m05s"
+    assert lines[-1] == ("progress: listed 100 videos (500 pairs); decoded 12, embedded 10 videos; answered 5/500 "
+                         "pairs, committed 5; 2 errors; 0.2 pairs/s, done after 40s")
     progress.stop(failed=True)
-    assert lines[-1].endswith("stopped after 1m05s")
+    assert lines[-1].endswith("stopped after 40s")
+
+
+def test_stage_counts_videos_and_pairs():
+    rows = ROWS.to_pylist()
+    assert stage_counts("decode", rows) == {"decoded": 3}  # distinct videos of the rows out
+    assert stage_counts("guidance", rows[:2]) == {"embedded": 1}
+    assert stage_counts("answer", rows) == {"answered": 5}  # rows out are pairs
+    assert stage_counts("guidance_and_answer", ROWS) == {"embedded": 3, "answered": 5}
+    assert stage_counts("guidance_and_answer", ROWS.slice(0, 0)) == {"embedded": 0, "answered": 0}
+    assert stage_counts("answers_rows", ROWS) == {}  # committed pairs are counted by the driver
 
 
 def test_durations():
@@ -129,9 +155,9 @@ def test_durations():
         ["0s", "45s", "1m00s", "3m05s", "59m59s", "1h00m", "2h07m"]
 
 
-def test_progress_thread_logs_while_no_rows_arrive() -> None:
+def test_progress_thread_writes_early_and_while_nothing_moves() -> None:
     lines: list[str] = []
-    progress = Progress(planned_pairs=10, interval_s=0.05, emit=lines.append)
+    progress = Progress(interval_s=0.05, emit=lines.append, first_line_s=0.01)
     start = time.monotonic()
     progress.start()
     while len(lines) < 3 and time.monotonic() - start < 10:
@@ -139,8 +165,46 @@ def test_progress_thread_logs_while_no_rows_arrive() -> None:
     progress.stop()
     elapsed = time.monotonic() - start
     assert 4 <= len(lines) <= elapsed / 0.05 + 2, (elapsed, lines)  # at most one line an interval
-    assert lines[0].startswith("progress: 0/10 pairs") and lines[-1].startswith("progress: 0/10 pairs")
-    assert "done after" in lines[-1] and all("eta ?" in line for line in lines[:-1])
+    assert lines[0].startswith("progress: listing videos;") and "done after" in lines[-1]
+    assert all("eta ?" in line for line in lines[:-1])
+
+
+def test_stage_counts_from_the_workers_are_the_line_and_the_gauge(ray_local):
+    """Stages add to the run's counter actor; the line and the moref_progress gauge read the same."""
+    run_id = f"progress-{uuid.uuid4().hex[:8]}"
+    lines: list[str] = []
+    progress = Progress(interval_s=3600, emit=lines.append)
+    progress.planned_work(videos=3, pairs=5)
+    report = RunReport(run_id, 5, progress)
+
+    @ray_local.remote(num_cpus=0)
+    def stage_call(counter, stage, rows):
+        counter.add.remote(stage_counts(stage, rows))
+
+    ray_local.get([stage_call.remote(report.counter, "decode", ROWS.to_pylist()),
+                   stage_call.remote(report.counter, "guidance_and_answer", ROWS.slice(0, 3))])
+    report.committed(ROWS.slice(0, 3))
+    with report:
+        pass
+    progress.stop()
+    assert "decoded 3, embedded 2 videos; answered 3/5 pairs, committed 3; 0 errors" in lines[-1]
+    port = ray_local._private.worker.global_worker.node.metrics_export_port
+    want = {"listed": 3, "decoded": 3, "embedded": 2, "answered": 3, "committed": 3}
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:  # the agent exports every few seconds
+        text = scrape(port)
+        if sample(text, "ray_moref_progress", run_id=run_id, step="committed") == 3:
+            break
+        time.sleep(1)
+    assert {step: sample(text, "ray_moref_progress", run_id=run_id, step=step) for step in want} == want
+
+
+def test_no_lines_on_a_terminal_and_ray_datas_bars_only_there(data_context):
+    on_terminal = run_progress(30, interactive=True)
+    on_terminal.stop()
+    assert on_terminal.emit is None and data_context.enable_progress_bars
+    assert quiet_ray_data_progress(interactive=False)
+    assert not data_context.enable_progress_bars and not data_context.enable_operator_progress_bars
 
 
 @pytest.fixture
@@ -150,16 +214,3 @@ def data_context(ray_local):
     ctx.enable_progress_bars = ctx.enable_operator_progress_bars = True
     yield ctx
     ctx.enable_progress_bars, ctx.enable_operator_progress_bars = saved
-
-
-def test_progress_line_replaces_ray_datas_bars_only_off_a_terminal(data_context):
-    on_terminal = RunReport("tty-run", 4, 30, interactive=True)
-    assert on_terminal.progress is None and data_context.enable_progress_bars
-    with on_terminal:
-        on_terminal.received(ROWS)  # nothing to count: Ray Data's bars show progress
-    in_a_log = RunReport("log-run", 4, 30, interactive=False)
-    assert in_a_log.progress is not None
-    assert not data_context.enable_progress_bars and not data_context.enable_operator_progress_bars
-    in_a_log.received(ROWS)
-    in_a_log.committed(ROWS)
-    assert (in_a_log.progress.pairs, in_a_log.progress.written, in_a_log.progress.errors) == (5, 5, 2)

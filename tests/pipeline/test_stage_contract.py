@@ -33,7 +33,7 @@ def test_the_job_stages_chain_up(tmp_path, placement):
     answer = chain[-2]
     assert answer.is_actor and answer.concurrent_calls == cfg.answer.videos_in_flight
     assert set(answer.writes) == set(ANSWER_COLUMNS) and not answer.keeps_input_columns
-    assert not chain[0].is_actor and chain[0].max_retries > 0
+    assert not chain[0].is_actor
     assert chain[-1].batch_format == "pyarrow"
 
 
