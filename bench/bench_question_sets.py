@@ -5,9 +5,10 @@ its prefill (freemoref.engine.generate_answers), against answering them one at a
 Same model and prompt shapes as bench/bench_moref.py (LLaVA-Video-7B-Qwen2, random bf16 weights,
 llava_vid layout, 20 system tokens), one video, questions of varied lengths (10-60 tokens), a
 fixed number of greedy tokens each with EOS disabled. Cases: MoRef at `--frames` (paper defaults)
-with 1, 10 and 50 questions sharing the prefill, and 10 questions answered one by one (no
+with 1, 5, 10 and 50 questions sharing the prefill (once per `--fusion-scope`), and 10 questions answered one by one (no
 sharing); native 64 frames with 1 and 10 questions shared. Each case: total seconds (median of
-`--repeats` after one warm-up), peak GPU memory, and the ratio to one question.
+`--repeats` after one warm-up), peak GPU memory, the ratio to one question, and for a shared set
+its prefill seconds and one decoding step of the whole set (ms).
 
     python3 bench/bench_question_sets.py --out DIR           # GPU, real shapes (~2 min on an H200)
     python3 bench/bench_question_sets.py --tiny --device cpu  # a self-check of the script
@@ -58,8 +59,10 @@ def answer_questions(engine, prefix, refs, pos, questions, gen, shared: bool) ->
 def run_case(case: dict, lm, config, device, args) -> dict:
     frames, count, shared = case["frames"], case["questions"], case["shared_prefix"]
     layers = config.text_config.num_hidden_layers
-    cfg = MoRefConfig().resolve(frames, layers) if case["moref"] else ResolvedMoRef(1, 64, 0, 1.0)
-    row = {**case, "references": cfg.references, "fusion_layer": cfg.fusion_layer, "new_tokens": args.new_tokens}
+    scope = case.get("fusion_scope", "question")
+    cfg = MoRefConfig(fusion_scope=scope).resolve(frames, layers) if case["moref"] else ResolvedMoRef(1, 64, 0, 1.0)
+    row = {**case, "fusion_scope": scope if case["moref"] else None, "references": cfg.references,
+           "fusion_layer": cfg.fusion_layer, "new_tokens": args.new_tokens}
     prompt = Prompt(lm, frames, layouts.tokens_per_frame(config, LAYOUT))
     if cfg.references > 1:
         refs, pos = prompt.references(cfg.temporal_units, cfg.references)
@@ -77,8 +80,13 @@ def run_case(case: dict, lm, config, device, args) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         median, runs, outs = timed(answer, device, args.repeats)
+        # Shared: one batch decodes all questions together, so its decoding seconds over its steps
+        # is one generation step for the whole question set.
+        step_ms = (1000 * sum(o.generate_s for o in outs) / (args.new_tokens - 1)
+                   if shared and args.new_tokens > 1 else None)
         row.update(total_s=median, runs_s=runs, per_question_s=median / count, status="ok",
-                   generated=sum(len(o.tokens) for o in outs),
+                   generated=sum(len(o.tokens) for o in outs), decode_step_ms=step_ms,
+                   prefill_s=sum(o.prefill_s for o in outs),
                    peak_gib=torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None)
         if any(len(o.tokens) != args.new_tokens for o in outs):
             row["status"] = "short answers"
@@ -92,9 +100,11 @@ def run_case(case: dict, lm, config, device, args) -> dict:
 
 def cases(args) -> list[dict]:
     out = []
-    for count in (1, 10, 50):
-        out.append({"name": f"moref-{args.frames}-q{count}-shared", "moref": True, "frames": args.frames,
-                    "questions": count, "shared_prefix": True})
+    for scope in args.fusion_scope.split(","):
+        for count in (1, 5, 10, 50):
+            out.append({"name": f"moref-{args.frames}-q{count}-shared" + ("" if scope == "question" else f"-{scope}"),
+                        "moref": True, "frames": args.frames, "questions": count, "shared_prefix": True,
+                        "fusion_scope": scope})
     out.append({"name": f"moref-{args.frames}-q10-alone", "moref": True, "frames": args.frames, "questions": 10,
                 "shared_prefix": False})
     for count in (1, 10):
@@ -105,22 +115,25 @@ def cases(args) -> list[dict]:
 
 def markdown(report: dict) -> str:
     rows = report["cases"]
-    one = {(r["moref"], r["frames"]): r.get("total_s") for r in rows if r["questions"] == 1 and r.get("total_s")}
+    one = {(r["moref"], r["frames"], r.get("fusion_scope")): r.get("total_s") for r in rows
+           if r["questions"] == 1 and r.get("total_s")}
     lines = [
         f"Question sets on one video, {report['device']} ({report['dtype']}, {report['shapes']} shapes, random "
         f"weights; {report['new_tokens']} greedy tokens per question; median of {report['repeats']} after 1 warm-up).",
         "",
-        "| case | frames | N | L | questions | shared prefix | total s | per question s | vs 1 question "
-        "| peak GiB | status |",
-        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
+        "| case | frames | N | L | scope | questions | shared prefix | total s | per question s | vs 1 question "
+        "| prefill s | decode step ms | peak GiB | status |",
+        "|---|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        base = one.get((r["moref"], r["frames"]))
+        base = one.get((r["moref"], r["frames"], r.get("fusion_scope")))
         ratio = f"{r['total_s'] / base:.2f}x" if base and r.get("total_s") else "-"
         fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731 - a one-line formatter beside its use
-        lines.append(f"| {r['name']} | {r['frames']} | {r['references']} | {r['fusion_layer']} | {r['questions']} "
+        lines.append(f"| {r['name']} | {r['frames']} | {r['references']} | {r['fusion_layer']} "
+                     f"| {r.get('fusion_scope') or '-'} | {r['questions']} "
                      f"| {'yes' if r['shared_prefix'] else 'no'} | {fmt(r.get('total_s'), '.3f')} "
-                     f"| {fmt(r.get('per_question_s'), '.3f')} | {ratio} | {fmt(r.get('peak_gib'), '.1f')} "
+                     f"| {fmt(r.get('per_question_s'), '.3f')} | {ratio} | {fmt(r.get('prefill_s'), '.3f')} "
+                     f"| {fmt(r.get('decode_step_ms'), '.1f')} | {fmt(r.get('peak_gib'), '.1f')} "
                      f"| {r['status']} |")
     return "\n".join(lines) + "\n"
 
@@ -134,7 +147,11 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=None, help="default 16 (--tiny: 4)")
     parser.add_argument("--repeats", type=int, default=None, help="default 2 (--tiny: 1)")
     parser.add_argument("--budget-s", type=float, default=240.0, help="start no new case after this many seconds")
+    parser.add_argument("--fusion-scope", default="question",
+                        help="answer.moref.fusion_scope values for the shared MoRef cases, e.g. question,video")
     args = parser.parse_args(argv)
+    if any(x not in ("question", "video") for x in args.fusion_scope.split(",")):
+        parser.error(f"--fusion-scope: expected question and/or video, got {args.fusion_scope!r}")
     if args.tiny and args.frames == 512:
         args.frames = 128
     args.new_tokens = args.new_tokens or (4 if args.tiny else 16)

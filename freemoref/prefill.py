@@ -350,7 +350,7 @@ def prefill_questions(engine: MoRefEngine, video: VideoRows, questions, blocks, 
                 fusion = video_fusion(question_importance(engine, video, h, blocks, cos, sin), video.vis_mask,
                                       video.positions, engine.cfg.keep_ratio)
                 prefix = run_shared_prefix(engine, video.fusion_inputs.h_prefix, video.fusion_inputs.h_vis, fusion)
-            h, on_prefix = questions_on_prefix(engine, prefix, h, own_real, question_len, max_new_tokens)
+            h, on_prefix, prefix = questions_on_prefix(engine, prefix, h, own_real, question_len, max_new_tokens)
             return QuestionPrefill(engine.logits(h[last, question_len - 1]), [prefix.fusion] * b,
                                    [len(prefix.fusion.rows)] * b, question_len, own, on_prefix, gate_running, prefix)
         fusions, fused, fused_len, positions = fuse(engine, video, h, blocks, cos, sin, question_len)
