@@ -56,7 +56,7 @@ def model_identity(model: str, pretrained: str | None = None) -> str:
 def config_fingerprint(cfg: JobConfig) -> str:
     """The part of every row's fingerprint the job's config decides (see the module docstring)."""
     answer, decode, guidance = cfg.answer, cfg.decode, cfg.guidance
-    frames = {"sampling": decode.sampling, "frame_size": decode.frame_size}
+    frames: dict[str, object] = {"sampling": decode.sampling, "frame_size": decode.frame_size}
     frames.update({"num_frames": decode.num_frames} if decode.sampling == "uniform"
                   else {"fps": decode.fps, "max_frames": decode.max_frames})
     selection: dict = {"selection": guidance.selection, "frames_per_question": guidance.frames_per_question,

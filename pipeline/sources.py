@@ -101,7 +101,7 @@ def manifest_ids(table: pa.Table) -> list[str]:
     return [posixpath.basename(str(u)) for u in table.column(uri_col).to_pylist()]
 
 
-def _worded(question: str, options: list | None, cfg: QuestionsConfig, what: str) -> str:
+def _worded(question: str, options: list | tuple | None, cfg: QuestionsConfig, what: str) -> str:
     """The question as the model sees it: with its lettered options and the benchmark's
     instructions (`multiple_choice_prompt`), or with the open-ended post-prompt."""
     if not options:

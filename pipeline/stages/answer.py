@@ -146,8 +146,8 @@ class AnswerStage:
                     self._fail(rows, members, ErrorReason.ANSWER_FAILED, exc)
                     continue
                 answered.update(results)
-                for q, exc in out_of_memory.items():
-                    self._fail(rows, [q], ErrorReason.OUT_OF_MEMORY, exc)
+                for q, error in out_of_memory.items():
+                    self._fail(rows, [q], ErrorReason.OUT_OF_MEMORY, error)
                 del group_tokens
             del frame_tokens
         for q, result in answered.items():

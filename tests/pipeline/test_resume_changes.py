@@ -66,6 +66,7 @@ def test_changed_question_model_and_frames_redo_exactly_their_pairs(tmp_path, ti
     # a reworded question: its two pairs, and only those
     reworded = run_job(_job(tmp_path, tiny_model_dir, "reworded", caption="Describe it in one line."))
     assert (reworded.changed, reworded.processed, reworded.skipped_done) == (2, 2, 2)
+    assert "redone (changed since written): 2" in reworded.render()  # what `moref-index run` prints
     after = _rows(tmp_path, tiny_model_dir)
     assert _redone(rows, after) == {(v, "caption") for v in VIDEOS}
     assert {after[(v, "caption")]["question"] for v in VIDEOS} == {"Describe it in one line."}
