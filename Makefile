@@ -43,4 +43,4 @@ test-gpu:
 	$(PYTHON) -m pytest -q tests/gpu
 
 clean:
-	rm -rf $(VENV) .cache demo-output
+	rm -rf $(VENV) .cache demo-output cluster-output

@@ -10,6 +10,7 @@
     moref-index report OUTPUT [--out report.html]
     moref-index compact OUTPUT [--target-mb 128]
     moref-index status OUTPUT
+    moref-index cluster start [--num-cpus N] [--shell] | cluster stop HEAD_DIR
 """
 
 from __future__ import annotations
@@ -194,6 +195,30 @@ def cmd_status(args) -> int:
     from pipeline.readers.output_status import output_status
 
     print(output_status(args.output, _storage(args)).render())  # no output: OutputNotFoundError, exit 2 in main
+    return 0
+
+
+def cmd_cluster_start(args) -> int:
+    from jobs.local_cluster import HeadError, start_head
+
+    try:
+        head = start_head(num_cpus=args.num_cpus)
+    except HeadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(head.shell_variables() if args.shell else head.describe())
+    return 0
+
+
+def cmd_cluster_stop(args) -> int:
+    from jobs.local_cluster import HeadError, LocalHead
+
+    try:
+        head = LocalHead.load(args.head_dir)
+    except HeadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"stopped the Ray head of {args.head_dir} ({head.stop()} processes)")
     return 0
 
 
@@ -387,8 +412,27 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_args(status)
     status.set_defaults(func=cmd_status)
 
+    cluster = sub.add_parser("cluster", help="a Ray head of its own on this machine (own temp dir, free ports, "
+                             "own token) for ray job submit, and its stop")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="start|stop",
+                                         help="start a head, or stop one")
+    start = cluster_sub.add_parser("start", help="start a head; print its address and the ray job submit line",
+                                   formatter_class=_HelpWithDefaults)
+    start.add_argument("--num-cpus", type=int, help="logical CPUs of the head (default: the machine's)")
+    start.add_argument("--shell", action="store_true",
+                       help="print HEAD_DIR, HEAD_ADDRESS, HEAD_TOKEN and HEAD_METRICS as shell assignments (for eval)")
+    start.set_defaults(func=cmd_cluster_start)
+    stop = cluster_sub.add_parser("stop", help="stop the head of HEAD_DIR (only it) and delete HEAD_DIR",
+                                  formatter_class=_HelpWithDefaults)
+    stop.add_argument("head_dir", metavar="HEAD_DIR", help="the folder `cluster start` printed")
+    stop.set_defaults(func=cmd_cluster_stop)
+    for command in (start, stop):
+        command.add_argument("-v", "--verbose", action="store_true", help="also log other libraries' INFO lines")
+
     for command in sub.choices.values():
         command.formatter_class = _HelpWithDefaults
+        if command is cluster:
+            continue  # its start and stop take --verbose
         command.add_argument("-v", "--verbose", action="store_true",
                              help="also log other libraries' INFO lines and model-loading progress bars")
     return parser

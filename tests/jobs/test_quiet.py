@@ -87,3 +87,26 @@ def test_progress_comes_early_and_counts_every_step(quiet_run):
     step = re.compile(r"decoded (\d+), embedded (\d+) videos; answered (\d+)/\d+ pairs, committed (\d+)")
     counts = [[int(n) for n in m.groups()] for _, text in lines if (m := step.search(text))]
     assert all(a <= b for before, after in zip(counts, counts[1:]) for a, b in zip(before, after)), counts
+
+
+LOAD_BOTH_MODELS = """
+import sys
+from pipeline.run.quiet import configure_logging
+configure_logging(verbose=sys.argv[1] == "verbose")
+from transformers import AutoModelForImageTextToText
+from pipeline.stages.clip_models import load_clip
+AutoModelForImageTextToText.from_pretrained(sys.argv[2])
+load_clip(sys.argv[3], None, "cpu")
+"""
+
+
+@pytest.mark.parametrize("mode", ["quiet", "verbose"])
+def test_model_loading_bars_and_loader_lines_only_when_verbose(tiny_model_dir, mode):
+    """What a Video-LLM or CLIP actor prints loading its model (the same calls, in a process set
+    up as the CLI sets up its own and, through the environment, its local Ray's workers)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    done = subprocess.run([sys.executable, "-c", LOAD_BOTH_MODELS, mode, tiny_model_dir["llava"],
+                           tiny_model_dir["clip"]], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shown = ("Loading weights" in done.stderr, "INFO root:" in done.stderr)
+    assert shown == ((True, True) if mode == "verbose" else (False, False)), done.stderr[-3000:]
