@@ -100,8 +100,8 @@ def run_case(case: dict, lm, config, device, args) -> dict:
 
 def cases(args) -> list[dict]:
     out = []
-    for scope in args.fusion_scope.split(","):
-        for count in (1, 5, 10, 50):
+    for count in (1, 5, 10, 50):  # scopes side by side at each count, so a tight budget still compares them
+        for scope in args.fusion_scope.split(","):
             out.append({"name": f"moref-{args.frames}-q{count}-shared" + ("" if scope == "question" else f"-{scope}"),
                         "moref": True, "frames": args.frames, "questions": count, "shared_prefix": True,
                         "fusion_scope": scope})

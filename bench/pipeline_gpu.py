@@ -526,8 +526,9 @@ def markdown(report: dict) -> str:
     lines += ["", "Stage columns are medians over ok answers rows (decode and guidance per video, prefill and "
               "generate per question); GPU busy is nvidia-smi utilization averaged over the steady window and the "
               "case's GPUs; peak GiB is the most memory any of them had in use. Decode CPU s/video is the mean "
-              "decode_s (one decoder thread per decode task); decode cores needed per GPU = that x the videos per "
-              "second per GPU measured; given = the decode tasks Ray's CPUs leave room for per GPU (--decode-cores)."]
+              "decode_s (one decoder thread per decode task: CPU seconds unless cores are oversubscribed); "
+              "decode cores needed per GPU = that x the videos per second per GPU measured; given = the decode "
+              "tasks Ray's CPUs leave room for per GPU (--decode-cores)."]
     return "\n".join(lines) + "\n"
 
 

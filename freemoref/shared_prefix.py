@@ -12,6 +12,7 @@ slots, same positions. With one question this is question scope computed in two 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -118,6 +119,9 @@ def questions_on_prefix(engine: MoRefEngine, prefix: SharedPrefix, h, own_real, 
     slots = torch.arange(qm, device=h.device)
     cos, sin = engine.cos_sin(h, prefix.length + slots)
     real = own_real.clone()
+    # Prompt tokens attend causally by slot (`question_attention`), even one-token questions: only
+    # decoding steps use the joint cache, which a prefix reused from another batch may carry.
+    prompt_prefix = dataclasses.replace(prefix, joint=None)
     caches, joint, views = [], [], []
     for li, layer in enumerate(engine.layers[engine.fusion_layer :]):
         q, k, v = project_qkv(layer, h, cos, sin)
@@ -130,6 +134,7 @@ def questions_on_prefix(engine: MoRefEngine, prefix: SharedPrefix, h, own_real, 
                           for x in (both.k, both.v)))
         cache.k[:, :, :qm], cache.v[:, :, :qm] = k, v
         caches.append(cache)
-        h = finish_layer(layer, h, attend_prefix(prefix, li, q, cache, real, qm, slots, layer.self_attn.scaling))
+        h = finish_layer(layer, h, attend_prefix(prompt_prefix, li, q, cache, real, qm, slots,
+                                                 layer.self_attn.scaling))
     on_prefix = SharedPrefix(prefix.fusion, views, prefix.real, joint)
     return h, SequenceCache(caches, real, qm, prefix.length + question_len), on_prefix
