@@ -18,9 +18,6 @@ widths, and a 2-3 block tower.
 
 from __future__ import annotations
 
-import torch
-import transformers
-
 FAMILIES = ("llava_onevision", "qwen2_5_vl", "qwen3_vl")
 SHAPE_NAMES = {"llava_onevision": "LLaVA-Video-7B-Qwen2", "qwen2_5_vl": "Qwen2.5-VL-7B", "qwen3_vl": "Qwen3-VL-8B"}
 
@@ -88,6 +85,8 @@ def text_and_vision(family: str, tiny: bool) -> tuple[dict, dict]:
 def model_config(family: str, tiny: bool, token_ids: dict | None = None):
     """The whole `...ForConditionalGeneration` config of `family`. token_ids: the Qwen configs'
     image/video/vision start/end token ids (from the tokenizer in use)."""
+    import transformers
+
     text, vision = text_and_vision(family, tiny)
     if family == "llava_onevision":
         return transformers.LlavaOnevisionConfig(
@@ -104,6 +103,9 @@ def build_model(config, device, dtype):
     `device` in `dtype` (no CPU copy, no fp32 detour: seconds for 8B parameters on a GPU). Built
     this way rather than on `meta` + `to_empty` because rotary `inv_freq` buffers are computed at
     construction."""
+    import torch
+    import transformers
+
     architecture = {"llava_onevision": "LlavaOnevisionForConditionalGeneration",
                     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
                     "qwen3_vl": "Qwen3VLForConditionalGeneration"}[config.model_type]
