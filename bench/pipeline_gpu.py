@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """The whole pipeline on GPUs: videos per GPU-hour, GPU busy time, per-stage times.
 
-Builds random-weight checkpoints of the real shapes on the GPU (LLaVA-Video-7B-Qwen2 in the HF
-LlavaOnevision layout, llava_vid token layout; open_clip ViT-L-14-336-quickgelu) into --work,
+Builds random-weight checkpoints of the real shapes on the GPU (`--family`, bench/model_shapes.py:
+LLaVA-Video-7B-Qwen2 in the HF LlavaOnevision layout with the llava_vid token layout, the default;
+Qwen2.5-VL-7B; Qwen3-VL-8B; with open_clip ViT-L-14-336-quickgelu) into --work,
 writes synthetic H.264 videos with PyAV and a questions file (5 questions per video, 6 to 60 words),
 then per case (GPUs x frames) writes a job config and runs `moref-index run` (as
 `python -m jobs.cli run`) in a child process while a thread samples `nvidia-smi` every 0.5 s.
@@ -15,7 +16,8 @@ too. Per-stage medians come from the answers Parquet (ok rows).
 
     python3 bench/pipeline_gpu.py --out DIR                       # every visible GPU, 128 and 512 frames
     python3 bench/pipeline_gpu.py --gpus 1,2 --frames 128 --out DIR
-    python3 bench/pipeline_gpu.py --tiny --out DIR                # CPU self-check, tiny models
+    python3 bench/pipeline_gpu.py --family qwen3_vl --frames 128 --out DIR
+    python3 bench/pipeline_gpu.py --tiny [--family F] --out DIR   # CPU self-check, tiny models
 
 A case that runs past its share of --budget-s is stopped; what it finished is still measured
 (status "stopped"). No case starts past the budget. Writes DIR/pipeline_gpu_<device>_<date>.json
@@ -45,6 +47,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
+
+from model_shapes import FAMILIES, SHAPE_NAMES  # noqa: E402 - bench/ is on the path: this script's folder
 
 GIB = 2**30
 WARMUP_SHARE = 0.2  # share of completions counted as warm-up
@@ -174,45 +178,54 @@ def write_questions(path: Path, videos: list[str], per_video: int) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def build_models(work: str, tiny: bool) -> dict:
-    """Random LLaVA-Video-7B-Qwen2 (HF LlavaOnevision, llava_vid layout; bf16, built on the GPU) and
-    open_clip ViT-L-14-336 checkpoints, saved with safetensors; with `tiny`, the same code on the
-    CPU with bench_moref's tiny widths (28 layers kept) and the tiny CLIP. Runs in a child process
-    so the benchmark's own process never holds GPU memory. Reuses a finished build."""
+def build_models(work: str, tiny: bool, family: str = "llava_onevision") -> dict:
+    """Random checkpoints of `family`'s real shapes (bf16, built on the GPU; LlavaOnevision in the
+    llava_vid layout) and of open_clip ViT-L-14-336, saved with safetensors; with `tiny`, the same
+    code on the CPU with bench/model_shapes.py's tiny widths (depth kept) and the tiny CLIP. The
+    model's processor wraps the tiny BPE tokenizer (with the family's special tokens). Runs in a
+    child process so the benchmark's own process never holds GPU memory. Reuses a finished build."""
     import torch
-    from bench_moref import model_config
+    from model_shapes import build_model, model_config
 
     from freemoref.convert import IMAGE_TOKEN, VIDEO_TOKEN
     from freemoref.layouts import VIDEO_LAYOUT_KEY
-    from freemoref.tiny import TinyModelShape, _grid_pinpoints, build_tiny_tokenizer, tiny_processor
+    from freemoref.tiny import (
+        QWEN_VL_SPECIAL_TOKENS,
+        TinyModelShape,
+        _grid_pinpoints,
+        build_tiny_qwen_vl_tokenizer,
+        build_tiny_tokenizer,
+        qwen_vl_processor,
+        tiny_processor,
+    )
     from pipeline.stages.clip_models import build_random_clip, build_tiny_clip
 
     root = Path(work) / "models"
-    llava, clip, done = root / "llava-video-7b-random", root / "clip-vit-l-14-336-random", root / "DONE"
+    llava, clip, done = root / f"{family}-random", root / "clip-vit-l-14-336-random", root / f"DONE-{family}"
     if done.exists():
         return json.loads(done.read_text())
     device, dtype = ("cpu", torch.float32) if tiny else ("cuda", torch.bfloat16)
     timings = {}
     t0 = time.perf_counter()
-    from transformers import GenerationConfig, LlavaOnevisionForConditionalGeneration
+    from transformers import GenerationConfig
 
-    tokenizer = build_tiny_tokenizer()
-    config = model_config(tiny=tiny)
+    if family == "llava_onevision":
+        tokenizer = build_tiny_tokenizer()
+        config = model_config(family, tiny)
+        image_id, video_id = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, VIDEO_TOKEN])
+        config.image_token_index, config.video_token_index = image_id, video_id
+        config.image_grid_pinpoints = _grid_pinpoints(config.vision_config.image_size)
+        setattr(config, VIDEO_LAYOUT_KEY, "llava_vid")
+    else:
+        tokenizer = build_tiny_qwen_vl_tokenizer()
+        ids = dict(zip(QWEN_VL_SPECIAL_TOKENS, tokenizer.convert_tokens_to_ids(list(QWEN_VL_SPECIAL_TOKENS))))
+        config = model_config(family, tiny, dict(
+            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"]))
     config.text_config.vocab_size = max(config.text_config.vocab_size, len(tokenizer))
-    image_id, video_id = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, VIDEO_TOKEN])
     endoftext_id, im_end_id = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
-    config.image_token_index, config.video_token_index = image_id, video_id
-    config.image_grid_pinpoints = _grid_pinpoints(config.vision_config.image_size)
     config.text_config.eos_token_id, config.text_config.pad_token_id = im_end_id, endoftext_id
-    setattr(config, VIDEO_LAYOUT_KEY, "llava_vid")
-    saved = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlavaOnevisionForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(saved)
-    model.eval()
+    model = build_model(config, device, dtype)
     # The tokenizer knows ~1k ids of the 152k vocabulary: keep random generation inside them, so
     # answers decode to text; EOS can never win, so every answer runs to max_new_tokens.
     with torch.no_grad():
@@ -224,8 +237,15 @@ def build_models(work: str, tiny: bool) -> dict:
     timings["llava_init_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     model.save_pretrained(str(llava), max_shard_size="4GB")
-    shape = TinyModelShape(image_size=config.vision_config.image_size, patch_size=config.vision_config.patch_size)
-    tiny_processor(tokenizer, shape).save_pretrained(str(llava))
+    if family == "llava_onevision":
+        shape = TinyModelShape(image_size=config.vision_config.image_size, patch_size=config.vision_config.patch_size)
+        processor = tiny_processor(tokenizer, shape)
+    else:  # the processors' own pixel limits; tiny: frames of about 32 x 40
+        size = {"size": {"shortest_edge": 16 * 16, "longest_edge": 32 * 40 * 64}} if tiny else {}
+        if tiny and family == "qwen3_vl":
+            size["max_video_tokens"] = 20
+        processor = qwen_vl_processor(family, tokenizer, config.vision_config.patch_size, **size)
+    processor.save_pretrained(str(llava))
     timings["llava_save_s"] = time.perf_counter() - t0
     del model
     t0 = time.perf_counter()
@@ -588,6 +608,8 @@ def versions() -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="CPU self-check with the tiny models")
+    parser.add_argument("--family", default="llava_onevision", choices=FAMILIES,
+                        help="model family whose real (or --tiny) shapes to build (bench/model_shapes.py)")
     parser.add_argument("--gpus", default=None, help="GPU counts to run, e.g. 1,2 (default: every visible GPU)")
     parser.add_argument("--frames", default=None, help="frame counts (default 128,512; --tiny: 8)")
     parser.add_argument("--videos", type=int, default=None, help="videos per case (default 48; --tiny: 3)")
@@ -636,8 +658,9 @@ def main(argv=None) -> int:
     scopes = [x for x in args.fusion_scope.split(",") if x]
     if not scopes or any(x not in ("question", "video") for x in scopes):
         parser.error(f"--fusion-scope: expected question and/or video, got {args.fusion_scope!r}")
-    report = {"device": device, "date": date, "videos_s_by_set": {}, "decode_cores_arg": args.decode_cores,
-              "shapes": "tiny" if args.tiny else "LLaVA-Video-7B-Qwen2 + ViT-L-14-336",
+    report = {"device": device, "date": date, "family": args.family, "videos_s_by_set": {},
+              "decode_cores_arg": args.decode_cores,
+              "shapes": "tiny" if args.tiny else f"{SHAPE_NAMES[args.family]} + ViT-L-14-336",
               "questions_per_video": args.questions, "new_tokens": args.new_tokens, "versions": versions(),
               "argv": sys.argv[1:], "cases": []}
 
@@ -650,7 +673,7 @@ def main(argv=None) -> int:
     # Models build on the GPU in a child process while the videos are written on the CPUs.
     spawn = multiprocessing.get_context("spawn")
     with spawn.Pool(1) as builder:
-        pending = builder.apply_async(build_models, (str(work), args.tiny))
+        pending = builder.apply_async(build_models, (str(work), args.tiny, args.family))
         t0 = time.time()
         for video_set in video_sets:
             t1 = time.time()

@@ -370,8 +370,6 @@ def build_tiny_qwen2_5_vl(out_dir: str | Path, *, seed: int = 0, shape: TinyQwen
     tokenizer with the family's special tokens, chat template) to `out_dir`, offline. Loads back
     with `AutoProcessor` and `Qwen2_5_VLForConditionalGeneration.from_pretrained`. Returns the dir."""
     import transformers
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     shape = shape or TinyQwenVLShape()
     out_dir = Path(out_dir)
@@ -388,11 +386,29 @@ def build_tiny_qwen2_5_vl(out_dir: str | Path, *, seed: int = 0, shape: TinyQwen
             fullatt_block_indexes=[shape.vision_layers - 1]),
         tie_word_embeddings=False, **_qwen_vl_ids(tokenizer))
     size = {"shortest_edge": shape.min_pixels, "longest_edge": shape.max_pixels}
-    common = dict(patch_size=shape.patch_size, merge_size=2, temporal_patch_size=2, size=size)
-    processor = transformers.Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**common), tokenizer=tokenizer,
-                                    video_processor=Qwen2VLVideoProcessor(**common, cap_pixels_per_frame=True),
-                                    chat_template=QWEN_VL_CHAT_TEMPLATE)
+    processor = qwen_vl_processor("qwen2_5_vl", tokenizer, shape.patch_size, size=size)
     return _save_qwen_vl(transformers.Qwen2_5_VLForConditionalGeneration(config), processor, tokenizer, out_dir, seed)
+
+
+def qwen_vl_processor(family: str, tokenizer, patch_size: int, **video_options):
+    """The processor of a Qwen family ("qwen2_5_vl" or "qwen3_vl") around `tokenizer`: the
+    family's image and video processors at `patch_size` (2 x 2 merge, temporal patches of two,
+    the reference per-frame pixel cap; `video_options` such as `size` override their defaults) and
+    its chat template."""
+    import transformers
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    common = dict(patch_size=patch_size, merge_size=2, temporal_patch_size=2)
+    image = Qwen2VLImageProcessor(**common, **({"size": video_options["size"]} if "size" in video_options else {}))
+    if family == "qwen2_5_vl":
+        return transformers.Qwen2_5_VLProcessor(
+            image_processor=image, tokenizer=tokenizer, chat_template=QWEN_VL_CHAT_TEMPLATE,
+            video_processor=Qwen2VLVideoProcessor(**common, cap_pixels_per_frame=True, **video_options))
+    return transformers.Qwen3VLProcessor(
+        image_processor=image, tokenizer=tokenizer, chat_template=QWEN3_VL_CHAT_TEMPLATE,
+        video_processor=Qwen3VLVideoProcessor(**common, cap_pixels_per_frame=True, **video_options))
 
 
 # Qwen3-VL's chat template (chat_template.json of the Qwen3-VL Instruct checkpoints), reduced to what
@@ -428,8 +444,6 @@ def build_tiny_qwen3_vl(out_dir: str | Path, *, seed: int = 0, shape: TinyQwen3V
     tokens, chat template) to `out_dir`, offline. Loads back with `AutoProcessor` and
     `Qwen3VLForConditionalGeneration.from_pretrained`. Returns the dir."""
     import transformers
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
     shape = shape or TinyQwen3VLShape()
     out_dir = Path(out_dir)
@@ -450,9 +464,6 @@ def build_tiny_qwen3_vl(out_dir: str | Path, *, seed: int = 0, shape: TinyQwen3V
         tie_word_embeddings=False, **_qwen_vl_ids(tokenizer))
     frame_pixels = shape.max_tokens_per_frame * (2 * shape.patch_size) ** 2
     size = {"shortest_edge": shape.min_pixels, "longest_edge": frame_pixels * shape.max_frames}
-    common = dict(patch_size=shape.patch_size, merge_size=2, temporal_patch_size=2, size=size)
-    video_processor = Qwen3VLVideoProcessor(**common, cap_pixels_per_frame=True,
-                                            max_video_tokens=shape.max_tokens_per_frame)
-    processor = transformers.Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(**common), tokenizer=tokenizer,
-                                              video_processor=video_processor, chat_template=QWEN3_VL_CHAT_TEMPLATE)
+    processor = qwen_vl_processor("qwen3_vl", tokenizer, shape.patch_size, size=size,
+                                  max_video_tokens=shape.max_tokens_per_frame)
     return _save_qwen_vl(transformers.Qwen3VLForConditionalGeneration(config), processor, tokenizer, out_dir, seed)

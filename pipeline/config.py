@@ -183,15 +183,19 @@ _GenerationKeys: Any = create_model(  # type: ignore[call-overload]  # fields bu
 
 
 class AnswerConfig(_GenerationKeys):  # a model class made by create_model
-    """The Video-LLM actor: a LlavaOnevision checkpoint (local dir or hub id) and generation."""
+    """The Video-LLM actor: a checkpoint of any supported model family (LlavaOnevision, Qwen2.5-VL,
+    Qwen3-VL; picked from the checkpoint's config.json, freemoref.families) and generation."""
 
+    # The checkpoint: a local directory or a hub id; its config.json names the model family.
     model: str = "llava-hf/LLaVA-Video-7B-Qwen2-hf"
+    # LlavaOnevision's video token layout; auto: what the checkpoint records. Other families ignore it.
     layout: Literal["auto"] | VideoLayout = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     trust_remote_code: bool = False
-    # The model family's prompt format (freemoref.prompts): LLaVA-Video's evaluations or HF's template.
+    # LlavaOnevision's prompt format (freemoref.prompts): LLaVA-Video's evaluations or HF's template.
+    # The Qwen families prompt with their processor's chat template.
     prompt_template: PromptTemplate = "llava_vid"
     system_prompt: str | None = None  # None: the template's own ("You are a helpful assistant." for llava_vid)
     # max_new_tokens, do_sample, temperature, top_p, seed, stop_strings: GenerationOptions' fields
