@@ -30,13 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 import transformers
-from bench_moref import GIB, Prompt, build_decoder, free, model_config, sync, timed
+from bench_moref import GIB, BenchModel, Prompt, free, sync, timed
 
-from freemoref import layouts
 from freemoref.config import GenerationOptions, MoRefConfig, ResolvedMoRef
 from freemoref.engine import MoRefEngine, generate_answers
-
-LAYOUT = "llava_vid"
 
 
 def question_embeddings(lm, count: int, seed: int = 1):
@@ -56,18 +53,16 @@ def answer_questions(engine, prefix, refs, pos, questions, gen, shared: bool) ->
     return [generate_answers(engine, prefix, refs, pos, [q], gen)[0] for q in questions]
 
 
-def run_case(case: dict, lm, config, device, args) -> dict:
+def run_case(case: dict, bench: BenchModel, device, args) -> dict:
     frames, count, shared = case["frames"], case["questions"], case["shared_prefix"]
-    layers = config.text_config.num_hidden_layers
+    lm, layers = bench.lm, bench.config.text_config.num_hidden_layers
     scope = case.get("fusion_scope", "question")
     cfg = MoRefConfig(fusion_scope=scope).resolve(frames, layers) if case["moref"] else ResolvedMoRef(1, 64, 0, 1.0)
     row = {**case, "fusion_scope": scope if case["moref"] else None, "references": cfg.references,
            "fusion_layer": cfg.fusion_layer, "new_tokens": args.new_tokens}
-    prompt = Prompt(lm, frames, layouts.tokens_per_frame(config, LAYOUT))
-    if cfg.references > 1:
-        refs, pos = prompt.references(cfg.temporal_units, cfg.references)
-    else:
-        refs, pos = [prompt.video], [torch.arange(prompt.video.shape[0], device=prompt.video.device)]
+    prompt = Prompt(bench, frames)  # LLaVA-Video's llava_vid layout (bench_moref.LAYOUT)
+    laid_out = prompt.layout(cfg)
+    refs, pos = laid_out.references, laid_out.order
     questions = question_embeddings(lm, count)
     gen = GenerationOptions(max_new_tokens=args.new_tokens)
     engine = MoRefEngine(lm, cfg)
@@ -162,8 +157,7 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     start = time.perf_counter()
     torch.manual_seed(0)
-    config = model_config(args.tiny)
-    lm = build_decoder(config, device, dtype)
+    bench = BenchModel("llava_onevision", args.tiny, device, dtype)
     sync(device)
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
               "dtype": str(dtype).removeprefix("torch."), "shapes": "tiny" if args.tiny else "LLaVA-Video-7B-Qwen2",
@@ -174,7 +168,7 @@ def main(argv=None) -> int:
         if time.perf_counter() - start > args.budget_s:
             report["cases"].append({**case, "references": "-", "fusion_layer": "-", "status": "skipped (time budget)"})
             continue
-        row = run_case(case, lm, config, device, args)
+        row = run_case(case, bench, device, args)
         report["cases"].append(row)
         print(f"{row['name']}: {row['status']} {row.get('total_s', 0):.3f} s, peak {row.get('peak_gib')}", flush=True)
         if out_dir:

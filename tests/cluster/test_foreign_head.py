@@ -1,6 +1,6 @@
 """A local `moref-index run` beside another Ray on the same machine never joins it.
 
-A foreign head is started with `ray start --head` (tests/cluster/test_job_submit.py's `Head`) in
+A foreign head is started with `ray start --head` (jobs/local_cluster.py's `LocalHead`) in
 `$RAY_TMPDIR/ray`, where `ray start` records its address for any later `ray.init()` without an
 address to find. The job then runs from the command line with that RAY_TMPDIR (and the head's auth
 token, so joining would work if it were tried), no RAY_ADDRESS, and no `ray.num_cpus`: it must
@@ -17,7 +17,8 @@ import pyarrow.dataset as pads
 import pytest
 import yaml
 
-from tests.cluster.test_job_submit import START_ATTEMPTS, Head
+from jobs.local_cluster import START_ATTEMPTS, TOKEN_FILE, HeadError, LocalHead
+from tests.cluster.test_job_submit import logs_on_failure
 from tests.paths import DEMO_VIDEOS, REPO
 
 JOB_TIMEOUT_S = 300
@@ -30,15 +31,18 @@ def foreign_head():
     started = []
     try:
         for _ in range(START_ATTEMPTS):
-            head = Head()
-            parent = head.temp_dir  # Head made it, short, under /tmp
+            head = LocalHead.new()
+            parent = head.temp_dir  # short, under /tmp, holding the head's token
             head.temp_dir = parent / "ray"
             head.temp_dir.mkdir()
+            (head.temp_dir / TOKEN_FILE).write_bytes((parent / TOKEN_FILE).read_bytes())
             started.append((head, parent))
-            if head.start():
+            try:
+                head.start(num_cpus=2)
                 break
-            print(head.logs())
-            head.stop()
+            except HeadError:
+                print(head.logs())
+                head.stop()
         else:
             pytest.fail("ray start --head failed; its output and logs are above")
         assert (head.temp_dir / "ray_current_cluster").is_file()
@@ -65,7 +69,7 @@ def test_local_run_starts_its_own_ray_beside_a_foreign_head(foreign_head, tiny_m
         "output": {"path": str(tmp_path / "out")},
         # no ray.num_cpus: a joined foreign head used to leave the job waiting for resources
     }))
-    env = {**head.env, "RAY_TMPDIR": str(ray_tmpdir)}
+    env = {**head.env(), "RAY_TMPDIR": str(ray_tmpdir)}
     env.pop("RAY_ADDRESS", None)
     job = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(config)], cwd=REPO, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -75,7 +79,7 @@ def test_local_run_starts_its_own_ray_beside_a_foreign_head(foreign_head, tiny_m
         if job.poll() is None:
             job.kill()
             job.wait()
-    with head.logs_on_failure():
+    with logs_on_failure(head):
         assert job.returncode == 0, log[-6000:]
         rows = pads.dataset(str(tmp_path / "out" / "answers"), format="parquet").to_table().to_pylist()
         assert [(r["video_id"], r["question_id"], r["status"]) for r in rows] == [(video.name, "caption", "ok")]

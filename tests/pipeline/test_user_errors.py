@@ -29,7 +29,7 @@ def _videos(tmp_path: pathlib.Path) -> pathlib.Path:
 
 
 def _config(tmp_path: pathlib.Path, models: dict, **sections) -> pathlib.Path:
-    cfg = {
+    cfg: dict[str, dict] = {
         "input": {"videos": str(tmp_path / "videos" / "*.m*")},
         "questions": {"prompts": ["Describe the video."]},
         "guidance": {"model": models["clip"], "pretrained": None, "num_gpus": 0},
