@@ -320,7 +320,7 @@ def ray_cpus(gpus: int, decode_cores: int | None) -> tuple[int, float]:
     """Ray's CPUs for a case and the decode cores per GPU they leave: with `decode_cores`, what the
     actors reserve (one CLIP actor, one Video-LLM actor per GPU, the sink) plus `decode_cores` decode
     tasks per GPU (one CPU each), so at most that many decode at once per GPU; else every CPU here."""
-    from pipeline.resources import SINK_CPUS
+    from pipeline.run.resources import SINK_CPUS
 
     devices = max(gpus, 1)
     clip, answer, decode = (1, 1, 1) if gpus else (0.25, 0.5, 0.5)
