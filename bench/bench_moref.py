@@ -263,7 +263,7 @@ class Prompt:
         """(references, their positions in the video, RotaryPositions or None, DeepStack or None,
         visual tokens) for `cfg`."""
         if self.video is not None:
-            assert self.bench.family is not None  # a Qwen family lays its video out
+            assert self.bench.family is not None  # a Qwen video comes with its family
             vp = self.bench.family.visual_prompt(self.video, cfg, SYSTEM_TOKENS, self.video)
             return types.SimpleNamespace(references=vp.references, order=vp.order, rope=vp.rope,
                                          deepstack=vp.deepstack, tokens=vp.tokens)
@@ -463,7 +463,7 @@ def markdown(report: dict) -> str:
     lines.append("")
     if vision and "ms_per_frame" in vision:
         lines.append(
-            f"Vision tower ({TOWERS.get(str(report.get('family')), 'Qwen ViT and mergers')}): "
+            f"Vision tower ({TOWERS.get(report.get('family', ''), 'Qwen ViT and mergers')}): "
             f"{vision['ms_per_frame']:.2f} ms/frame at batch "
             f"{vision['batch_frames']} ({vision['tflops_per_s']:.0f} TFLOP/s; add frames x this to prefill "
             f"for time to first token: 64 frames {64 * vision['ms_per_frame'] / 1000:.2f} s, "

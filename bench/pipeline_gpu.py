@@ -241,10 +241,10 @@ def build_models(work: str, tiny: bool, family: str = "llava_onevision") -> dict
         shape = TinyModelShape(image_size=config.vision_config.image_size, patch_size=config.vision_config.patch_size)
         processor = tiny_processor(tokenizer, shape)
     else:  # the processors' own pixel limits; tiny: frames of about 32 x 40
-        size: dict[str, Any] = {"size": {"shortest_edge": 16 * 16, "longest_edge": 32 * 40 * 64}} if tiny else {}
+        options: dict[str, Any] = {"size": {"shortest_edge": 16 * 16, "longest_edge": 32 * 40 * 64}} if tiny else {}
         if tiny and family == "qwen3_vl":
-            size["max_video_tokens"] = 20
-        processor = qwen_vl_processor(family, tokenizer, config.vision_config.patch_size, **size)
+            options["max_video_tokens"] = 20
+        processor = qwen_vl_processor(family, tokenizer, config.vision_config.patch_size, **options)
     processor.save_pretrained(str(llava))
     timings["llava_save_s"] = time.perf_counter() - t0
     del model

@@ -63,3 +63,18 @@ def test_pipeline_gpu_tiny_archive_set_in_both_fusion_scopes(tmp_path):
         stream = container.streams.video[0]
         assert (stream.width, stream.height, stream.codec_context.name) == (1920, 1080, "h264")
     assert "| 1080p-1min (1920x1080, 2 s) | video |" in report.with_suffix(".md").read_text()
+
+
+def test_pipeline_gpu_tiny_runs_a_qwen_family(tmp_path):
+    """`--family`: the Qwen3-VL checkpoint builder (processor included) and a whole run, kept short."""
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(REPO / "bench" / "pipeline_gpu.py"), "--tiny", "--family", "qwen3_vl",
+                    "--videos", "2", "--frames", "8", "--work", str(tmp_path / "work"), "--out", str(out)],
+                   check=True, capture_output=True, timeout=600)
+    (report,) = out.glob("pipeline_gpu_cpu_*.json")
+    result = json.loads(report.read_text())
+    (case,) = result["cases"]
+    assert result["family"] == "qwen3_vl" and case["status"] == "ok" and case["errors_by_reason"] == {}
+    assert (case["videos"], case["pairs"], case["ok_pairs"]) == (2, 10, 10)
+    assert json.loads((tmp_path / "work" / "tiny" / "models" / "qwen3_vl-random" / "config.json").read_text())[
+        "architectures"] == ["Qwen3VLForConditionalGeneration"]
