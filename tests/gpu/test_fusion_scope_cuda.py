@@ -30,11 +30,13 @@ def test_video_scope_cuda_equals_cpu_in_fp32(granularity):
     """Several questions, one shared prefix: the same kept tokens, logits and greedy tokens."""
     cfg = scoped("video", granularity)
     outs = []
+    base = tiny_qwen()  # the prompt's embeddings are made once, on CUDA (video_prompt's indices are there)
+    prefix_cuda, refs_cuda, pos_cuda, _, _ = video_prompt(base)
+    qs_cuda = questions(base)
     for device in (CUDA, CPU):
         model = tiny_qwen().to(device)
-        prefix, refs, pos, _, _ = video_prompt(model)
-        prefix, refs, pos = prefix.to(device), [r.to(device) for r in refs], [p.to(device) for p in pos]
-        qs = questions(model)
+        prefix, refs, pos = prefix_cuda.to(device), [r.to(device) for r in refs_cuda], [p.to(device) for p in pos_cuda]
+        qs = [q.to(device) for q in qs_cuda]
         engine = MoRefEngine(model, cfg)
         batch = engine.start(engine.encode_video(prefix, refs, pos), qs)
         answers = generate_answers(MoRefEngine(model, cfg), prefix, refs, pos, qs, GenerationOptions(max_new_tokens=8))
