@@ -30,6 +30,7 @@ RUN_EXIT_CODES = {
     3: "the output is in use by another run (its lease is held)",
 }
 
+
 def _parse_overrides(pairs: list[str]) -> dict:
     overrides = {}
     for pair in pairs:

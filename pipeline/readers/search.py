@@ -282,7 +282,7 @@ def search_vector(index: FramesIndex, query: np.ndarray, *, top_k: int = DEFAULT
                                           video_ids=video_ids)
         # A synced index's id map names the files holding the candidates: reading the record
         # instead costs a pass over the whole archive's record per query.
-        files = ann.video_files(state, candidates) if update_index else None
+        files = ann.video_files(state, candidates) if update_index and candidates else None
         rows = FrameRows.from_table(index.read(candidates, files=files)) if candidates else None
         method = "ann"
     else:

@@ -96,8 +96,8 @@ class VectorIndex:
         self.store._invalidate()
         if not self.store.fs.exists(base):
             return {}
-        # one listing with details, not a request per file; on local disk os.scandir's, 10x
-        # cheaper than fsspec's per file (each query checks this listing)
+        # one listing with details, not a request per file; on local disk os.walk and os.stat,
+        # 1.5-5x cheaper than fsspec's local `find` (334 files, a loaded 2-core machine; each query lists frames/)
         listing = _local_listing(base) if self.store._local else self.store.fs.find(base, detail=True)
         names = {p.rsplit("/", 1)[-1]: info for p, info in listing.items()}
         return {n: fingerprint(info) for n, info in names.items()
@@ -285,11 +285,9 @@ def _local_listing(base: str) -> dict[str, dict]:
     """Path -> {size, mtime} of the files under a local folder, as fsspec's local `find` gives them."""
     found = {}
     for folder, _, names in os.walk(base):
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if entry.name in names:
-                    st = entry.stat()
-                    found[f"{folder}/{entry.name}"] = {"size": st.st_size, "mtime": st.st_mtime}
+        for name in names:
+            st = os.stat(f"{folder}/{name}")
+            found[f"{folder}/{name}"] = {"size": st.st_size, "mtime": st.st_mtime}
     return found
 
 

@@ -3,8 +3,8 @@
 Metrics go through `ray.util.metrics`. The Ray metrics agent of the driver's node serves them on its
 metrics export port (`ray start --metrics-export-port=PORT`, then `http://NODE:PORT/metrics`), named
 as below with Ray's `ray_` prefix, counters with a `_total` suffix. Each one carries a `run_id` tag.
-All are recorded on the driver from the answers rows as they are committed (the committer's
-`on_commit`), so they agree with the output and no stage does extra work:
+All but moref_progress are recorded on the driver from the answers rows as they are committed (the
+committer's `on_commit`), so they agree with the output and no stage does extra work:
 
   moref_pairs_planned                  gauge      (video, question) pairs this run has to do
   moref_pairs_done{status}             counter    pairs committed, by status (ok, error)
@@ -32,8 +32,8 @@ decoded and embedded: videos through decode and guidance; answered: pairs out of
 stage (ok or error); committed: pairs written to the output. The stages report their counts from
 the workers to a small actor (`StageCounter`) the driver reads each line, so they move while
 rows are still on their way to the driver; a task Ray retries counts again. The ETA divides the
-pairs still to answer by the answered pairs per second since the first was answered. The same
-counts are the `moref_progress` gauge, tagged by step.
+pairs still to answer by the answered pairs per second since the pipeline started (after
+planning). The same counts are the `moref_progress` gauge, tagged by step, set by the driver.
 """
 
 from __future__ import annotations
