@@ -319,11 +319,14 @@ class Progress:
         self._thread.start()
         return self
 
-    def stop(self, failed: bool = False) -> None:
+    def stop(self, failed: bool = False, final_line: bool = True) -> None:
+        """Stop the thread and write the last line (none for a run stopped by a user's mistake,
+        which is its own one `error:` line)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self._write(final="stopped" if failed else "done")
+        if final_line:
+            self._write(final="stopped" if failed else "done")
 
 
 def run_progress(interval_s: float, interactive: bool | None = None) -> Progress:

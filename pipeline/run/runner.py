@@ -31,7 +31,7 @@ import traceback
 
 import numpy as np
 
-from pipeline.config import JobConfig
+from pipeline.config import ConfigError, JobConfig
 from pipeline.run import planning
 from pipeline.run.metrics import Progress, RunReport, quiet_ray_data_progress, run_progress, stage_counts
 from pipeline.run.planning import Plan
@@ -300,13 +300,16 @@ def run_job(cfg: JobConfig) -> RunSummary:
     store = OutputStore(cfg.output)
     lease = OutputLease(store, cfg.output.lock_ttl_s, cfg.run_id or "").acquire()  # OutputLockedError: in use
     progress = run_progress(cfg.ray.progress_interval_s)  # a first line within seconds, also while listing
-    failed = True
+    failed, mistake = True, False
     try:
         summary = _run_holding_lease(cfg, store, lease, start, progress)
         failed = False
         return summary
+    except ConfigError:
+        mistake = True  # found once the config met its inputs: the CLI prints it as one line
+        raise
     finally:
-        progress.stop(failed=failed)
+        progress.stop(failed=failed, final_line=not mistake)
         lease.release()
 
 
