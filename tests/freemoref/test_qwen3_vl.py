@@ -11,23 +11,16 @@ from transformers.video_utils import VideoMetadata
 
 from freemoref import prompts
 from freemoref.attention import MoRefContext
-from freemoref.config import GenerationOptions, MoRefConfig, ResolvedMoRef
+from freemoref.config import MoRefConfig, ResolvedMoRef
 from freemoref.engine import moref_prefill_logits
-
-QUESTION, SYSTEM = "What does the cat carry?", "Answer briefly."
-GREEDY = GenerationOptions(max_new_tokens=8)
+from tests.freemoref.qwen_inputs import GREEDY, QUESTION, SYSTEM, check_batched, check_hf, frames, load_tiny
 
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
-    from freemoref.loading import load_video_llm
     from freemoref.tiny import build_tiny_qwen3_vl
 
-    return load_video_llm(build_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny_qwen3_vl")))
-
-
-def frames(count=4, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, size=(count, 40, 52, 3), dtype=np.uint8)
+    return load_tiny(build_tiny_qwen3_vl, tmp_path_factory, "tiny_qwen3_vl")
 
 
 def hf_inputs(llm, video, indices, fps):
@@ -81,15 +74,7 @@ def test_native_equals_hf_forward_and_generate(llm):
     assert llm.family.timestamps(encoded) == [1.25, 4.0]
     assert layout_ids(llm, encoded, parts).tolist() == inputs["input_ids"][0].tolist()
     assert visual.tokens == inputs["input_ids"].shape[1] - len(parts.prefix_ids) - len(parts.suffix_ids)
-    theirs = llm.model(**inputs).logits[0, -1]
-    assert theirs.abs().max() > 0.1
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
-
-    hf_ids = llm.model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
-    result = llm.answer(encoded, QUESTION, system_prompt=SYSTEM, generation=GREEDY)
-    assert result.token_ids == hf_ids.tolist() and len(set(result.token_ids)) > 2
-    assert result.prompt_tokens == inputs["input_ids"].shape[1]
-    assert result.visual_tokens_native == result.visual_tokens_used == visual.tokens
+    check_hf(llm, inputs, encoded, ours, visual)
 
 
 @torch.no_grad()
@@ -263,13 +248,7 @@ def test_fused_tokens_keep_their_positions_and_questions_batch(llm):
         for layer, per_reference in zip(native.deepstack, visual.deepstack):
             assert any(torch.equal(layer[0][order], features) for features in per_reference)
     assert visual.rope.text_start == native.rope.text_start
-    questions = [QUESTION, "Who opens the door?", "Where?"]
-    together = llm.answer_many(encoded, questions, system_prompt=SYSTEM, generation=GREEDY, moref=moref)
-    for question, result in zip(questions, together):
-        alone = llm.answer(encoded, question, system_prompt=SYSTEM, generation=GREEDY, moref=moref)
-        assert result.token_ids == alone.token_ids and result.references == 2
-        assert result.visual_tokens_used < result.visual_tokens_native
-        assert result.total_flops < result.total_flops_native
+    check_batched(llm, encoded, moref)
 
 
 def test_prompt_comes_from_the_processor_template_and_user_text_stays_text(llm):
