@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from abc import abstractmethod
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -179,9 +180,9 @@ class QwenVLFamily(ModelFamily):
 
     # --- FLOPs ---
 
+    @abstractmethod
     def vision_flops_per_patch(self, grid_h: int, grid_w: int) -> int:
-        """The vision tower on one temporal patch of grid_h x grid_w patches."""
-        raise NotImplementedError
+        """The vision tower on one temporal patch of grid_h x grid_w patches (each family's tower)."""
 
     def vision_block_flops(self, n: int, mlp_matrices: int, attended: list[int]) -> int:
         """Patch embedding and the ViT blocks on n patches: each block's q, k, v, o projections, an
