@@ -55,18 +55,26 @@ def _check_model(key: str, model: str) -> None:
 def _check_fusion_scope(cfg: JobConfig) -> None:
     """Video scope shares one fused prefix with 1-D positions: the families with multimodal rotary
     positions (Qwen2.5-VL, Qwen3-VL) answer in question scope only."""
-    if cfg.answer.moref.fusion_scope != "video" or not is_path_like(cfg.answer.model):
+    if cfg.answer.moref.fusion_scope != "video":
         return
-    from freemoref.families import family_name_for_config
-
-    config_file = os.path.join(os.path.expanduser(cfg.answer.model), "config.json")
-    if not os.path.isfile(config_file):
-        return
-    with open(config_file) as f:
-        family = family_name_for_config(json.load(f))
+    family = local_model_family(cfg.answer.model)
     if family not in (None, "llava_onevision"):
         raise ConfigError(f"answer.moref.fusion_scope: 'video' runs on LlavaOnevision checkpoints; {cfg.answer.model} "
                           f"is {family}, whose multimodal positions need 'question'")
+
+
+def local_model_family(model: str) -> str | None:
+    """The model family of a local checkpoint folder, from its config.json (freemoref.families);
+    None for a hub id, a folder without one, or an unsupported architecture."""
+    if not is_path_like(model):
+        return None
+    config_file = os.path.join(os.path.expanduser(model.removeprefix(_CLIP_LOCAL_PREFIX)), "config.json")
+    if not os.path.isfile(config_file):
+        return None
+    from freemoref.families import family_name_for_config
+
+    with open(config_file) as f:
+        return family_name_for_config(json.load(f))
 
 
 def _check_file(key: str, url: str, storage) -> None:

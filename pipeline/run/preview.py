@@ -10,11 +10,10 @@ recorded run's throughput (pairs per second over its whole run, on the GPUs it h
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 from pipeline.config import JobConfig
-from pipeline.run.preflight import check_before_work, is_path_like
+from pipeline.run.preflight import check_before_work, is_path_like, local_model_family
 from pipeline.run.resources import ClusterGPUs, UnschedulableError
 from pipeline.store.output_store import OutputStore
 
@@ -95,13 +94,9 @@ def _resolve_model(key: str, value: str) -> ModelResolution:
     if not is_path_like(value):
         return ModelResolution(key, value, "hub id or built-in name (downloaded or read from the HF cache)")
     path = os.path.expanduser(value.removeprefix("local-dir:"))
-    config_file = os.path.join(path, "config.json")
-    if key == "answer.model" and os.path.isfile(config_file):
-        from freemoref.families import family_name_for_config
-
-        with open(config_file) as f:
-            family = family_name_for_config(json.load(f))
-        return ModelResolution(key, value, f"local folder {path} ({family or 'no supported family'})")
+    if key == "answer.model" and os.path.isfile(os.path.join(path, "config.json")):
+        family = local_model_family(value) or "no supported family"
+        return ModelResolution(key, value, f"local folder {path} ({family})")
     return ModelResolution(key, value, f"local folder {path}")
 
 
