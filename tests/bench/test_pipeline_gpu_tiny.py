@@ -12,57 +12,45 @@ from tests.paths import REPO
 pytestmark = pytest.mark.slow
 
 
-def test_pipeline_gpu_tiny_runs_and_reports(tmp_path):
-    out = tmp_path / "out"
-    subprocess.run([sys.executable, str(REPO / "bench" / "pipeline_gpu.py"), "--tiny", "--videos", "3",
-                    "--frames", "8", "--work", str(tmp_path / "work"), "--out", str(out),
-                    "--variant", "serial:answer.videos_in_flight=1",
-                    "--variant", "clip_in_vlm:guidance.placement=answer_actor"],
-                   check=True, capture_output=True, timeout=600)
-    (report,) = out.glob("pipeline_gpu_cpu_*.json")
-    serial, case = json.loads(report.read_text())["cases"]
-    assert (serial["variant"], case["variant"]) == ("serial", "clip_in_vlm")
-    assert serial["set"][-1] == "answer.videos_in_flight=1" and serial["status"] == "ok"
-    assert (serial["videos"], serial["pairs"], serial["ok_pairs"]) == (3, 15, 15)
-    assert case["status"] == "ok" and case["errors_by_reason"] == {}
-    assert (case["gpus"], case["frames"], case["questions_per_video"]) == (0, 8, 5)
-    assert (case["videos"], case["pairs"], case["ok_pairs"]) == (3, 15, 15)
-    assert case["videos_per_gpu_hour"] > 0 and case["questions_per_gpu_hour"] == pytest.approx(
-        5 * case["videos_per_gpu_hour"])
-    for stage in ("decode", "guidance", "prefill", "generate"):
-        assert case[f"median_{stage}_s"] > 0
-    assert case["median_output_tokens"] == 4  # EOS can never win: every answer runs to max_new_tokens
-    markdown = report.with_suffix(".md").read_text()
-    assert markdown.startswith("Pipeline benchmark on cpu") and "| 0 | 8 (clip_in_vlm) |" in markdown
-
-
-def test_pipeline_gpu_tiny_archive_set_in_both_fusion_scopes(tmp_path):
-    """A small 1080p archive case (2 s videos), once per fusion scope, with a decode-core budget:
-    each case row names its scope, video shape and decode cost, and rows carry the scope."""
+def test_pipeline_gpu_tiny_archive_set_in_both_fusion_scopes_with_a_variant(tmp_path):
+    """A small 1080p archive case (2 s videos), once per fusion scope, under a named variant and a
+    decode-core budget: each case row names its variant, overrides, scope, video shape and decode
+    cost; the answers rows carry the scope; the Markdown table has a row per case."""
     out, work = tmp_path / "out", tmp_path / "work"
     subprocess.run([sys.executable, str(REPO / "bench" / "pipeline_gpu.py"), "--tiny", "--videos", "2",
                     "--frames", "8", "--video-sets", "1080p-1min", "--fusion-scope", "question,video",
+                    "--variant", "clip_in_vlm:guidance.placement=answer_actor",
                     "--decode-cores", "2", "--budget-s", "900", "--work", str(work), "--out", str(out)],
                    check=True, capture_output=True, timeout=1200)  # a loose budget: a loaded CI box never stops a case
     (report,) = out.glob("pipeline_gpu_cpu_*.json")
     cases = json.loads(report.read_text())["cases"]
     assert [c["fusion_scope"] for c in cases] == ["question", "video"]
     for case in cases:
-        assert case["status"] == "ok" and (case["videos"], case["ok_pairs"]) == (2, 10)
+        assert case["variant"] == "clip_in_vlm" and case["set"][-1] == "guidance.placement=answer_actor"
+        assert case["status"] == "ok" and case["errors_by_reason"] == {}
+        assert (case["gpus"], case["frames"], case["questions_per_video"]) == (0, 8, 5)
+        assert (case["videos"], case["pairs"], case["ok_pairs"]) == (2, 10, 10)
         assert case["fusion_scopes_recorded"] == [case["fusion_scope"]]  # the answers rows carry it
         assert (case["video_set"], case["width"], case["height"], case["video_seconds"]) == ("1080p-1min", 1920,
                                                                                            1080, 2)
         assert case["decode_cores_per_gpu"] == 2 and case["decode_cpu_s_per_video"] > 0
         assert case["decode_cores_needed_per_gpu"] > 0
+        assert case["videos_per_gpu_hour"] > 0 and case["questions_per_gpu_hour"] == pytest.approx(
+            5 * case["videos_per_gpu_hour"])
         assert case["end_to_end_videos_per_gpu_hour"] > 0
         assert case["end_to_end_questions_per_gpu_hour"] == pytest.approx(5 * case["end_to_end_videos_per_gpu_hour"])
+        for stage in ("decode", "guidance", "prefill", "generate"):
+            assert case[f"median_{stage}_s"] > 0
+        assert case["median_output_tokens"] == 4  # EOS can never win: every answer runs to max_new_tokens
     (video, *_) = sorted((work / "tiny" / "videos" / "1080p-1min").glob("*.mp4"))
     import av
 
     with av.open(str(video)) as container:
         stream = container.streams.video[0]
         assert (stream.width, stream.height, stream.codec_context.name) == (1920, 1080, "h264")
-    assert "| 1080p-1min (1920x1080, 2 s) | video |" in report.with_suffix(".md").read_text()
+    markdown = report.with_suffix(".md").read_text()
+    assert markdown.startswith("Pipeline benchmark on cpu")
+    assert "| 1080p-1min (1920x1080, 2 s) | video |" in markdown and "| 0 | 8 (clip_in_vlm) |" in markdown
 
 
 def test_pipeline_gpu_tiny_runs_a_qwen_family(tmp_path):
