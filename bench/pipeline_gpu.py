@@ -493,6 +493,8 @@ def run_case(args, models: dict, work: Path, gpus: int, frames: int, variant: tu
         # decode cores each GPU needs to keep up with the measured rate
         case["decode_cores_needed_per_gpu"] = case["decode_cpu_s_per_video"] * rate / devices
     case["peak_gib"] = sampler.peak_gib()
+    if case["ok_pairs"] < case["pairs"]:  # error rows are not answers: never a throughput figure
+        case["status"] += f"; {case['pairs'] - case['ok_pairs']} of {case['pairs']} pairs in error"
     tail = (log_dir / f"{name}.log").read_text(errors="replace").splitlines()[-15:]
     if case["status"] != "ok":
         case["log_tail"] = tail

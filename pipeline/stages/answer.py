@@ -129,8 +129,14 @@ class AnswerStage:
                 positions, roi = per_question[members[0]], rois[members[0]]
                 group_tokens = frame_tokens[np.searchsorted(used, positions)]
                 visual = self.llm.visual_tokens(group_tokens, roi)
+                # Each MoRef reference holds about 1/N of the frames: the longest sequence is the
+                # text and one reference, rounded up to whole frames, not the whole prompt.
+                references = self.llm.resolve(self.moref, group_tokens).references
+                frames = max(len(positions), 1)
+                longest_reference = -(-frames // references) * visual // frames
                 members = [q for q in members
-                           if not self._too_long(rows[q], text_tokens[q][1], sum(text_tokens[q]) + visual)]
+                           if not self._too_long(rows[q], text_tokens[q][1], sum(text_tokens[q]) + visual,
+                                                 sum(text_tokens[q]) + longest_reference)]
                 if not members:
                     continue
 
@@ -196,9 +202,11 @@ class AnswerStage:
             rows.append(row)
         return rows
 
-    def _too_long(self, row: dict, question_tokens: int, prompt_tokens: int | None = None) -> bool:
-        """Mark `row` question_too_long (with its token count) when the model cannot take it."""
-        why = too_long(question_tokens, self.cfg.max_question_tokens, prompt_tokens, self.cfg.max_new_tokens,
+    def _too_long(self, row: dict, question_tokens: int, prompt_tokens: int | None = None,
+                  sequence_tokens: int | None = None) -> bool:
+        """Mark `row` question_too_long (with its prompt's token count) when the model cannot take it;
+        `sequence_tokens` is the longest sequence one attention pass holds (question_isolation.too_long)."""
+        why = too_long(question_tokens, self.cfg.max_question_tokens, sequence_tokens, self.cfg.max_new_tokens,
                        self.llm.context_tokens)
         if why is not None:
             row.update({Col.ERROR_REASON: ErrorReason.QUESTION_TOO_LONG.value, Col.ERROR_DETAIL: why,

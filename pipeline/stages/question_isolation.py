@@ -1,8 +1,9 @@
 """Keeping a video's questions from sinking each other in the answer stage.
 
 - `too_long`: a question the model cannot take (more tokens than `answer.max_question_tokens`, or a
-  prompt that with `answer.max_new_tokens` passes the model's context) is found from its text and
-  the frames' token count alone, before any model work for it, and becomes its own error row.
+  prompt whose longest MoRef reference with `answer.max_new_tokens` passes the model's context) is
+  found from its text and the frames' token count alone, before any model work for it, and becomes
+  its own error row.
 - `answer_halving_on_oom`: a batch of questions that runs out of memory is split in halves and each
   half retried, down to single questions; only a question that runs out of memory alone fails.
 """
@@ -17,15 +18,17 @@ import torch
 Result = TypeVar("Result")
 
 
-def too_long(question_tokens: int, max_question_tokens: int, prompt_tokens: int | None = None,
+def too_long(question_tokens: int, max_question_tokens: int, sequence_tokens: int | None = None,
              max_new_tokens: int = 0, context_tokens: int | None = None) -> str | None:
     """Why a question is too long for the model (an error detail naming the count and the limit), or
-    None. `prompt_tokens` None: the whole prompt is not known yet (checked again once it is)."""
+    None. `sequence_tokens`: the longest sequence one attention pass holds, the text with the frames
+    of the longest MoRef reference (the whole prompt without MoRef: the references are what let a
+    long video fit the context); None: not known yet (checked again once it is)."""
     if question_tokens > max_question_tokens:
         return f"the question is {question_tokens} tokens, over answer.max_question_tokens ({max_question_tokens})"
-    if prompt_tokens is not None and context_tokens and prompt_tokens + max_new_tokens > context_tokens:
-        return (f"the prompt is {prompt_tokens} tokens (frames included), which with answer.max_new_tokens "
-                f"({max_new_tokens}) is over the model's context of {context_tokens} tokens")
+    if sequence_tokens is not None and context_tokens and sequence_tokens + max_new_tokens > context_tokens:
+        return (f"the prompt is {sequence_tokens} tokens in its longest reference (frames included), which with "
+                f"answer.max_new_tokens ({max_new_tokens}) is over the model's context of {context_tokens} tokens")
     return None
 
 

@@ -81,8 +81,25 @@ def test_a_prompt_over_the_context_is_too_long(tiny_model_dir):
     assert rows[1]["error_reason"] == "question_too_long"
     assert rows[1]["prompt_tokens"] > stage.llm.context_tokens
     assert rows[1]["error_detail"] == (
-        f"the prompt is {rows[1]['prompt_tokens']} tokens (frames included), which with answer.max_new_tokens (4) "
-        f"is over the model's context of {stage.llm.context_tokens} tokens")
+        f"the prompt is {rows[1]['prompt_tokens']} tokens in its longest reference (frames included), which with "
+        f"answer.max_new_tokens (4) is over the model's context of {stage.llm.context_tokens} tokens")
+
+
+def test_moref_references_let_a_video_longer_than_the_context_be_answered(tiny_model_dir):
+    """The context bounds the longest sequence, one reference's frames with the text: a video whose
+    frames alone pass the context is answered with MoRef, and is question_too_long without it."""
+    frames = np.random.default_rng(0).integers(0, 256, size=(320, 32, 32, 3), dtype=np.uint8)
+    video = {"video_id": "v", "video_uri": "/v.mp4", "question_ids": ["q"], "questions": ["Who?"], "status": "ok",
+             "frames": frames, "frame_times_s": np.arange(320) * 0.1, "frame_indices": np.arange(320),
+             "selected_positions": np.arange(320)[None], "decode_s": 0.1, "guidance_s": 0.1}
+    rows = {}
+    for name, moref in (("moref", MoRefConfig()), ("native", MoRefConfig(enabled=False))):
+        stage = AnswerStage(AnswerConfig(model=tiny_model_dir["llava"], max_new_tokens=2, moref=moref), run_id="r")
+        (rows[name],) = stage.answer_video(dict(video))
+    context = stage.llm.context_tokens
+    assert rows["moref"]["status"] == "ok" and rows["moref"]["references"] > 1
+    assert rows["moref"]["prompt_tokens"] > context  # the whole prompt passes the context; each reference fits
+    assert rows["native"]["error_reason"] == "question_too_long" and rows["native"]["prompt_tokens"] > context
 
 
 def test_a_batch_out_of_memory_is_halved_down_to_single_questions():
