@@ -90,8 +90,15 @@ class QuestionBatch:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(stream), torch.no_grad(), torch.cuda.graph(graph, stream=stream):
-            self.step_logits = self._step()
+        # capture_begin/capture_end, not the torch.cuda.graph context: its entry synchronizes and
+        # empties the caching allocator, and every batch (each video's questions) captures once, so
+        # the next prefill would cudaMalloc all its activations again. The graph keeps its own pool.
+        with torch.cuda.stream(stream), torch.no_grad():
+            graph.capture_begin()
+            try:
+                self.step_logits = self._step()
+            finally:
+                graph.capture_end()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = graph
 
