@@ -368,11 +368,16 @@ def _done_and_changed(pairs: pa.Table, texts: pa.Array, indexes: _Indexes) -> tu
     done[query_rows] = True
     if indexes.config_fingerprint is None or not len(query_rows):
         return done, changed
-    written = fingerprints.take(pa.array(index_rows)).to_pylist()
-    questions = texts.take(pa.array(query_rows)).to_pylist()
-    for row, old, question in zip(query_rows.tolist(), written, questions):
-        if old is not None and old != pair_fingerprint(indexes.config_fingerprint, question):
-            changed[row] = True
+    written = fingerprints.take(pa.array(index_rows))
+    # One digest per distinct question text (a prompt asked of every video is one text), then a
+    # vectorised compare: no Python work per written pair at archive scale.
+    questions = _array(texts.take(pa.array(query_rows))).cast(pa.string()).dictionary_encode()
+    digests = pa.array([pair_fingerprint(indexes.config_fingerprint, str(q))
+                        for q in questions.dictionary.to_pylist()], pa.string())
+    expected = digests.take(questions.indices)
+    # a row without a fingerprint (written before them) counts as unchanged: null compares to False
+    differs = pc.fill_null(pc.not_equal(_array(written), expected), False).to_numpy(zero_copy_only=False)
+    changed[query_rows[differs]] = True
     done &= ~changed
     return done, changed
 

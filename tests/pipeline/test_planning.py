@@ -224,3 +224,29 @@ def test_resume_skips_recorded_pairs_and_redoes_transient_errors(tmp_path, ray_l
     # resume off plans every pair again
     assert plan(tmp_path, {"manifest": str(manifest)}, where, questions={"prompts": prompts},
                 output={"resume": False}).pending_pairs == 600
+
+
+def test_written_pairs_are_changed_exactly_where_their_fingerprint_differs():
+    """The changed-pair rule at planning's core, on many pairs: a written row is changed when its
+    fingerprint is not the one this job would write for its question; a row without one (written
+    before fingerprints) stays done; unwritten pairs are neither."""
+    from pipeline.fingerprint import pair_fingerprint
+    from pipeline.store.key_index import KeyIndex
+
+    job_print = "job-config-digest"
+    texts = ["Describe it.", "Who is there?", "Describe it."]  # two videos share a question text
+    pairs = pa.table({Col.VIDEO_ID: [f"v{i}" for i in range(3000)], Col.QUESTION_ID: ["q"] * 3000})
+    questions = pa.array([texts[i % 3] for i in range(3000)])
+    written = pairs.slice(0, 2000)  # the last 1000 pairs are new
+    # written rows: every 5th by another question text, every 7th before fingerprints (null)
+    prints = [None if i % 7 == 0 else pair_fingerprint(job_print, "old" if i % 5 == 0 else texts[i % 3])
+              for i in range(2000)]
+    indexes = planning._Indexes(None, (KeyIndex(written), pa.array(prints, pa.string())), None, [], job_print)
+    done, changed = planning._done_and_changed(pairs, questions, indexes)
+    expect_changed = [i < 2000 and i % 7 != 0 and i % 5 == 0 for i in range(3000)]
+    assert changed.tolist() == expect_changed
+    assert done.tolist() == [i < 2000 and not c for i, c in enumerate(expect_changed)]
+    # resume off for changes (output.redo_changed: false): every written pair stays done
+    kept = planning._Indexes(None, indexes.done, None, [], None)
+    done, changed = planning._done_and_changed(pairs, questions, kept)
+    assert done.tolist() == [i < 2000 for i in range(3000)] and not changed.any()
