@@ -15,12 +15,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from freemoref.devices import resolve_device
 from pipeline.config import GuidanceConfig
 from pipeline.errors import ErrorReason
-from pipeline.schema import STATUS_ERROR, STATUS_OK, Col, as_list, frames_schema
+from pipeline.schema import STATUS_ERROR, STATUS_OK, Col, as_list
 from pipeline.stages.clip_encoder import FrameEncoder, as_frames, clip_dtype
 from pipeline.stages.clip_models import load_clip
 from pipeline.stages.frame_selection import SELECTION_METHODS, frame_scores, question_roi_boxes, select_frames
@@ -160,36 +159,3 @@ class GuidanceStage:
         if self.roi_ratio is not None:
             empty[Col.ROI_BOXES] = np.zeros((num_questions, 0), np.float32)
         return empty
-
-
-# --------------------------------------------------------------------------------------------
-# The frames table
-
-
-def frames_table(row: dict[str, Any]) -> pa.Table:
-    """The frames-table rows of one guided video (`frames_schema(D)`); none for error rows."""
-    embeddings = np.asarray(row[Col.FRAME_EMBEDDINGS], np.float32)
-    if embeddings.ndim != 2:
-        raise ValueError(f"{Col.FRAME_EMBEDDINGS} must be (T, D), got shape {embeddings.shape}")
-    num_frames, dim = embeddings.shape
-    schema = frames_schema(dim)
-    if row.get(Col.STATUS) != STATUS_OK or num_frames == 0:
-        return schema.empty_table()
-    indices = np.asarray(row[Col.FRAME_INDICES], np.int64)
-    times = np.asarray(row[Col.FRAME_TIMES_S], np.float64)
-    if len(indices) != num_frames or len(times) != num_frames:
-        raise ValueError(
-            f"video {row.get(Col.VIDEO_ID)}: {num_frames} embeddings but {len(indices)} frame indices "
-            f"and {len(times)} frame times"
-        )
-    flat = pa.array(np.ascontiguousarray(embeddings).ravel(), pa.float32())
-    return pa.Table.from_arrays(
-        [
-            pa.array([str(row[Col.VIDEO_ID])] * num_frames, pa.string()),
-            pa.array(indices, pa.int64()),
-            pa.array(times, pa.float64()),
-            pa.FixedSizeListArray.from_arrays(flat, dim),
-            pa.array([str(row[Col.CLIP_MODEL])] * num_frames, pa.string()),
-        ],
-        schema=schema,
-    )

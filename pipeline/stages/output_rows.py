@@ -1,16 +1,17 @@
 """The job's two writing stages: the frames of each video staged in the output store, and the
-answers rows that stream to the driver (whose committer writes them in files of many videos)."""
+answers rows that stream to the driver (whose committer writes them in files of many videos).
+Arrow and the store only: the writing actors never import torch or the models."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline.config import OutputConfig
-from pipeline.schema import ANSWERS_SCHEMA, Col
-from pipeline.stages.guidance import frames_table
+from pipeline.schema import ANSWERS_SCHEMA, STATUS_OK, Col, frames_schema
 from pipeline.store.output_store import FRAMES_DIR, STAGING_DIR, OutputStore, video_key
 
 
@@ -55,3 +56,32 @@ class AnswersRows:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return batch.select(ANSWERS_SCHEMA.names).cast(ANSWERS_SCHEMA)
+
+
+def frames_table(row: dict[str, Any]) -> pa.Table:
+    """The frames-table rows of one guided video (`frames_schema(D)`); none for error rows."""
+    embeddings = np.asarray(row[Col.FRAME_EMBEDDINGS], np.float32)
+    if embeddings.ndim != 2:
+        raise ValueError(f"{Col.FRAME_EMBEDDINGS} must be (T, D), got shape {embeddings.shape}")
+    num_frames, dim = embeddings.shape
+    schema = frames_schema(dim)
+    if row.get(Col.STATUS) != STATUS_OK or num_frames == 0:
+        return schema.empty_table()
+    indices = np.asarray(row[Col.FRAME_INDICES], np.int64)
+    times = np.asarray(row[Col.FRAME_TIMES_S], np.float64)
+    if len(indices) != num_frames or len(times) != num_frames:
+        raise ValueError(
+            f"video {row.get(Col.VIDEO_ID)}: {num_frames} embeddings but {len(indices)} frame indices "
+            f"and {len(times)} frame times"
+        )
+    flat = pa.array(np.ascontiguousarray(embeddings).ravel(), pa.float32())
+    return pa.Table.from_arrays(
+        [
+            pa.array([str(row[Col.VIDEO_ID])] * num_frames, pa.string()),
+            pa.array(indices, pa.int64()),
+            pa.array(times, pa.float64()),
+            pa.FixedSizeListArray.from_arrays(flat, dim),
+            pa.array([str(row[Col.CLIP_MODEL])] * num_frames, pa.string()),
+        ],
+        schema=schema,
+    )

@@ -18,7 +18,8 @@ from pipeline.schema import STATUS_ERROR, STATUS_OK, Col, frames_schema
 from pipeline.stages.clip_encoder import FrameEncoder, _frame_batches, clip_dtype
 from pipeline.stages.clip_models import build_tiny_clip, load_clip
 from pipeline.stages.frame_selection import frame_scores, prompt_positions, select_frames, uniform_positions
-from pipeline.stages.guidance import GuidanceStage, frames_table
+from pipeline.stages.guidance import GuidanceStage
+from pipeline.stages.output_rows import frames_table
 from tests.paths import DEMO_VIDEOS
 
 VIDEO = str(DEMO_VIDEOS / "kinetics_armwrestling.mp4")

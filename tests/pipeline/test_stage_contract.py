@@ -67,3 +67,15 @@ def test_decode_writes_what_it_declares(tmp_path):
     assert (missing[Col.STATUS], missing[Col.ERROR_REASON]) == ("error", "not_found")
     spec = StageSpec("decode", partial(DecodeStage, DecodeConfig()), specs(tmp_path)[1][0].request)
     assert isinstance(spec.reads, dict)
+
+
+def test_cpu_stages_never_import_torch():
+    """The decode and writing stages run in CPU workers of their own: importing their modules (what a
+    Ray worker does to build the actor) must not pull in torch or transformers, seconds per worker."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline.stages.decode, pipeline.stages.output_rows; "
+            "print(sorted(m for m in ('torch', 'transformers', 'open_clip') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

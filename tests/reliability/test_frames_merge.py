@@ -14,8 +14,7 @@ import pytest
 
 from pipeline.config import OutputConfig
 from pipeline.schema import ANSWERS_SCHEMA, STATUS_OK, Col, empty_answer_row
-from pipeline.stages.guidance import frames_table
-from pipeline.stages.output_rows import FramesWriter
+from pipeline.stages.output_rows import FramesWriter, frames_table
 from pipeline.store.commit_log import CommitLog
 from pipeline.store.committer import OutputCommitter
 from pipeline.store.output_store import FRAMES_DIR, OutputStore
