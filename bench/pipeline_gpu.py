@@ -614,7 +614,7 @@ def main(argv=None) -> int:
                         help="model family whose real (or --tiny) shapes to build (bench/model_shapes.py)")
     parser.add_argument("--gpus", default=None, help="GPU counts to run, e.g. 1,2 (default: every visible GPU)")
     parser.add_argument("--frames", default=None, help="frame counts (default 128,512; --tiny: 8)")
-    parser.add_argument("--videos", type=int, default=None, help="videos per case (default 48; --tiny: 3)")
+    parser.add_argument("--videos", type=int, default=None, help="videos per case (default 60; --tiny: 3)")
     parser.add_argument("--questions", type=int, default=5, help="questions per video")
     parser.add_argument("--new-tokens", type=int, default=None, help="default 32 (--tiny: 4)")
     parser.add_argument("--clip-gpu-fraction", type=float, default=0.2,
@@ -637,7 +637,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "bench" / "results"))
     args = parser.parse_args(argv)
     start = time.time()
-    for name, real, tiny in (("frames", "128,512", "8"), ("videos", 48, 3), ("new_tokens", 32, 4)):
+    for name, real, tiny in (("frames", "128,512", "8"), ("videos", 60, 3), ("new_tokens", 32, 4)):
         if getattr(args, name) is None:
             setattr(args, name, tiny if args.tiny else real)
     available = 0 if args.tiny else len(gpu_ids())
