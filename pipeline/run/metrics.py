@@ -39,6 +39,7 @@ planning). The same counts are the `moref_progress` gauge, tagged by step, set b
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import sys
 import threading
@@ -59,6 +60,8 @@ TOKEN_COLUMNS = {"prompt": Col.PROMPT_TOKENS, "output": Col.OUTPUT_TOKENS, "visu
 PER_VIDEO_STAGES = {"decode": Col.DECODE_S, "guidance": Col.GUIDANCE_S}
 PER_PAIR_STAGES = {"prefill": Col.PREFILL_S, "generate": Col.GENERATE_S}
 FIRST_LINE_S = 5.0  # the first progress line, even when nothing is done yet
+PERIODIC_READ_TIMEOUT_S = 10.0  # a progress line's read of the stage counter (a missed one only delays)
+FINAL_READ_TIMEOUT_S = 60.0  # the last line's read, never redone
 STEPS = ("listed", "decoded", "embedded", "answered", "committed")
 # What each stage's output counts toward (pipeline/run/job_stages.py names the stages): videos
 # (distinct video ids of the rows out) or pairs (rows out).
@@ -356,13 +359,17 @@ class RunReport:
     report:` around the pipeline's loop."""
 
     def __init__(self, run_id: str, planned_pairs: int, progress: Progress):
-        import ray
-
         self.metrics = RunMetrics(run_id, planned_pairs)
         self.progress = progress
         self.counter = start_stage_counter()
-        progress.read_stages = lambda: ray.get(self.counter.get.remote(), timeout=10)
+        progress.read_stages = functools.partial(self.stage_counts, PERIODIC_READ_TIMEOUT_S)
         progress.on_counts = self.metrics.progress
+
+    def stage_counts(self, timeout_s: float) -> dict[str, int]:
+        """The counts the stages have added so far, from the run's StageCounter."""
+        import ray
+
+        return ray.get(self.counter.get.remote(), timeout=timeout_s)
 
     def committed(self, rows: pa.Table) -> None:
         self.metrics.record(CommitStats.of(rows))
@@ -372,6 +379,8 @@ class RunReport:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        """The stages' last counts, read while the counter lives (it goes with this report)."""
+        """The stages' last counts, read while the counter lives (it goes with this report). The
+        final line waits longer for them than a periodic one: a missed reading here is never redone."""
+        self.progress.read_stages = functools.partial(self.stage_counts, FINAL_READ_TIMEOUT_S)
         self.progress.counts()
         self.progress.read_stages = None

@@ -103,6 +103,7 @@ class RunSummary:
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # terminal colour and cursor codes (Ray colours its errors)
 FAILURE_CHARS = 500
+COUNT_TIMEOUT_S = 10.0  # a stage batch waits at most this for the progress counter
 
 
 def one_line(exc: BaseException) -> str:
@@ -271,10 +272,18 @@ def _call_stage(stage, batch, spec: StageSpec, counter=None):
 
 
 def _count(counter, stage: str, out) -> None:
-    """Tell the run's StageCounter what this call did (not waited for: progress only)."""
+    """Tell the run's StageCounter what this call did, and wait for it to be counted (one actor call,
+    milliseconds a batch): the run's last progress line reads the counter once the last batch is
+    out, so every batch's counts must be in by then. A counter that does not answer costs only the
+    progress numbers, never the batch."""
     counts = stage_counts(stage, out) if counter is not None else {}
     if counts:
-        counter.add.remote(counts)
+        import ray
+
+        try:
+            ray.get(counter.add.remote(counts), timeout=COUNT_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - progress only
+            log.debug("stage counts not added: %s", exc)
 
 
 def _plain(value):
