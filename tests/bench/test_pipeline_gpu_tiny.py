@@ -12,19 +12,19 @@ from tests.paths import REPO
 pytestmark = pytest.mark.slow
 
 
-def test_pipeline_gpu_tiny_archive_set_in_both_fusion_scopes_with_a_variant(tmp_path):
-    """A small 1080p archive case (2 s videos), once per fusion scope, under a named variant and a
-    decode-core budget: each case row names its variant, overrides, scope, video shape and decode
-    cost; the answers rows carry the scope; the Markdown table has a row per case."""
+def test_pipeline_gpu_tiny_archive_set_in_video_scope_with_a_variant(tmp_path):
+    """A small 1080p archive case (2 s videos) in video fusion scope, under a named variant and a
+    decode-core budget: the case row names its variant, overrides, scope, video shape and decode
+    cost; the answers rows carry the scope (question scope: the Qwen case below)."""
     out, work = tmp_path / "out", tmp_path / "work"
     subprocess.run([sys.executable, str(REPO / "bench" / "pipeline_gpu.py"), "--tiny", "--videos", "2",
-                    "--frames", "8", "--video-sets", "1080p-1min", "--fusion-scope", "question,video",
+                    "--frames", "8", "--video-sets", "1080p-1min", "--fusion-scope", "video",
                     "--variant", "clip_in_vlm:guidance.placement=answer_actor",
                     "--decode-cores", "2", "--budget-s", "900", "--work", str(work), "--out", str(out)],
                    check=True, capture_output=True, timeout=1200)  # a loose budget: a loaded CI box never stops a case
     (report,) = out.glob("pipeline_gpu_cpu_*.json")
     cases = json.loads(report.read_text())["cases"]
-    assert [c["fusion_scope"] for c in cases] == ["question", "video"]
+    assert [c["fusion_scope"] for c in cases] == ["video"]
     for case in cases:
         assert case["variant"] == "clip_in_vlm" and case["set"][-1] == "guidance.placement=answer_actor"
         assert case["status"] == "ok" and case["errors_by_reason"] == {}
@@ -54,7 +54,8 @@ def test_pipeline_gpu_tiny_archive_set_in_both_fusion_scopes_with_a_variant(tmp_
 
 
 def test_pipeline_gpu_tiny_runs_a_qwen_family(tmp_path):
-    """`--family`: the Qwen3-VL checkpoint builder (processor included) and a whole run, kept short."""
+    """`--family`: the Qwen3-VL checkpoint builder (processor included) and a whole run, kept short,
+    in question fusion scope (the default) on the 360p clips."""
     out = tmp_path / "out"
     subprocess.run([sys.executable, str(REPO / "bench" / "pipeline_gpu.py"), "--tiny", "--family", "qwen3_vl",
                     "--videos", "2", "--frames", "8", "--work", str(tmp_path / "work"), "--out", str(out)],
@@ -63,6 +64,8 @@ def test_pipeline_gpu_tiny_runs_a_qwen_family(tmp_path):
     result = json.loads(report.read_text())
     (case,) = result["cases"]
     assert result["family"] == "qwen3_vl" and case["status"] == "ok" and case["errors_by_reason"] == {}
+    assert case["fusion_scope"] == "question" and case["fusion_scopes_recorded"] == ["question"]
+    assert (case["video_set"], case["width"], case["height"]) == ("360p", 96, 64)
     assert (case["videos"], case["pairs"], case["ok_pairs"]) == (2, 10, 10)
     assert json.loads((tmp_path / "work" / "tiny" / "models" / "qwen3_vl-random" / "config.json").read_text())[
         "architectures"] == ["Qwen3VLForConditionalGeneration"]
