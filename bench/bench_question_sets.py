@@ -46,6 +46,43 @@ def question_embeddings(lm, count: int, seed: int = 1):
                 for n in lengths]
 
 
+# Vendor peak memory bandwidth (GB/s) by a name in torch.cuda.get_device_name: H100 SXM (HBM3) and
+# H200 (HBM3e). Another card: pass --peak-bandwidth-gbs.
+PEAK_BANDWIDTH_GBS = {"H100 80GB HBM3": 3350.0, "H200": 4800.0}
+
+
+def peak_bandwidth_gbs(device_name: str) -> float | None:
+    return next((gbs for name, gbs in PEAK_BANDWIDTH_GBS.items() if name in device_name), None)
+
+
+def step_bytes(lm, cfg: ResolvedMoRef, prefix_tokens: int, reference_tokens: list[int], question_tokens: list[int],
+               new_tokens: int, scope: str) -> int:
+    """The least one decoding step of the whole question set must read from memory: the weights once
+    (the input embeddings only by row) and each KV cache it attends over once. Below the fusion layer
+    L the step reads the N reference rows (shared by the set); from L on, question scope reads each
+    question's own fused cache (the system prefix and one reference's worth of kept visual tokens)
+    and video scope one shared fused prefix; every question also reads its own tokens and answer
+    (half of the new tokens on average). One reference (native) shares its whole video prefix."""
+    text = lm.config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    element = next(lm.parameters()).element_size()
+    kv_per_token_layer = 2 * text.num_key_value_heads * head_dim * element
+    weights = sum(p.numel() * p.element_size() for p in lm.parameters())
+    embeddings = lm.get_input_embeddings().weight
+    if embeddings is not lm.get_output_embeddings().weight:  # untied: the input table is read by row
+        weights -= embeddings.numel() * embeddings.element_size()
+    layers, count = text.num_hidden_layers, len(question_tokens)
+    if cfg.references == 1:
+        below, shared, own_fused = 0, prefix_tokens + sum(reference_tokens), 0
+    else:
+        kept = sum(round(n * cfg.keep_ratio) for n in reference_tokens)
+        below = cfg.fusion_layer * (prefix_tokens + sum(reference_tokens))
+        shared, own_fused = (prefix_tokens + kept, 0) if scope == "video" else (0, prefix_tokens + kept)
+    above = (layers - cfg.fusion_layer) * (shared + count * own_fused)
+    own = layers * (sum(question_tokens) + count * new_tokens // 2)
+    return weights + kv_per_token_layer * (below + above + own)
+
+
 def answer_questions(engine, prefix, refs, pos, questions, gen, shared: bool) -> list:
     """The questions answered together (sharing the video prefill) or one by one."""
     if shared:
@@ -79,6 +116,11 @@ def run_case(case: dict, bench: BenchModel, device, args) -> dict:
         # is one generation step for the whole question set.
         step_ms = (1000 * sum(o.generate_s for o in outs) / (args.new_tokens - 1)
                    if shared and args.new_tokens > 1 else None)
+        if step_ms:
+            moved = step_bytes(lm, cfg, len(prompt.prefix), [len(r) for r in refs], [len(q) for q in questions],
+                               args.new_tokens, scope)
+            row.update(step_bytes=moved, achieved_gbs=moved / step_ms / 1e6,
+                       floor_ms=moved / args.peak_bandwidth_gbs / 1e6 if args.peak_bandwidth_gbs else None)
         row.update(total_s=median, runs_s=runs, per_question_s=median / count, status="ok",
                    generated=sum(len(o.tokens) for o in outs), decode_step_ms=step_ms,
                    prefill_s=sum(o.prefill_s for o in outs),
@@ -117,8 +159,8 @@ def markdown(report: dict) -> str:
         f"weights; {report['new_tokens']} greedy tokens per question; median of {report['repeats']} after 1 warm-up).",
         "",
         "| case | frames | N | L | scope | questions | shared prefix | total s | per question s | vs 1 question "
-        "| prefill s | decode step ms | peak GiB | status |",
-        "|---|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
+        "| prefill s | decode step ms | step GB read | achieved GB/s | floor ms | peak GiB | status |",
+        "|---|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         base = one.get((r["moref"], r["frames"], r.get("fusion_scope")))
@@ -128,8 +170,14 @@ def markdown(report: dict) -> str:
                      f"| {r.get('fusion_scope') or '-'} | {r['questions']} "
                      f"| {'yes' if r['shared_prefix'] else 'no'} | {fmt(r.get('total_s'), '.3f')} "
                      f"| {fmt(r.get('per_question_s'), '.3f')} | {ratio} | {fmt(r.get('prefill_s'), '.3f')} "
-                     f"| {fmt(r.get('decode_step_ms'), '.1f')} | {fmt(r.get('peak_gib'), '.1f')} "
+                     f"| {fmt(r.get('decode_step_ms'), '.1f')} "
+                     f"| {fmt(r['step_bytes'] / 1e9 if r.get('step_bytes') else None, '.2f')} "
+                     f"| {fmt(r.get('achieved_gbs'), '.0f')} | {fmt(r.get('floor_ms'), '.2f')} "
+                     f"| {fmt(r.get('peak_gib'), '.1f')} "
                      f"| {r['status']} |")
+    lines += ["", "step GB read: the least a decoding step of the whole set reads (weights once, each KV cache it "
+              "attends over once; `step_bytes`); achieved GB/s: that over the measured step; floor ms: that at the "
+              f"peak bandwidth ({report.get('peak_bandwidth_gbs') or '-'} GB/s)."]
     return "\n".join(lines) + "\n"
 
 
@@ -144,6 +192,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=240.0, help="start no new case after this many seconds")
     parser.add_argument("--fusion-scope", default="question",
                         help="answer.moref.fusion_scope values for the shared MoRef cases, e.g. question,video")
+    parser.add_argument("--peak-bandwidth-gbs", type=float, default=None,
+                        help="the GPU's peak memory bandwidth for the floor column (default: known H100/H200 figures)")
     args = parser.parse_args(argv)
     if any(x not in ("question", "video") for x in args.fusion_scope.split(",")):
         parser.error(f"--fusion-scope: expected question and/or video, got {args.fusion_scope!r}")
@@ -159,7 +209,9 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     bench = BenchModel("llava_onevision", args.tiny, device, dtype)
     sync(device)
-    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    args.peak_bandwidth_gbs = args.peak_bandwidth_gbs or peak_bandwidth_gbs(device_name)
+    report = {"device": device_name, "peak_bandwidth_gbs": args.peak_bandwidth_gbs,
               "dtype": str(dtype).removeprefix("torch."), "shapes": "tiny" if args.tiny else "LLaVA-Video-7B-Qwen2",
               "torch": torch.__version__, "transformers": transformers.__version__, "new_tokens": args.new_tokens,
               "repeats": args.repeats, "cases": []}
