@@ -27,6 +27,7 @@ A case that runs past its share of --budget-s is stopped; what it finished is st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import math
@@ -369,13 +370,11 @@ def stop_process_group(proc: subprocess.Popen) -> None:
 
 
 def end_process_group(proc: subprocess.Popen) -> None:
-    """SIGKILL what is left of the driver's process group: a local Ray the driver started (GCS,
-    raylet, workers holding GPU memory) lives in the group, so this frees the GPU for the next case
-    and touches no other Ray on the machine (unlike `ray stop`)."""
-    try:
+    """SIGKILL what is left of the driver's process group: the local Ray the driver started (GCS,
+    raylet, workers holding GPU memory) lives in that group, so this frees the GPU for the next case
+    and reaches no process the case did not start. A group already gone is fine."""
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:  # the whole group is already gone
-        pass
 
 
 def answers_stats(out: Path) -> dict:
@@ -495,7 +494,9 @@ def run_case(args, models: dict, work: Path, gpus: int, frames: int, variant: tu
     case["peak_gib"] = sampler.peak_gib()
     if case["ok_pairs"] < case["pairs"]:  # error rows are not answers: never a throughput figure
         case["status"] += f"; {case['pairs'] - case['ok_pairs']} of {case['pairs']} pairs in error"
-    tail = (log_dir / f"{name}.log").read_text(errors="replace").splitlines()[-15:]
+    # paths in tracebacks relative to the checkout: the JSON is committed, the machine is not its subject
+    tail = [line.replace(f"{REPO}/", "") for line in
+            (log_dir / f"{name}.log").read_text(errors="replace").splitlines()[-15:]]
     if case["status"] != "ok":
         case["log_tail"] = tail
     print(f"   {case['status']}: {videos} videos, {case['pairs']} pairs in {case['wall_s']:.0f} s; "
@@ -664,7 +665,7 @@ def main(argv=None) -> int:
               "decode_cores_arg": args.decode_cores,
               "shapes": "tiny" if args.tiny else f"{SHAPE_NAMES[args.family]} + ViT-L-14-336",
               "questions_per_video": args.questions, "new_tokens": args.new_tokens, "versions": versions(),
-              "argv": sys.argv[1:], "cases": []}
+              "argv": [a.replace(str(out_dir), "$OUT") for a in sys.argv[1:]], "cases": []}
 
     def save():
         report["elapsed_s"] = time.time() - start

@@ -132,8 +132,8 @@ class AnswerStage:
                 # Each MoRef reference holds about 1/N of the frames: the longest sequence is the
                 # text and one reference, rounded up to whole frames, not the whole prompt.
                 references = self.llm.resolve(self.moref, group_tokens).references
-                frames = max(len(positions), 1)
-                longest_reference = -(-frames // references) * visual // frames
+                selected = max(len(positions), 1)
+                longest_reference = -(-selected // references) * visual // selected
                 members = [q for q in members
                            if not self._too_long(rows[q], text_tokens[q][1], sum(text_tokens[q]) + visual,
                                                  sum(text_tokens[q]) + longest_reference)]
