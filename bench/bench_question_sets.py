@@ -34,6 +34,7 @@ from bench_moref import GIB, BenchModel, Prompt, free, sync, timed
 
 from freemoref.config import GenerationOptions, MoRefConfig, ResolvedMoRef
 from freemoref.engine import MoRefEngine, generate_answers
+from freemoref.flops import TextShape
 
 
 def question_embeddings(lm, count: int, seed: int = 1):
@@ -63,15 +64,13 @@ def step_bytes(lm, cfg: ResolvedMoRef, prefix_tokens: int, reference_tokens: lis
     question's own fused cache (the system prefix and one reference's worth of kept visual tokens)
     and video scope one shared fused prefix; every question also reads its own tokens and answer
     (half of the new tokens on average). One reference (native) shares its whole video prefix."""
-    text = lm.config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    element = next(lm.parameters()).element_size()
-    kv_per_token_layer = 2 * text.num_key_value_heads * head_dim * element
+    shape = TextShape.from_config(lm.config)
+    kv_per_token_layer = 2 * shape.kv_heads * shape.head_dim * next(lm.parameters()).element_size()
     weights = sum(p.numel() * p.element_size() for p in lm.parameters())
     embeddings = lm.get_input_embeddings().weight
     if embeddings is not lm.get_output_embeddings().weight:  # untied: the input table is read by row
         weights -= embeddings.numel() * embeddings.element_size()
-    layers, count = text.num_hidden_layers, len(question_tokens)
+    layers, count = shape.layers, len(question_tokens)
     if cfg.references == 1:
         below, shared, own_fused = 0, prefix_tokens + sum(reference_tokens), 0
     else:
