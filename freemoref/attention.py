@@ -23,6 +23,7 @@ token's gate never depends on later tokens and cached decoding equals recomputin
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +44,16 @@ ENGINE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTI
 # Elements of float32 score matrix `question_attention` holds at once (1 GiB); larger batches of
 # questions are split, so no full float32 score map of all rows and questions is ever built.
 SCORE_BUDGET = 2**28
+
+# Split-KV (as flash-decoding) for a decoding step's few queries: a cache's key axis is cut into
+# chunks of DECODE_CHUNK slots, each its own batch entry of the probabilities-by-values matmul, so
+# its long reduction spreads over the GPU instead of a thread block per head (SDPA's
+# memory-efficient kernel, the only one taking a mask, ran a 12k-slot step at ~50 GB/s). The long
+# caches decoding attends over (fused sequences, the shared prefix) hold a multiple of it
+# (`decode_slots`); float32 partial sums of up to SPLIT_BUDGET elements, so a prefill's many
+# queries take the plain matmul.
+DECODE_CHUNK = 256
+SPLIT_BUDGET = 2**25
 
 
 def engine_sdpa():
@@ -120,6 +131,38 @@ def float_scores(a, b) -> torch.Tensor:
     return torch.matmul(a, b).float()
 
 
+def decode_slots(slots: int) -> int:
+    """`slots` rounded up to whole DECODE_CHUNK chunks: the capacity of a long cache decoding reads."""
+    return -(-slots // DECODE_CHUNK) * DECODE_CHUNK
+
+
+def probs_by_values(p, v) -> torch.Tensor:
+    """p (..., M, T) @ v (..., T, D) as float32 (p in v's dtype). When T is a whole number (> 1) of
+    DECODE_CHUNK chunks and the partial sums fit SPLIT_BUDGET, each chunk is a batch entry of one
+    matmul and the partials are summed (split-KV); v's chunks are views, p's few rows are copied."""
+    *batch, m, t = p.shape
+    chunks = t // DECODE_CHUNK
+    if t % DECODE_CHUNK or chunks < 2 or v.shape[-1] * m * chunks * math.prod(batch) > SPLIT_BUDGET:
+        return float_scores(p, v)
+    split_p = p.unflatten(-1, (chunks, DECODE_CHUNK)).transpose(-3, -2)  # (..., C, M, chunk)
+    return float_scores(split_p, v.unflatten(-2, (chunks, DECODE_CHUNK))).sum(-3)
+
+
+def cache_attention(q, k, v, real, scaling: float) -> torch.Tensor:
+    """Attention of B sequences' newest queries q (B, H, M, D) over their caches k, v (B, Hkv, T, D),
+    every query seeing the slots `real` (B, T) marks (a decoding step: M = 1, the new token's slot
+    marked). GQA folds a KV head's query heads onto the query axis (no K/V copy); the key axis is
+    split as in `probs_by_values`, so a step reads each cache once with the whole GPU. Returns
+    (B, M, H, D)."""
+    b, h, m, d = q.shape
+    hkv = k.shape[1]
+    qg = q.reshape(b, hkv, (h // hkv) * m, d)
+    s = float_scores(qg, k.transpose(2, 3)).mul_(scaling).masked_fill_(~real[:, None, None, :], float("-inf"))
+    e = (s - s.amax(-1, keepdim=True)).exp_()
+    o = probs_by_values(e.to(v.dtype), v) / e.sum(-1, keepdim=True)
+    return o.view(b, h, m, d).to(q.dtype).transpose(1, 2)
+
+
 def questions_per_call(rows: int, heads: int, queries: int, keys: int) -> int:
     """How many questions one `question_attention` call may take within SCORE_BUDGET."""
     return max(1, SCORE_BUDGET // max(rows * heads * queries * keys, 1))
@@ -167,9 +210,9 @@ def question_attention(q, rows_k, rows_v, rows_real, own_k, own_v, own_real, q_s
     top = torch.maximum(s_rows.amax(-1), s_own.amax(-1)[None])[..., None]  # (R, B, Hkv, X, 1)
     e_rows, e_own = (s_rows - top).exp_(), (s_own[None] - top).exp_()
     z = e_rows.sum(-1, keepdim=True) + e_own.sum(-1, keepdim=True)
-    o = torch.matmul(e_rows.transpose(1, 2).reshape(r, hkv, b * x, t0).to(rows_v.dtype), rows_v)
-    o = o.view(r, hkv, b, x, d).transpose(1, 2).float()
-    o = (o + torch.matmul(e_own.to(own_v.dtype), own_v[None]).float()) / z  # (R, B, Hkv, X, D)
+    o = probs_by_values(e_rows.transpose(1, 2).reshape(r, hkv, b * x, t0).to(rows_v.dtype), rows_v)
+    o = o.view(r, hkv, b, x, d).transpose(1, 2)
+    o = (o + probs_by_values(e_own.to(own_v.dtype), own_v[None].expand(r, -1, -1, -1, -1))) / z  # (R, B, Hkv, X, D)
     o = o.reshape(r, b, h, mq, d)
     if gate is not None and r > 1:
         sv = s_rows[..., vis]

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from freemoref.attention import attend, engine_sdpa
+from freemoref.attention import attend, cache_attention, engine_sdpa
 from freemoref.config import GenerationOptions
 from freemoref.decoder_layers import finish_layer, project_qkv
 from freemoref.fusion import Fusion
@@ -121,7 +121,6 @@ class QuestionBatch:
             if prompt.fused is not None:
                 fused = prompt.fused
                 slot = fused.add_token(t)
-                mask = fused.real[:, None, None, :]
                 cos, sin = engine.cos_sin(h, (fused.next_position + t)[:, None])
                 for li, (layer, cache) in enumerate(zip(engine.layers[video.shared_layers :], fused.layers)):
                     q, k, v = project_qkv(layer, h, cos, sin)
@@ -129,8 +128,11 @@ class QuestionBatch:
                     if prompt.shared_prefix is not None:  # video scope: the shared prefix, then own tokens
                         attended = attend_prefix(prompt.shared_prefix, li, q, cache, fused.real, fused.real.shape[1],
                                                  slot, layer.self_attn.scaling)
-                    else:
-                        attended = attend(q, cache.k, cache.v, mask, layer.self_attn.scaling, engine.backend)
+                    elif engine.backend == "flash":
+                        attended = attend(q, cache.k, cache.v, fused.real[:, None, None, :], layer.self_attn.scaling,
+                                          engine.backend)
+                    else:  # split-KV over the question's fused cache
+                        attended = cache_attention(q, cache.k, cache.v, fused.real, layer.self_attn.scaling)
                     h = finish_layer(layer, h, attended)
         return engine.logits(h[:, -1])
 

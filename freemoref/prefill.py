@@ -32,7 +32,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from freemoref.attention import causal_attention, engine_sdpa, gate_mix_weights, question_attention, questions_per_call
+from freemoref.attention import (
+    causal_attention,
+    decode_slots,
+    engine_sdpa,
+    gate_mix_weights,
+    question_attention,
+    questions_per_call,
+)
 from freemoref.decoder_layers import finish_layer, project_qkv, project_rotated
 from freemoref.fusion import Fusion, keep_counts, select_visual_tokens, visual_importance
 from freemoref.kv_cache import KVCache, SequenceCache
@@ -69,7 +76,7 @@ class VideoRows:
     """A video's reference rows after `reference_rows`, shared by all its questions.
 
     Slots of row i: [0, p) system prompt, [p, p + lv) reference i's visual tokens, right-padded to
-    the longest reference (lv)."""
+    lv, the longest reference rounded up so that p + lv is whole split-KV chunks (`decode_slots`)."""
 
     prefix_len: int  # p
     lengths: list[int]  # l_i, visual tokens of reference i
@@ -139,7 +146,9 @@ def reference_rows(engine: MoRefEngine, prefix, references, positions, rope: Rot
     if min(lengths) < 1:
         raise ValueError("every reference needs at least one visual token")
     start = time.perf_counter()
-    p, lv, d, device = prefix.shape[0], max(lengths), prefix.shape[-1], prefix.device
+    p, d, device = prefix.shape[0], prefix.shape[-1], prefix.device
+    # Rows right-padded to whole split-KV chunks (`decode_slots`): every decoding step reads them.
+    lv = decode_slots(p + max(lengths)) - p
     h = prefix.new_zeros(n, p + lv, d)  # hidden: (N, p + lv, D)
     h[:, :p] = prefix
     vis_mask = torch.zeros(n, lv, dtype=torch.bool, device=device)
@@ -151,7 +160,7 @@ def reference_rows(engine: MoRefEngine, prefix, references, positions, rope: Rot
     rope_rows = None
     if rope is None:
         cos, sin = engine.cos_sin(prefix, torch.arange(p + lv, device=device))
-        question_start = p + lv
+        question_start = p + max(lengths)  # the padding has no positions
     else:
         rope_rows = torch.zeros(n, rope.prefix.shape[0], p + lv, dtype=torch.long, device=device)
         rope_rows[:, :, :p] = rope.prefix.to(device)
@@ -280,13 +289,14 @@ def fused_sequence(engine: MoRefEngine, fused, fused_len, max_new_tokens: int, p
     layer from L on, (B, Tf, D) features to add after it (kept visual tokens only). Returns the last
     hidden states (B, Tf, D) and their caches."""
     b, tf, _ = fused.shape
-    real = torch.zeros(b, tf + max_new_tokens, dtype=torch.bool, device=fused.device)
+    # Capacity in whole split-KV chunks: decoding reads these caches with `cache_attention`.
+    real = torch.zeros(b, decode_slots(tf + max_new_tokens), dtype=torch.bool, device=fused.device)
     real[:, :tf] = torch.arange(tf, device=fused.device)[None] < fused_len[:, None]
     cos, sin = engine.cos_sin(fused, torch.arange(tf, device=fused.device) if positions is None else positions)
     caches = []
     for li, layer in enumerate(engine.layers[engine.fusion_layer :], engine.fusion_layer):
         q, k, v = project_qkv(layer, fused, cos, sin)
-        caches.append(KVCache.holding(k, v, tf + max_new_tokens))
+        caches.append(KVCache.holding(k, v, real.shape[1]))
         fused = finish_layer(layer, fused, causal_attention(q, k, v, layer.self_attn.scaling, engine.backend))
         if deepstack is not None and li < len(deepstack):
             fused += deepstack[li]
@@ -350,7 +360,7 @@ def prefill_questions(engine: MoRefEngine, video: VideoRows, questions, blocks, 
                 fusion = video_fusion(question_importance(engine, video, h, blocks, cos, sin), video.vis_mask,
                                       video.positions, engine.cfg.keep_ratio)
                 prefix = run_shared_prefix(engine, video.fusion_inputs.h_prefix, video.fusion_inputs.h_vis, fusion)
-            h, on_prefix, prefix = questions_on_prefix(engine, prefix, h, own_real, question_len, max_new_tokens)
+            h, on_prefix = questions_on_prefix(engine, prefix, h, own_real, question_len, max_new_tokens)
             return QuestionPrefill(engine.logits(h[last, question_len - 1]), [prefix.fusion] * b,
                                    [len(prefix.fusion.rows)] * b, question_len, own, on_prefix, gate_running, prefix)
         fusions, fused, fused_len, positions = fuse(engine, video, h, blocks, cos, sin, question_len)

@@ -10,11 +10,10 @@ import pytest
 import torch
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
-from freemoref.attention import MoRefContext, question_attention
+import freemoref.attention as attention
+from freemoref.attention import MoRefContext
 from freemoref.config import GenerationOptions, ResolvedMoRef
 from freemoref.engine import MoRefEngine, generate_answers
-from freemoref.kv_cache import KVCache
-from freemoref.shared_prefix import decode_step_attention
 from tests.freemoref.moref_inputs import tiny_qwen, video_prompt
 from tests.freemoref.test_question_sets import questions
 
@@ -116,10 +115,12 @@ def dense_video_scope(model, prefix, refs, pos, prompts, extras, cfg):
     return torch.stack(logits), global_pos[order]
 
 
+@pytest.mark.parametrize("chunk", [4, 256], ids=["split-kv", "one-chunk"])
 @pytest.mark.parametrize("cfg", [ResolvedMoRef(3, 4, 2, 1 / 3, "chunk"), ResolvedMoRef(3, 4, 3, 0.5, "head")],
                          ids=["chunk", "head"])
 @torch.no_grad()
-def test_several_questions_equal_the_dense_definition(cfg):
+def test_several_questions_equal_the_dense_definition(cfg, chunk, monkeypatch):
+    monkeypatch.setattr(attention, "DECODE_CHUNK", chunk)  # the shared prefix in many split-KV chunks, or one
     model = tiny_qwen()
     prefix, refs, pos, _, _ = video_prompt(model)
     qs = questions(model, lengths=(5, 2, 9))
@@ -169,27 +170,3 @@ def test_questions_in_several_batches_share_the_fusion_of_all():
     assert [o.tokens for o in split] == [o.tokens for o in together]
     assert [o.tokens for o in alone] != [o.tokens for o in together]
     assert all(o.shared_with == len(qs) and o.prefill_s > 0 for o in split)
-
-
-@torch.no_grad()
-def test_decoding_step_reads_the_joint_cache_as_question_attention_does():
-    """One SDPA call over [prefix | every question's own slots] with the block mask equals each
-    question attending to the prefix and its own real slots (`question_attention`, one row)."""
-    gen = torch.Generator().manual_seed(0)
-    b, heads, hkv, d, prefix_len, slots = 3, 4, 2, 8, 11, 5
-    joint = KVCache(torch.randn(1, hkv, prefix_len + b * slots, d, generator=gen),
-                    torch.randn(1, hkv, prefix_len + b * slots, d, generator=gen))
-    own = KVCache(*(x[0, :, prefix_len:].view(hkv, b, slots, d).transpose(0, 1) for x in (joint.k, joint.v)))
-    own_real = torch.tensor([[1, 1, 0, 1, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
-    q = torch.randn(b, heads, 1, d, generator=gen)
-    got = decode_step_attention(joint, q, own_real, prefix_len, 0.3)
-    expected = question_attention(q, joint.k[:, :, :prefix_len], joint.v[:, :, :prefix_len],
-                                  torch.ones(1, prefix_len, dtype=torch.bool), own.k, own.v, own_real,
-                                  torch.tensor([slots - 1]), 0.3)
-    assert got.shape == (b, 1, heads, d)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    # each question reads only its own slots: changing another question's cache changes nothing
-    joint.v[0, :, prefix_len + slots : prefix_len + 2 * slots] += 10.0
-    again = decode_step_attention(joint, q, own_real, prefix_len, 0.3)
-    torch.testing.assert_close(again[[0, 2]], got[[0, 2]])
-    assert (again[1] - got[1]).abs().max() > 1.0

@@ -5,6 +5,7 @@ memory-budget split; the rows' causal pass without a mask equals the dense-mask 
 import pytest
 import torch
 
+import freemoref.attention as attention
 from freemoref.config import GenerationOptions, ResolvedMoRef
 from freemoref.engine import MoRefEngine, generate_answers, question_batches
 from tests.freemoref.moref_inputs import tiny_qwen, video_prompt
@@ -57,9 +58,12 @@ def test_batched_questions_equal_each_question_alone(name):
     assert all(o.shared_with == len(qs) for o in batched) and single[0].shared_with == 1
 
 
+@pytest.mark.parametrize("chunk", [4, 256], ids=["split-kv", "one-chunk"])
 @torch.no_grad()
-def test_decoding_a_batch_equals_recomputing_each_question():
-    """Step by step, every question's logits equal a fresh prefill of its prompt + generated tokens."""
+def test_decoding_a_batch_equals_recomputing_each_question(monkeypatch, chunk):
+    """Step by step, every question's logits equal a fresh prefill of its prompt + generated tokens;
+    also with the decode caches cut into many split-KV chunks."""
+    monkeypatch.setattr(attention, "DECODE_CHUNK", chunk)
     cfg = CONFIGS["moref-fused"]
     model = tiny_qwen()
     prefix, refs, pos = inputs(model, cfg)
