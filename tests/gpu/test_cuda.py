@@ -12,6 +12,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from freemoref.attention import DECODE_CHUNK
 from freemoref.config import GenerationOptions, MoRefConfig, ResolvedMoRef
 from freemoref.engine import MoRefSession, moref_generate, moref_prefill_logits
 from freemoref.partition import partition_frames
@@ -194,7 +195,9 @@ def test_converted_checkpoint_loads_and_answers_on_cuda(tmp_path, tiny_llava_vid
 
 def test_sdpa_is_the_backend_and_is_called(tiny_llava_vid_dir, monkeypatch):
     """The causal passes (rows below L, fused layers) call SDPA with no mask and is_causal, so the
-    flash kernel can serve them; decoding the fused layers calls it with one query."""
+    flash kernel can serve them; decoding the fused layers runs split-KV (`cache_attention`), not
+    SDPA, whose only masked kernel gives a long cache one thread block per head."""
+    import freemoref.decoding as decoding
     from freemoref.loading import load_video_llm
 
     llm = load_video_llm(tiny_llava_vid_dir, device="cuda")
@@ -203,21 +206,46 @@ def test_sdpa_is_the_backend_and_is_called(tiny_llava_vid_dir, monkeypatch):
     prefix, refs, pos, suffix, _ = video_prompt(model)
     cfg = ResolvedMoRef(3, 4, 2, 1 / 3)
     assert MoRefSession(model, cfg).engine.backend == "sdpa"
-    calls = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls, split = [], []
+    sdpa, cache_attention = torch.nn.functional.scaled_dot_product_attention, decoding.cache_attention
 
     def counting(q, k, v, *args, **kwargs):
         calls.append((q.device.type, q.dtype, q.shape[2], kwargs.get("attn_mask") is None, kwargs.get("is_causal")))
         return sdpa(q, k, v, *args, **kwargs)
 
+    def counting_split(q, k, *args):
+        split.append((q.device.type, q.dtype, q.shape[2], k.shape[2]))
+        return cache_attention(q, k, *args)
+
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    monkeypatch.setattr(decoding, "cache_attention", counting_split)
     moref_generate(model, prefix, refs, pos, suffix, cfg, GenerationOptions(max_new_tokens=4), eos_token_ids=())
     layers, below = TEXT["num_hidden_layers"], 2
-    prefill = [c for c in calls if c[4]]
-    assert len(prefill) == layers and all(c[3] for c in prefill)  # rows below L + fused: causal, no mask
-    decode = [c for c in calls if not c[4]]  # the fused layers' steps (eager once, then recorded as a graph)
-    assert len(decode) >= layers - below and not any(c[3] for c in decode)
-    assert {c[:2] for c in calls} == {("cuda", torch.bfloat16)}
+    assert len(calls) == layers and all(c[3] and c[4] for c in calls)  # rows below L + fused: causal, no mask
+    # the fused layers' steps (eager once, then recorded as a graph): one query, whole chunks
+    assert len(split) >= layers - below and all(c[2] == 1 and c[3] % DECODE_CHUNK == 0 for c in split)
+    assert {c[:2] for c in calls + split} == {("cuda", torch.bfloat16)}
+
+
+@torch.no_grad()
+def test_split_kv_decoding_in_bf16_agrees_with_float64():
+    """A decoding step of 5 questions over 12k-slot caches (the real fused length at 128 frames),
+    bf16 on the GPU's split-KV path, agrees with the float64 softmax of the same bf16 inputs to
+    within bf16 rounding of its output. Peaked scores, so a wrong chunk would show."""
+    from freemoref.attention import cache_attention
+
+    gen = torch.Generator(device=CUDA).manual_seed(0)
+    b, heads, hkv, d, slots = 5, 28, 4, 128, 48 * DECODE_CHUNK
+    q = 3 * torch.randn(b, heads, 1, d, device=CUDA, generator=gen).bfloat16()
+    k, v = (torch.randn(b, hkv, slots, d, device=CUDA, generator=gen).bfloat16() for _ in range(2))
+    real = torch.rand(b, slots, device=CUDA, generator=gen) < 0.97
+    got = cache_attention(q, k, v, real, d**-0.5)
+    rep = heads // hkv
+    s = (q.double() @ k.double().repeat_interleave(rep, 1).transpose(2, 3)) * d**-0.5
+    s = s.masked_fill(~real[:, None, None, :], float("-inf"))
+    expected = (s.softmax(-1) @ v.double().repeat_interleave(rep, 1)).transpose(1, 2)
+    assert got.dtype == torch.bfloat16 and expected.abs().max() > 0.3
+    torch.testing.assert_close(got.double(), expected, atol=2e-2, rtol=2e-2)
 
 
 @torch.no_grad()
