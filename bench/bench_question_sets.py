@@ -180,19 +180,25 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def engine_bench_parser(description: str) -> argparse.ArgumentParser:
+    """The options this benchmark and bench/decode_step.py share: model size, device, output, bandwidth."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--tiny", action="store_true", help="small widths (28 layers kept): a quick self-check")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--peak-bandwidth-gbs", type=float, default=None,
+                        help="the GPU's peak memory bandwidth for the floor column (default: known H100/H200 figures)")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = engine_bench_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=512, help="MoRef frames (default 512; --tiny: 128)")
     parser.add_argument("--new-tokens", type=int, default=None, help="default 16 (--tiny: 4)")
     parser.add_argument("--repeats", type=int, default=None, help="default 2 (--tiny: 1)")
     parser.add_argument("--budget-s", type=float, default=240.0, help="start no new case after this many seconds")
     parser.add_argument("--fusion-scope", default="question",
                         help="answer.moref.fusion_scope values for the shared MoRef cases, e.g. question,video")
-    parser.add_argument("--peak-bandwidth-gbs", type=float, default=None,
-                        help="the GPU's peak memory bandwidth for the floor column (default: known H100/H200 figures)")
     args = parser.parse_args(argv)
     if any(x not in ("question", "video") for x in args.fusion_scope.split(",")):
         parser.error(f"--fusion-scope: expected question and/or video, got {args.fusion_scope!r}")

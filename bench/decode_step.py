@@ -13,7 +13,6 @@ Writes DIR/decode_step.json and DIR/decode_step.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -26,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 from bench_moref import GIB, BenchModel, Prompt, free, sync
-from bench_question_sets import peak_bandwidth_gbs, question_embeddings, step_bytes
+from bench_question_sets import engine_bench_parser, peak_bandwidth_gbs, question_embeddings, step_bytes
 
 from freemoref.config import MoRefConfig
 from freemoref.engine import MoRefEngine
@@ -123,17 +122,12 @@ def markdown(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="small widths (28 layers kept): a quick self-check")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=None)
+    parser = engine_bench_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default="question:1,question:5,video:5",
                         help="SCOPE:QUESTIONS pairs, each run at every --frames")
     parser.add_argument("--frames", default="128", help="comma-separated MoRef frame counts")
     parser.add_argument("--steps", type=int, default=20, help="replayed steps timed per case")
     parser.add_argument("--profile-steps", type=int, default=3, help="steps profiled for the kernel tables")
-    parser.add_argument("--peak-bandwidth-gbs", type=float, default=None,
-                        help="the GPU's peak memory bandwidth (default: known H100/H200 figures)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type != "cuda" and not args.tiny:
