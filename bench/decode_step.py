@@ -5,7 +5,7 @@ step, the CUDA-graph capture and the replayed steps timed apart, each against th
 (`bench_question_sets.step_bytes`), and the kernels of a replayed and of an eager step from
 torch.profiler (top kernels by device time).
 
-    python3 bench/decode_step.py --out DIR                       # GPU (~1 min a case on an H100)
+    python3 bench/decode_step.py --out DIR --frames 128,512     # GPU: six cases, ~1.5 min on an H100
     python3 bench/decode_step.py --tiny --device cpu --cases question:1  # a self-check of the script
 
 Writes DIR/decode_step.json and DIR/decode_step.md.
