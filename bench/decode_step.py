@@ -70,6 +70,8 @@ def run_case(bench: BenchModel, device, frames: int, scope: str, count: int, arg
     row: dict[str, Any] = {"frames": frames, "fusion_scope": scope, "questions": count, "references": cfg.references,
            "fusion_layer": cfg.fusion_layer}
     slots = 2 + args.steps + 2 * args.profile_steps  # eager, capture's first replay, timed, profiled
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     with torch.no_grad():
         video = engine.encode_video(prompt.prefix, laid_out.references, laid_out.order)
         batch = engine.start(video, questions, max_new_tokens=slots)

@@ -212,7 +212,9 @@ def question_attention(q, rows_k, rows_v, rows_real, own_k, own_v, own_real, q_s
     z = e_rows.sum(-1, keepdim=True) + e_own.sum(-1, keepdim=True)
     o = probs_by_values(e_rows.transpose(1, 2).reshape(r, hkv, b * x, t0).to(rows_v.dtype), rows_v)
     o = o.view(r, hkv, b, x, d).transpose(1, 2)
-    o = (o + probs_by_values(e_own.to(own_v.dtype), own_v[None].expand(r, -1, -1, -1, -1))) / z  # (R, B, Hkv, X, D)
+    # Own tokens: the R rows' probabilities fold onto the query axis, so each own V is read once.
+    p_own = e_own.permute(1, 2, 0, 3, 4).reshape(b, hkv, r * x, -1).to(own_v.dtype)
+    o = (o + probs_by_values(p_own, own_v).view(b, hkv, r, x, d).permute(2, 0, 1, 3, 4)) / z  # (R, B, Hkv, X, D)
     o = o.reshape(r, b, h, mq, d)
     if gate is not None and r > 1:
         sv = s_rows[..., vis]

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from freemoref.attention import attend, cache_attention, engine_sdpa
+from freemoref.attention import cache_attention, engine_sdpa
 from freemoref.config import GenerationOptions
 from freemoref.decoder_layers import finish_layer, project_qkv
 from freemoref.fusion import Fusion
@@ -128,10 +128,7 @@ class QuestionBatch:
                     if prompt.shared_prefix is not None:  # video scope: the shared prefix, then own tokens
                         attended = attend_prefix(prompt.shared_prefix, li, q, cache, fused.real, fused.real.shape[1],
                                                  slot, layer.self_attn.scaling)
-                    elif engine.backend == "flash":
-                        attended = attend(q, cache.k, cache.v, fused.real[:, None, None, :], layer.self_attn.scaling,
-                                          engine.backend)
-                    else:  # split-KV over the question's fused cache
+                    else:  # split-KV over the question's fused cache, whatever the backend: it needs no mask kernel
                         attended = cache_attention(q, cache.k, cache.v, fused.real, layer.self_attn.scaling)
                     h = finish_layer(layer, h, attended)
         return engine.logits(h[:, -1])

@@ -170,7 +170,7 @@ def generate_answers(engine: MoRefEngine, prefix, references, positions, suffixe
     synchronize(device)
     shared_s = time.perf_counter() - t0
     per_row = video.prefix_len + (sum(keep_counts(video.lengths, engine.cfg.keep_ratio)) if video.fused
-                                  else video.vis_len)
+                                  else max(video.lengths))
     video_scope = video.fused and engine.cfg.fusion_scope == "video"
     if video_scope:  # from L on a question holds only its own tokens; the shared prefix comes once
         per_row = 0

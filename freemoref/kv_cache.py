@@ -1,5 +1,6 @@
 """The engine's decode caches: static buffers sized for the prompt plus max_new_tokens (as in
-gpt-fast), written in place, so a decoding step has fixed shapes and can replay as a CUDA graph."""
+gpt-fast; the long ones rounded up to whole split-KV chunks, `attention.decode_slots`), written in
+place, so a decoding step has fixed shapes and can replay as a CUDA graph."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ class SequenceCache:
     """
 
     layers: list[KVCache]
-    real: torch.Tensor  # (B, prompt_slots + max_new_tokens) True at real slots
+    real: torch.Tensor  # (B, at least prompt_slots + max_new_tokens) True at real slots
     prompt_slots: int
     next_position: torch.Tensor  # (B,) position of the first generated token
 

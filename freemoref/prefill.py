@@ -2,11 +2,11 @@
 
 1. Reference rows, the layers below the fusion layer L (all layers when nothing is fused: native,
    or L = num_layers). Once per video, `reference_rows`: row i is [system prompt | reference i's
-   visual tokens, right-padded to the longest]; the N rows run batch N with causal attention and
-   their K/V is cached. Attention is causal, so nothing here depends on a question. Then per batch
-   of B questions, `question_rows`: each question's tokens run through the same layers attending to
-   the cached rows and to their own tokens, gated (`question_attention`), so a question's hidden
-   states are one copy, identical across the rows.
+   visual tokens, right-padded to the longest, rounded up to whole split-KV chunks]; the N rows run
+   batch N with causal attention and their K/V is cached. Attention is causal, so nothing here
+   depends on a question. Then per batch of B questions, `question_rows`: each question's tokens run
+   through the same layers attending to the cached rows and to their own tokens, gated
+   (`question_attention`), so a question's hidden states are one copy, identical across the rows.
 2. Fusion at L, `fuse`: each question keeps its own top visual tokens of the N rows (scored by its
    queries on layer L's visual keys) in one sequence [system | kept visual | question].
 3. Fused sequence, `fused_sequence`: the B fused sequences, right-padded, through layers L on.

@@ -53,15 +53,15 @@ def run_shared_prefix(engine: MoRefEngine, h_prefix, h_vis, fusion: Fusion) -> S
     length = h.shape[1]
     cos, sin = engine.cos_sin(h, torch.arange(length, device=h.device))
     layers = engine.layers[engine.fusion_layer :]
+    real = torch.zeros(1, decode_slots(length), dtype=torch.bool, device=h.device)
+    real[:, :length] = True
     caches = []
     for i, layer in enumerate(layers):
         q, k, v = project_qkv(layer, h, cos, sin)
-        caches.append(KVCache(k, v))
+        caches.append(KVCache.holding(k, v, real.shape[1]))
         if i + 1 < len(layers):
             h = finish_layer(layer, h, causal_attention(q, k, v, layer.self_attn.scaling, engine.backend))
-    real = torch.zeros(1, decode_slots(length), dtype=torch.bool, device=h.device)
-    real[:, :length] = True
-    return SharedPrefix(fusion, [KVCache.holding(c.k, c.v, real.shape[1]) for c in caches], real, length)
+    return SharedPrefix(fusion, caches, real, length)
 
 
 def attend_prefix(prefix: SharedPrefix, layer_index: int, q, own: KVCache, own_real, filled: int, slots,
