@@ -5,6 +5,10 @@
 if [ -f .gpu/pkgs.tar.xz ]; then
     mkdir -p /tmp/site && tar -xJf .gpu/pkgs.tar.xz -C /tmp/site || { echo "unpacking .gpu/pkgs.tar.xz failed"; exit 1; }
     export PYTHONPATH=/tmp/site:$PWD
+    # the nvdec decode backend's PyNvVideoCodec (tools/gpu/pack-nvdec.sh), when carried
+    if [ -f .gpu/nvdec.tar.xz ]; then
+        tar -xJf .gpu/nvdec.tar.xz -C /tmp/site || { echo "unpacking .gpu/nvdec.tar.xz failed"; exit 1; }
+    fi
 elif compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl || { echo "wheel install failed"; exit 1; }
@@ -18,7 +22,7 @@ python3 - <<'PY' 2>&1 | tee "$OUT/versions.log"
 import platform, sys
 print("python", platform.python_version(), sys.executable)
 for name in ("torch", "transformers", "tokenizers", "huggingface_hub", "safetensors", "numpy", "ray", "av",
-             "open_clip", "pydantic", "pyarrow", "yaml"):
+             "open_clip", "pydantic", "pyarrow", "yaml", "PyNvVideoCodec"):
     try:
         module = __import__(name)
         print(name, getattr(module, "__version__", "?"), module.__file__)

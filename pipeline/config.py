@@ -123,7 +123,7 @@ class QuestionsConfig(_Strict):
 # The pipeline's own lists of choices, defined here once; the stages that implement them derive
 # their tuples from these (pipeline/stages/decode/stage.py, frame_selection.py). The model library's
 # choices (layouts, templates, benchmark wordings, MoRef and generation options) come from freemoref.
-DecodeBackendChoice = Literal["auto", "pyav", "decord"]
+DecodeBackendChoice = Literal["auto", "pyav", "decord", "nvdec"]
 FrameSelection = Literal["uniform", "prompt", "mix"]
 DEFAULT_PROMPT_FRACTION = 0.5  # mix: share of the K frames chosen by the prompt
 
@@ -147,6 +147,17 @@ class DecodeConfig(_Strict):
     max_pixels: int = Field(default=8192 * 8192, ge=1)  # refuse larger frames before decoding
     max_bytes: int = Field(default=20 * 1024**3, ge=1)  # refuse larger files before reading
     num_cpus: float = Field(default=1.0, gt=0)
+    # GPU share of each decode task: Ray shows a task no GPU unless it asks for one, so `nvdec` needs
+    # it above 0; the tasks share the GPU with the CLIP and Video-LLM actors (lower answer.num_gpus
+    # to make room: README "GPU decoding").
+    num_gpus: float = Field(default=0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _nvdec_has_a_gpu(self):
+        if self.backend == "nvdec" and self.num_gpus <= 0:
+            raise ValueError("backend 'nvdec' decodes on a GPU: set decode.num_gpus above 0 (e.g. 0.05), "
+                             "and leave room for it beside guidance.num_gpus and answer.num_gpus")
+        return self
 
 
 class GuidanceConfig(_Strict):

@@ -109,6 +109,8 @@ ANSWERS_SCHEMA = pa.schema(
         (Col.TOTAL_FLOPS, pa.float64()),
         (Col.TOTAL_FLOPS_NATIVE, pa.float64()),
         (Col.DECODE_S, pa.float64()),
+        # The backend that decoded the video: pyav, decord or nvdec (after a fallback, the one that succeeded).
+        (Col.DECODE_BACKEND, pa.string()),
         (Col.GUIDANCE_S, pa.float64()),
         (Col.PREFILL_S, pa.float64()),
         (Col.GENERATE_S, pa.float64()),

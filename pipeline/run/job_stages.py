@@ -78,7 +78,7 @@ def job_stages(cfg: JobConfig, run_id: str, gpus: ClusterGPUs) -> list[StageSpec
     built from its own config section. `guidance.placement` is decided here and nowhere else."""
     fingerprint = config_fingerprint(cfg)  # the answer stage stamps every row with its pair's (resume compares)
     decode = StageSpec("decode", partial(DecodeStage, cfg.decode, storage=cfg.input.storage),
-                       decode_request(cfg.decode))
+                       decode_request(cfg.decode, gpus))
     # answers rows stream to the driver, whose OutputCommitter writes them in files of many videos
     sink = StageSpec("answers_rows", partial(AnswersRows), SINK_REQUEST, batch_size=None, batch_format="pyarrow")
     in_flight = cfg.answer.videos_in_flight

@@ -150,8 +150,9 @@ class ClusterGPUs:
         return requested if self.usable or device == "cuda" else 0.0
 
 
-def decode_request(cfg: DecodeConfig) -> StageRequest:
-    return StageRequest("decode", cfg.num_cpus, 0.0, 0, is_actor=False)
+def decode_request(cfg: DecodeConfig, gpus: ClusterGPUs) -> StageRequest:
+    """The decode tasks: a GPU share only for `decode.num_gpus` (the nvdec backend)."""
+    return StageRequest("decode", cfg.num_cpus, gpus.grant(cfg.num_gpus, "auto"), 0, is_actor=False)
 
 
 def guidance_request(cfg: GuidanceConfig, gpus: ClusterGPUs) -> StageRequest:

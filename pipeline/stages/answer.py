@@ -43,7 +43,8 @@ class AnswerStage:
         Col.SELECTED_POSITIONS: "each question's frames (guidance)",
         Col.DECODE_S: "recorded per answer", Col.GUIDANCE_S: "recorded per answer",
     }
-    optional_reads = (Col.ROI_BOXES,)  # only when guidance.roi_ratio is set
+    # roi_boxes: only when guidance.roi_ratio is set; decode_backend: absent in rows decoded elsewhere
+    optional_reads = (Col.ROI_BOXES, Col.DECODE_BACKEND)
     keeps_input_columns = False
     writes: ClassVar[Sequence[str]] = ANSWER_COLUMNS
 
@@ -190,6 +191,7 @@ class AnswerStage:
             Col.MODEL: self.model_name,
             Col.FRAMES_DECODED: int(len(video.get(Col.FRAME_TIMES_S, []))),
             Col.DECODE_S: _float_or_none(video.get(Col.DECODE_S)),
+            Col.DECODE_BACKEND: video.get(Col.DECODE_BACKEND),
             Col.GUIDANCE_S: _float_or_none(video.get(Col.GUIDANCE_S)),
         }
         rows = []

@@ -169,3 +169,22 @@ def test_the_default_shares_fill_one_gpu(tmp_path):
     reqs = requests(tmp_path, cluster_gpus=4.0, answer={"memory_gib": 20, "concurrency": "auto"})
     assert reqs["answer"].count == 4
     place(reqs, {**GPU_NODE, "gpus": 4, "memory_gib": 128, "max_nodes": 1})
+
+
+def test_gpu_decoding_asks_for_a_gpu_share_beside_the_actors(tmp_path):
+    nvdec = {"backend": "nvdec", "num_gpus": 0.05}
+    full = requests(tmp_path, decode=nvdec, guidance={"num_gpus": 0.2}, answer={"num_gpus": 0.8, "memory_gib": 8})
+    assert full["decode"].ray_args()["num_gpus"] == 0.05
+    with pytest.raises(UnschedulableError, match=r"^decode: a task asks for CPU 1, GPU 0.05.*short of GPU"):
+        place(full, {**GPU_NODE, "max_nodes": 1})  # CLIP and the Video-LLM already fill the one GPU
+    place(requests(tmp_path, decode=nvdec, guidance={"num_gpus": 0.2}, answer={"num_gpus": 0.7, "memory_gib": 8}),
+          {**GPU_NODE, "max_nodes": 1})
+    # a local Ray without GPUs: the share drops, the tasks run (and nvdec falls back to PyAV)
+    assert requests(tmp_path, gpus_usable=False, decode=nvdec)["decode"].gpus == 0
+
+
+def test_nvdec_without_a_gpu_share_is_refused_naming_the_key(tmp_path):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"decode\.num_gpus"):
+        job(tmp_path, decode={"backend": "nvdec"})

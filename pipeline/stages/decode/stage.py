@@ -21,6 +21,7 @@ from pipeline.stages.decode.backend import Backend, Limits
 from pipeline.stages.decode.container import ends_early, raise_if_cut_short
 from pipeline.stages.decode.decord_backend import DecordBackend
 from pipeline.stages.decode.errors import DecodeError
+from pipeline.stages.decode.nvdec_backend import NvdecBackend
 from pipeline.stages.decode.pyav_backend import PyAVBackend
 from pipeline.stages.decode.sampling import sample_times
 from pipeline.stages.decode.source import is_local, open_source, storage_error
@@ -45,11 +46,13 @@ def make_backend(name: str, cfg: DecodeConfig) -> Backend:
         return PyAVBackend(cfg.frame_size, threads, cfg.seek)
     if name == "decord":
         return DecordBackend(cfg.frame_size, threads, cfg.seek)
+    if name == "nvdec":
+        return NvdecBackend(cfg.frame_size, cfg.seek)
     raise ValueError(f"unknown decode backend {name!r}; expected one of {BACKENDS}")
 
 
 def backend_order(backend: str) -> tuple[str, str]:
-    """The backend to try first and the fallback."""
+    """The backend to try first and the fallback (PyAV, for decord and nvdec)."""
     if backend == "auto":
         return AUTO_ORDER
     return (backend, next(b for b in BACKENDS if b != backend))
@@ -182,6 +185,8 @@ class DecodeStage:
         self.cfg = cfg
         self.storage_options = storage_options or None
         self.storage = storage
+        if cfg.backend == "nvdec":
+            isolation.add_preload("torch")  # imported once by the forkserver; CUDA starts in each child
 
     def __call__(self, rows: list[dict]) -> list[dict]:
         return [self.decode_row(row) for row in rows]
