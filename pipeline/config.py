@@ -149,7 +149,7 @@ class DecodeConfig(_Strict):
     num_cpus: float = Field(default=1.0, gt=0)
     # GPU share of each decode task: Ray shows a task no GPU unless it asks for one, so `nvdec` needs
     # it above 0; the tasks share the GPU with the CLIP and Video-LLM actors (lower answer.num_gpus
-    # to make room: README "GPU decoding").
+    # to make room: docs/CONFIGURATION.md, "GPU decoding").
     num_gpus: float = Field(default=0.0, ge=0, le=1)
 
     @model_validator(mode="after")

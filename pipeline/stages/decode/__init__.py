@@ -44,13 +44,16 @@ Rules, and why:
   downloaded to a temporary file, bounded by max_bytes), one thread for VP9/VP8, and a container
   duration. `auto` is PyAV first, then decord: as fast or faster on the test videos (faster for
   sparse sampling of long files) and it opens every one of them; see `stage.AUTO_ORDER`.
+  `nvdec` decodes on the GPU (PyNvVideoCodec): frame times and keyframes from a demux-only pass
+  over the packets, the same picking rule, only the picked frames decoded, scaled on the GPU; what
+  it cannot take is `unsupported`, and PyAV follows.
 
 Errors are `DecodeError(reason, detail)` with an `ErrorReason` (pipeline/errors.py); an error row
 gets them as `error_reason` and `error_detail`.
 
 Modules, one job each: `sampling` (target times, frame picking), `source` (local or fsspec bytes,
 storage failures), `container` (opening, diagnosing unopenable and cut-short files), `backend`
-(the `Backend` protocol and the values it passes), `pyav_backend`, `decord_backend`, `errors`
+(the `Backend` protocol and the values it passes), `pyav_backend`, `decord_backend`, `nvdec_backend`, `errors`
 (`DecodeError`), and `stage` (`decode_video`, `DecodeStage` and its retry/fallback policy).
 """
 
