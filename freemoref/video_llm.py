@@ -219,6 +219,11 @@ class VideoLLM:
         """The MoRef settings for this encoded video; one reference (native) when MoRef is off."""
         return self.family.resolve(moref, video)
 
+    def longest_reference_share(self, moref: MoRefConfig | None, video) -> float:
+        """The largest MoRef reference's share of the encoded video's visual tokens (1.0 without
+        MoRef): what the longest sequence one attention pass holds takes of the video."""
+        return self.family.longest_reference_share(video, self.resolve(moref, video))
+
     def moref_references(self, frame_tokens: torch.Tensor, resolved: ResolvedMoRef):
         """LlavaOnevision: the N references of `partition_frames` and their positions in the
         un-partitioned visual sequence (`LlavaOnevisionFamily.references`)."""

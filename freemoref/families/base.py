@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from freemoref.config import MoRefConfig, ResolvedMoRef
+from freemoref.partition import partition_frames
 from freemoref.prefill import RotaryPositions
 
 
@@ -107,6 +108,15 @@ class ModelFamily(ABC):
         if moref is None or not moref.enabled:
             return ResolvedMoRef(1, frames, 0, 1.0)
         return moref.resolve(frames, self.num_layers)
+
+    def longest_reference_share(self, video: Any, resolved: ResolvedMoRef) -> float:
+        """The largest reference's share of the video's visual tokens (1.0 for one reference): the
+        frames of `partition_frames`' largest reference over all frames. Families that partition
+        other units (the Qwen families' temporal patches) count those."""
+        frames = self.frame_count(video)
+        if resolved.references <= 1:
+            return 1.0
+        return max(map(len, partition_frames(frames, resolved.temporal_units, resolved.references))) / frames
 
     @abstractmethod
     def visual_prompt(self, video: Any, resolved: ResolvedMoRef, prefix_len: int, uncropped: Any) -> VisualPrompt:

@@ -178,6 +178,10 @@ class QwenVLFamily(ModelFamily):
             return partition_frames(patches, units, resolved.references)
         return [list(range(patches))]
 
+    def longest_reference_share(self, video: QwenVideo, resolved: ResolvedMoRef) -> float:
+        """References hold whole temporal patches (two frames each): the largest one's share of them."""
+        return max(map(len, self.patch_groups(video.patches, resolved))) / video.patches
+
     # --- FLOPs ---
 
     @abstractmethod

@@ -8,6 +8,7 @@ row: 'ok' with the answer and statistics, or 'error' with a reason.
 
 from __future__ import annotations
 
+import math
 import pathlib
 import threading
 from collections.abc import Mapping, Sequence
@@ -130,11 +131,9 @@ class AnswerStage:
                 positions, roi = per_question[members[0]], rois[members[0]]
                 group_tokens = frame_tokens[np.searchsorted(used, positions)]
                 visual = self.llm.visual_tokens(group_tokens, roi)
-                # Each MoRef reference holds about 1/N of the frames: the longest sequence is the
-                # text and one reference, rounded up to whole frames, not the whole prompt.
-                references = self.llm.resolve(self.moref, group_tokens).references
-                selected = max(len(positions), 1)
-                longest_reference = -(-selected // references) * visual // selected
+                # With MoRef the longest sequence is the text and the largest reference (its share
+                # of the frames, or of the Qwen families' two-frame patches), not the whole prompt.
+                longest_reference = math.ceil(self.llm.longest_reference_share(self.moref, group_tokens) * visual)
                 members = [q for q in members
                            if not self._too_long(rows[q], text_tokens[q][1], sum(text_tokens[q]) + visual,
                                                  sum(text_tokens[q]) + longest_reference)]

@@ -146,6 +146,21 @@ def test_moref_rows_equal_hf_forward_with_moref_attention(llm, granularity):
     torch.testing.assert_close(ours, theirs[0], rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("count, references", [(10, 2), (10, 3), (12, 4)])
+def test_longest_reference_share_counts_whole_temporal_patches(llm, count, references):
+    """References hold whole two-frame patches: 10 frames are 5 patches, so N = 2 gives 3 and 2 of
+    them (6 frames' worth, where ceil(10 / 2) = 5 frames would undercount). The answer stage's
+    context check counts the largest reference's tokens exactly."""
+    import math
+
+    encoded = llm.encode_frames(frames(count, seed=5), np.arange(count) / 4.0)
+    moref = MoRefConfig(temporal_units=4, references=references)
+    parts = llm.prepare(encoded, QUESTION, system_prompt=SYSTEM)
+    visual = llm.visual_prompt(parts, llm.resolve(moref, encoded))
+    longest = max(len(r) for r in visual.references)
+    assert math.ceil(llm.longest_reference_share(moref, encoded) * llm.visual_tokens(encoded)) == longest
+
+
 @torch.no_grad()
 def test_fused_tokens_keep_their_positions_and_questions_batch(llm):
     """With fusion: a reference is every other patch, kept tokens carry their native positions,

@@ -63,3 +63,20 @@ def test_one_reference_falls_back_to_native(tiny_video_llm, frames):
     single = tiny_video_llm.answer(tokens, "Why?", system_prompt=None, generation=GREEDY,
                                    moref=MoRefConfig(temporal_units=64))  # 8 frames, M=64 -> N=1
     assert single.token_ids == native.token_ids and single.references == 1
+
+
+@pytest.mark.parametrize("llm_fixture", ["tiny_video_llm", "tiny_video_llm_llava_vid"])
+@pytest.mark.parametrize("count, references", [(8, 3), (7, 2), (5, 4)])
+def test_longest_reference_share_is_the_largest_reference(request, llm_fixture, count, references):
+    """What the answer stage's context check counts for the longest attention pass: the largest
+    reference's visual tokens (the onevision newline rides with one reference: at most one more)."""
+    import math
+
+    llm = request.getfixturevalue(llm_fixture)
+    tokens = llm.encode_frames(np.random.default_rng(2).integers(0, 256, size=(count, 40, 40, 3), dtype=np.uint8))
+    moref = MoRefConfig(temporal_units=2, references=references)
+    refs, _ = llm.moref_references(tokens, llm.resolve(moref, tokens))
+    longest = max(len(r) for r in refs)
+    estimate = math.ceil(llm.longest_reference_share(moref, tokens) * llm.visual_tokens(tokens))
+    assert longest <= estimate <= longest + 1
+    assert llm.longest_reference_share(None, tokens) == 1.0
