@@ -383,7 +383,7 @@ def answers_stats(out: Path) -> dict:
     import pyarrow.parquet as pq
 
     columns = ["video_id", "status", "error_reason", "frames_decoded", "output_tokens", "decode_s", "guidance_s",
-               "prefill_s", "generate_s", "fusion_scope"]
+               "prefill_s", "generate_s", "fusion_scope", "decode_backend"]
     files = [p for p in (out / "answers").glob("*.parquet") if not p.name.startswith(("_", "."))]
     completions = sorted(p.stat().st_mtime for p in files)
     rows = []
@@ -400,8 +400,15 @@ def answers_stats(out: Path) -> dict:
     for r in ok:
         per_video.setdefault(r["video_id"], r)
     clip_rates = [r["frames_decoded"] / r["guidance_s"] for r in per_video.values() if r["guidance_s"]]
-    # One decoder thread per decode task (decode.num_cpus 1; 0.5 with --tiny): its seconds are CPU seconds.
-    decode_s = [r["decode_s"] for r in per_video.values() if r["decode_s"] is not None]
+    # One decoder thread per decode task (decode.num_cpus 1; 0.5 with --tiny): its seconds are CPU
+    # seconds, for the videos a CPU backend decoded; nvdec's are the task's wall time, kept apart.
+    decode_s = [r["decode_s"] for r in per_video.values() if r["decode_s"] is not None
+                and r["decode_backend"] != "nvdec"]
+    gpu_decode_s = [r["decode_s"] for r in per_video.values() if r["decode_s"] is not None
+                    and r["decode_backend"] == "nvdec"]
+    backends: dict[str, int] = {}
+    for r in per_video.values():
+        backends[r["decode_backend"] or "unknown"] = backends.get(r["decode_backend"] or "unknown", 0) + 1
     errors: dict[str, int] = {}
     for r in rows:
         if r["status"] != "ok":
@@ -417,6 +424,9 @@ def answers_stats(out: Path) -> dict:
             "generate_s", lambda r: 1000 * r["generate_s"] / max((r["output_tokens"] or 1) - 1, 1)),
         "clip_frames_per_s": statistics.median(clip_rates) if clip_rates else None,
         "decode_cpu_s_per_video": statistics.fmean(decode_s) if decode_s else None,
+        "nvdec_s_per_video": statistics.fmean(gpu_decode_s) if gpu_decode_s else None,
+        "videos_by_decode_backend": backends,
+        "median_frames_decoded": median("frames_decoded"),
         "fusion_scopes_recorded": sorted({r["fusion_scope"] for r in ok if r["fusion_scope"]}),
     }
 
@@ -519,10 +529,10 @@ def markdown(report: dict) -> str:
         f"{report['questions_per_video']} questions per video, {report['new_tokens']} new tokens; "
         f"{report['date']}). Steady state after the first {int(WARMUP_SHARE * 100)}% of videos.",
         "",
-        "| videos | scope | GPUs | frames | videos | pairs | wall s | videos/GPU-h | questions/GPU-h "
+        "| videos | scope | GPUs | frames | frames seen | videos | pairs | wall s | videos/GPU-h | questions/GPU-h "
         "| e2e videos/GPU-h | GPU busy | peak GiB | decode s | decode CPU s/video | decode cores/GPU (given, needed) "
         "| guidance s | CLIP frames/s | prefill s | generate s | ms/token | status |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     for c in report["cases"]:
         busy = c.get("gpu_busy_fraction")
@@ -533,7 +543,7 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {shape} | {c.get('fusion_scope', '-')} "
             f"| {c['gpus']} | {c['frames']}{'' if variant == DEFAULT_VARIANT else f' ({variant})'} "
-            f"| {c.get('videos', '-')} | {c.get('pairs', '-')} "
+            f"| {_fmt(c.get('median_frames_decoded'), '.0f')} | {c.get('videos', '-')} | {c.get('pairs', '-')} "
             f"| {_fmt(c.get('wall_s'), '.0f')} | {_fmt(c.get('videos_per_gpu_hour'), '.0f')} "
             f"| {_fmt(c.get('questions_per_gpu_hour'), '.0f')} "
             f"| {_fmt(c.get('end_to_end_videos_per_gpu_hour'), '.0f')} "

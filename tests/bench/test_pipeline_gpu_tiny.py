@@ -34,6 +34,8 @@ def test_pipeline_gpu_tiny_archive_set_in_video_scope_with_a_variant(tmp_path):
         assert (case["video_set"], case["width"], case["height"], case["video_seconds"]) == ("1080p-1min", 1920,
                                                                                            1080, 2)
         assert case["decode_cores_per_gpu"] == 2 and case["decode_cpu_s_per_video"] > 0
+        assert case["videos_by_decode_backend"] == {"pyav": 2} and case["nvdec_s_per_video"] is None
+        assert case["median_frames_decoded"] == 8
         assert case["decode_cores_needed_per_gpu"] > 0
         assert case["videos_per_gpu_hour"] > 0 and case["questions_per_gpu_hour"] == pytest.approx(
             5 * case["videos_per_gpu_hour"])
@@ -50,7 +52,7 @@ def test_pipeline_gpu_tiny_archive_set_in_video_scope_with_a_variant(tmp_path):
         assert (stream.width, stream.height, stream.codec_context.name) == (1920, 1080, "h264")
     markdown = report.with_suffix(".md").read_text()
     assert markdown.startswith("Pipeline benchmark on cpu")
-    assert "| 1080p-1min (1920x1080, 2 s) | video |" in markdown and "| 0 | 8 (clip_in_vlm) |" in markdown
+    assert "| 1080p-1min (1920x1080, 2 s) | video |" in markdown and "| 0 | 8 (clip_in_vlm) | 8 |" in markdown
 
 
 def test_pipeline_gpu_tiny_runs_a_qwen_family(tmp_path):
