@@ -147,7 +147,10 @@ class NvdecBackend:
             decoded = decoder.get_batch_frames_by_index(chunk)
             if len(decoded) != len(chunk):
                 raise DecodeError(ErrorReason.UNSUPPORTED, f"nvdec returned {len(decoded)} of {len(chunk)} frames")
-            rgb = torch.stack([torch.from_dlpack(frame) for frame in decoded])  # (n, H, W, 3) uint8, stored size
+            rgb = torch.stack([torch.from_dlpack(frame) for frame in decoded])  # (n, H, W, 3), stored size
+            if rgb.dtype != torch.uint8 or rgb.shape[-1] != 3:  # e.g. a high-bit-depth stream's wider samples
+                raise DecodeError(ErrorReason.UNSUPPORTED, f"nvdec returned {rgb.dtype} frames of shape "
+                                                           f"{tuple(rgb.shape[1:])}, not 8-bit RGB")
             # bilinear with antialiasing: like swscale's bilinear, it averages over the source
             # footprint when shrinking, where plain bilinear would alias 1080p texture
             small = torch.nn.functional.interpolate(rgb.permute(0, 3, 1, 2).float(), size=(s, s), mode="bilinear",
