@@ -190,7 +190,7 @@ class AnswerStage:
             Col.MODEL: self.model_name,
             Col.FRAMES_DECODED: int(len(video.get(Col.FRAME_TIMES_S, []))),
             Col.DECODE_S: _float_or_none(video.get(Col.DECODE_S)),
-            Col.DECODE_BACKEND: video.get(Col.DECODE_BACKEND),
+            Col.DECODE_BACKEND: _str_or_none(video.get(Col.DECODE_BACKEND)),
             Col.GUIDANCE_S: _float_or_none(video.get(Col.GUIDANCE_S)),
         }
         rows = []
@@ -220,6 +220,11 @@ class AnswerStage:
             rows[q][Col.ERROR_REASON] = reason.value
             rows[q][Col.ERROR_DETAIL] = f"{type(exc).__name__}: {exc}"[:500]
         return rows
+
+
+def _str_or_none(value) -> str | None:
+    # a batch mixing decoded and failed videos can reach the actor with NaN for a missing string
+    return value if isinstance(value, str) else None
 
 
 def _float_or_none(value) -> float | None:

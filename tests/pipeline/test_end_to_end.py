@@ -191,6 +191,9 @@ def test_videos_in_flight_and_clip_in_the_answer_actor_give_the_same_rows(archiv
         runs[name] = out
     serial = _answers_by_pair(runs["serial"])
     assert sum(r["status"] == "ok" for r in serial.values()) == 4
+    # the decoder of each video; none where decoding failed (never a NaN turned into text)
+    assert {r["decode_backend"] for r in serial.values() if r["status"] == "ok"} == {"pyav"}
+    assert {r["decode_backend"] for r in serial.values() if r["status"] == "error"} == {None}
     serial_frames, serial_embeddings = _frames(runs["serial"])
     for name in ("in_flight", "clip_in_answer_actor"):
         assert _answers_by_pair(runs[name]) == serial, name
