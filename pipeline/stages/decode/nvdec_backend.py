@@ -151,6 +151,10 @@ class NvdecBackend:
             if rgb.dtype != torch.uint8 or rgb.shape[-1] != 3:  # e.g. a high-bit-depth stream's wider samples
                 raise DecodeError(ErrorReason.UNSUPPORTED, f"nvdec returned {rgb.dtype} frames of shape "
                                                            f"{tuple(rgb.shape[1:])}, not 8-bit RGB")
+            if tuple(rgb.shape[1:3]) != (info.coded_height, info.coded_width):
+                # another stream than the probe's (files with several video streams), or padded sizes
+                raise DecodeError(ErrorReason.UNSUPPORTED, f"nvdec returned {rgb.shape[2]}x{rgb.shape[1]} frames, "
+                                                           f"the stream is {info.coded_width}x{info.coded_height}")
             # bilinear with antialiasing: like swscale's bilinear, it averages over the source
             # footprint when shrinking, where plain bilinear would alias 1080p texture
             small = torch.nn.functional.interpolate(rgb.permute(0, 3, 1, 2).float(), size=(s, s), mode="bilinear",
