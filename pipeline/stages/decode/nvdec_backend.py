@@ -28,8 +28,9 @@ from pipeline.stages.decode.sampling import nearest_keyframes, pick_frames
 from pipeline.stages.decode.source import ByteStream
 
 # FFmpeg codec names NVDEC decodes on every GPU this project targets (Ampere and later); h264, hevc
-# and vp9 checked against PyAV on an H100 (tests/gpu/test_nvdec.py), av1 not (no AV1 encoder here). MPEG-4 part 2 is left to the CPU: in
-# AVI its header frame count is wrong, and PyNvVideoCodec indexes by that count.
+# and vp9 checked against PyAV on an H100 (tests/gpu/test_nvdec.py), av1 not (no AV1 encoder here).
+# MPEG-4 part 2 is left to the CPU: in AVI its header frame count is wrong, and PyNvVideoCodec
+# indexes by that count.
 NVDEC_CODECS = frozenset({"h264", "hevc", "vp9", "av1"})
 # Frames scaled per torch call: a 1080p frame in float32 is 25 MB, so 32 at once is 0.8 GB.
 SCALE_CHUNK = 32
