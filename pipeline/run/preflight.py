@@ -2,7 +2,7 @@
 
 The config's own validation (pipeline/config.py) checks forms; these check that what it names
 exists: the questions file and the manifest, the output path (a folder, or nothing yet), and, on a
-local run, the models given as local paths. A model spelled like a path (`/...`, `./...`, `~/...`,
+local run, the models given as local paths and the GPU decoder's package. A model spelled like a path (`/...`, `./...`, `~/...`,
 or with more than one '/') is a path and never a hub id: a missing one is reported here, naming its
 key, instead of being looked up on the hub or failing inside an actor minutes later. A job that
 joins a cluster skips the model check: its driver may run where the models are not mounted (the
@@ -11,6 +11,7 @@ KubeRay head). Each failure is a ConfigError whose message names the key.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -34,6 +35,7 @@ def check_before_work(cfg: JobConfig, local: bool) -> None:
         _check_model("answer.model", cfg.answer.model)
         _check_model("guidance.model", cfg.guidance.model)
         _check_fusion_scope(cfg)
+        _check_gpu_decoder(cfg)
     if cfg.questions.file:
         _check_file("questions.file", cfg.questions.file, cfg.input.storage)
     if cfg.input.manifest:
@@ -50,6 +52,14 @@ def _check_model(key: str, model: str) -> None:
     if not os.path.isdir(path):
         what = "is a file, not a model folder" if os.path.exists(path) else "does not exist"
         raise ConfigError(f"{key}: {path} {what} (a path is never looked up on the model hub)")
+
+
+def _check_gpu_decoder(cfg: JobConfig) -> None:
+    """`decode.backend: nvdec` on a local run: its package must be installed here, or every video
+    would quietly fall back to PyAV (on a cluster the workers' image is not this machine's)."""
+    if cfg.decode.backend == "nvdec" and importlib.util.find_spec("PyNvVideoCodec") is None:
+        raise ConfigError("decode.backend: nvdec needs PyNvVideoCodec, which is not installed here "
+                          "(pip install 'moref-index[nvdec]'), or choose pyav")
 
 
 def _check_fusion_scope(cfg: JobConfig) -> None:

@@ -146,6 +146,19 @@ def test_missing_local_model_is_never_a_hub_id(tmp_path, tiny_model_dir, capsys,
     assert not (tmp_path / "out").exists()
 
 
+def test_gpu_decoding_without_its_package_on_a_local_run(tmp_path, tiny_model_dir, capsys):
+    """PyNvVideoCodec is not installed in the CPU environment: nvdec would fall back to PyAV for every
+    video, so a local run says so before any work."""
+    _videos(tmp_path)
+    config = _config(tmp_path, tiny_model_dir, decode={"backend": "nvdec", "num_gpus": 0.05})
+    assert _error(capsys, ["run", str(config)]) == (
+        "error: decode.backend: nvdec needs PyNvVideoCodec, which is not installed here "
+        "(pip install 'moref-index[nvdec]'), or choose pyav")
+    assert not (tmp_path / "out").exists()
+    config = _config(tmp_path, tiny_model_dir, decode={"backend": "nvdec"})  # and without a GPU share
+    assert "decode.num_gpus" in _error(capsys, ["run", str(config)])
+
+
 # ---- readers on a path without an output
 
 
