@@ -4,9 +4,9 @@ The config's own validation (pipeline/config.py) checks forms; these check that 
 exists: the questions file and the manifest, the output path (a folder, or nothing yet), and, on a
 local run, the models given as local paths and the GPU decoder's package. A model spelled like a
 path (`/...`, `./...`, `~/...`, or with more than one '/') is a path and never a hub id: a missing one
-is reported here, naming its key, instead of being looked up on the hub or failing inside an actor minutes later. A job that
-joins a cluster skips the model check: its driver may run where the models are not mounted (the
-KubeRay head). Each failure is a ConfigError whose message names the key.
+is reported here, naming its key, instead of being looked up on the hub or failing inside an actor
+minutes later. A job that joins a cluster skips the model check: its driver may run where the models
+are not mounted (the KubeRay head). Each failure is a ConfigError whose message names the key.
 """
 
 from __future__ import annotations
