@@ -74,9 +74,9 @@ def main(argv=None) -> int:
                         "mbit_s": video.stat().st_size * 8 / info.duration_s / 1e6, "keyframe_s": args.keyframe_s},
               "frames_sampled": args.frames, "modes": {}}
     gpu_share = {"num_gpus": 0.1} if args.backend == "nvdec" else {}
-    for seek in args.seeks.split(","):
-        cfg = DecodeConfig(num_frames=args.frames, frame_size=384, num_cpus=1, seek=seek, backend=args.backend,
-                           **gpu_share)
+    configs = {seek: DecodeConfig(num_frames=args.frames, frame_size=384, num_cpus=1, seek=seek,
+                                  backend=args.backend, **gpu_share) for seek in args.seeks.split(",")}
+    for seek, cfg in configs.items():
         runs = []
         for _ in range(args.repeats):
             wall, cpu = time.perf_counter(), time.process_time()
@@ -90,9 +90,7 @@ def main(argv=None) -> int:
         if decoded.backend != args.backend:
             raise SystemExit(f"{args.backend} fell back to {decoded.backend}")
     if args.parallel:  # in the first seek mode
-        first = DecodeConfig(num_frames=args.frames, frame_size=384, num_cpus=1, seek=args.seeks.split(",")[0],
-                             backend=args.backend, **gpu_share)
-        report["parallel"] = parallel_decodes(str(video), first, args.parallel)
+        report["parallel"] = parallel_decodes(str(video), next(iter(configs.values())), args.parallel)
         print("parallel", json.dumps(report["parallel"]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

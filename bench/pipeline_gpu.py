@@ -27,6 +27,7 @@ A case that runs past its share of --budget-s is stopped; what it finished is st
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import datetime as dt
 import json
@@ -402,13 +403,11 @@ def answers_stats(out: Path) -> dict:
     clip_rates = [r["frames_decoded"] / r["guidance_s"] for r in per_video.values() if r["guidance_s"]]
     # One decoder thread per decode task (decode.num_cpus 1; 0.5 with --tiny): its seconds are CPU
     # seconds, for the videos a CPU backend decoded; nvdec's are the task's wall time, kept apart.
-    decode_s = [r["decode_s"] for r in per_video.values() if r["decode_s"] is not None
-                and r["decode_backend"] != "nvdec"]
-    gpu_decode_s = [r["decode_s"] for r in per_video.values() if r["decode_s"] is not None
-                    and r["decode_backend"] == "nvdec"]
-    backends: dict[str, int] = {}
+    decode_s: dict[bool, list[float]] = {True: [], False: []}  # on nvdec?
     for r in per_video.values():
-        backends[r["decode_backend"] or "unknown"] = backends.get(r["decode_backend"] or "unknown", 0) + 1
+        if r["decode_s"] is not None:
+            decode_s[r["decode_backend"] == "nvdec"].append(r["decode_s"])
+    backends = collections.Counter(r["decode_backend"] or "unknown" for r in per_video.values())
     errors: dict[str, int] = {}
     for r in rows:
         if r["status"] != "ok":
@@ -423,9 +422,9 @@ def answers_stats(out: Path) -> dict:
         "median_generate_ms_per_token": median(
             "generate_s", lambda r: 1000 * r["generate_s"] / max((r["output_tokens"] or 1) - 1, 1)),
         "clip_frames_per_s": statistics.median(clip_rates) if clip_rates else None,
-        "decode_cpu_s_per_video": statistics.fmean(decode_s) if decode_s else None,
-        "nvdec_s_per_video": statistics.fmean(gpu_decode_s) if gpu_decode_s else None,
-        "videos_by_decode_backend": backends,
+        "decode_cpu_s_per_video": statistics.fmean(decode_s[False]) if decode_s[False] else None,
+        "nvdec_s_per_video": statistics.fmean(decode_s[True]) if decode_s[True] else None,
+        "videos_by_decode_backend": dict(backends),
         "median_frames_decoded": median("frames_decoded"),
         "fusion_scopes_recorded": sorted({r["fusion_scope"] for r in ok if r["fusion_scope"]}),
     }

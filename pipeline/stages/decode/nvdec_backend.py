@@ -53,25 +53,23 @@ def frame_table(file: str | ByteStream, info: VideoInfo) -> FrameTable:
         stream = container.streams[info.stream_index]
         tb = float(stream.time_base)
         use_dts = container.format.name == "avi"
-        stamps, keys = [], []
-        last_ts, last_duration = None, 0  # the latest-shown frame's (pts order differs from packet order)
+        stamps, durations, keys = [], [], []
         for packet in container.demux(stream):
             if not packet.size:
                 continue  # the demuxer's flush packet
             ts = packet.dts if use_dts else packet.pts
             if ts is None:
                 raise DecodeError(ErrorReason.UNSUPPORTED, "nvdec: a packet has no timestamp")
-            if last_ts is None or ts >= last_ts:
-                last_ts, last_duration = ts, packet.duration or 0
             stamps.append(ts)
+            durations.append(packet.duration or 0)
             keys.append(packet.is_keyframe)
     if not stamps:
         raise DecodeError(ErrorReason.UNSUPPORTED, "nvdec: the video stream has no packets")
-    order = np.argsort(np.asarray(stamps, np.int64), kind="stable")
+    order = np.argsort(np.asarray(stamps, np.int64), kind="stable")  # packet order -> presentation order
     starts = np.asarray(stamps, np.float64)[order] * tb - info.start_s
     if len(starts) > 1 and not (np.diff(starts) > 0).all():
         raise DecodeError(ErrorReason.UNSUPPORTED, "nvdec: two packets share a presentation time")
-    shown_s = last_duration * tb or (1.0 / info.fps if info.fps else 0.0)
+    shown_s = durations[order[-1]] * tb or (1.0 / info.fps if info.fps else 0.0)
     return FrameTable(starts=starts, is_key=np.asarray(keys, bool)[order], end_s=float(starts[-1] + shown_s))
 
 
@@ -92,10 +90,9 @@ class NvdecBackend:
     name = "nvdec"
     needs_local_path = True  # PyNvVideoCodec's own demuxer opens the file by path
 
-    def __init__(self, frame_size: int, seek: str = "exact", gpu: int = 0):
+    def __init__(self, frame_size: int, seek: str = "exact"):
         self.frame_size = frame_size
         self.seek = seek  # DecodeConfig.seek: "exact" or "keyframe"
-        self.gpu = gpu  # index among the GPUs Ray made visible to this task
 
     def probe(self, file: str | ByteStream, limits: Limits | None = None) -> VideoInfo:
         # one PyAV probe gives every backend the same metadata, rotation and limits
@@ -115,12 +112,13 @@ class NvdecBackend:
         table = frame_table(file, info)
         pos = self.positions(table, times_s)
         try:
-            decoder = nvc.SimpleDecoder(file, gpu_id=self.gpu, use_device_memory=True,
+            # GPU 0 of those visible: Ray sets CUDA_VISIBLE_DEVICES to the task's GPU
+            decoder = nvc.SimpleDecoder(file, gpu_id=0, use_device_memory=True,
                                         output_color_type=nvc.OutputColorType.RGB)
             if len(decoder) != len(table.starts):
                 raise DecodeError(ErrorReason.UNSUPPORTED,
                                   f"nvdec counts {len(decoder)} frames, the container's packets {len(table.starts)}")
-            frames = self._scaled(decoder, pos, info, torch)
+            frames = self._scaled(decoder, pos, info)
         except DecodeError:
             raise
         except Exception as exc:  # noqa: BLE001 - PyNvVideoCodec raises its own exception types
@@ -138,8 +136,10 @@ class NvdecBackend:
             return keys[nearest_keyframes(table.starts[keys], targets)]
         return pick_frames(table.starts, targets)
 
-    def _scaled(self, decoder, pos: np.ndarray, info: VideoInfo, torch) -> np.ndarray:
+    def _scaled(self, decoder, pos: np.ndarray, info: VideoInfo) -> np.ndarray:
         """The frames at `pos`, decoded on the GPU, as upright uint8 (T, S, S, 3) on the host."""
+        import torch
+
         s = self.frame_size
         turns = -(info.rotation // 90)  # torch.rot90 turns counter-clockwise for k > 0
         out = np.empty((len(pos), s, s, 3), np.uint8)
