@@ -73,9 +73,9 @@ def main(argv=None) -> int:
               "video": {"seconds": info.duration_s, "width": info.width, "height": info.height, "fps": info.fps,
                         "mbit_s": video.stat().st_size * 8 / info.duration_s / 1e6, "keyframe_s": args.keyframe_s},
               "frames_sampled": args.frames, "modes": {}}
-    gpu_share = {"num_gpus": 0.1} if args.backend == "nvdec" else {}
+    gpu_share = 0.1 if args.backend == "nvdec" else 0.0  # nvdec's tasks must hold a GPU share
     configs = {seek: DecodeConfig(num_frames=args.frames, frame_size=384, num_cpus=1, seek=seek,
-                                  backend=args.backend, **gpu_share) for seek in args.seeks.split(",")}
+                                  backend=args.backend, num_gpus=gpu_share) for seek in args.seeks.split(",")}
     for seek, cfg in configs.items():
         runs = []
         for _ in range(args.repeats):

@@ -7,6 +7,7 @@ run whose decode tasks hold a GPU share. Needs av and PyNvVideoCodec (the carrie
 from __future__ import annotations
 
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -18,7 +19,9 @@ from pipeline.config import DecodeConfig  # noqa: E402 - after the skips
 from pipeline.schema import STATUS_OK, Col  # noqa: E402
 from pipeline.stages.decode import DecodeStage, decode_video  # noqa: E402
 from tests.media import grey_level, make_clip  # noqa: E402
-from tests.paths import DEMO_VIDEOS, REPO_VIDEOS  # noqa: E402
+from tests.paths import DEMO_VIDEOS, REPO, REPO_VIDEOS  # noqa: E402
+
+sys.path.insert(0, str(REPO / "bench"))
 
 S = 64
 CLIPS = {
@@ -91,7 +94,7 @@ def test_real_videos_decode_as_pyav_decodes_them_or_fall_back(path):
 def test_archive_texture_is_within_a_few_grey_levels(tmp_path):
     """Moving texture (bench/archive_video.py): NVDEC's YUV->RGB and torch's antialiased scaling
     against swscale's, at 384 px from 640x360."""
-    from bench.archive_video import write_archive_video
+    from archive_video import write_archive_video
 
     path = write_archive_video(tmp_path / "texture.mp4", 4, width=640, height=360, keyframe_s=2)
     cfg = DecodeConfig(frame_size=384, num_frames=16, backend="nvdec", num_gpus=0.1)
