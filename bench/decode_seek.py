@@ -7,9 +7,10 @@ keyframe every --keyframe-s, moving texture (bench/archive_video.py; past 80 s, 
 repeated by remuxing, as bench/pipeline_gpu.py does), then decodes --frames uniformly sampled frames
 from it with `pipeline.stages.decode.decode_video` (the decode stage's own function, in this
 process, one decoder thread as `decode.num_cpus: 1` gives) in each seek mode, --repeats times, and
-records wall and process CPU seconds and frames returned. `--parallel N` then decodes the video N
-times at once in N processes (modules imported beforehand), as N decode tasks would: the aggregate
-videos per hour that many decoders give (for nvdec: how far one GPU's NVDEC engines go).
+records wall and process CPU seconds and frames returned (with nvdec, the GPU's name too).
+`--parallel N` then decodes the video N times at once in N processes (modules imported beforehand),
+as N decode tasks would: the aggregate videos per hour that many decoders give (for nvdec: how far
+one GPU's NVDEC engines go).
 
     .venv/bin/python bench/decode_seek.py --out bench/results
     python3 bench/decode_seek.py --backend nvdec --seconds 600 --repeats 1 --parallel 8 --out $OUT   # GPU
@@ -73,6 +74,10 @@ def main(argv=None) -> int:
               "video": {"seconds": info.duration_s, "width": info.width, "height": info.height, "fps": info.fps,
                         "mbit_s": video.stat().st_size * 8 / info.duration_s / 1e6, "keyframe_s": args.keyframe_s},
               "frames_sampled": args.frames, "modes": {}}
+    if args.backend == "nvdec":  # the GPU whose NVDEC engines decode, beside the CPU that demuxes
+        import torch
+
+        report["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     gpu_share = 0.1 if args.backend == "nvdec" else 0.0  # nvdec's tasks must hold a GPU share
     configs = {seek: DecodeConfig(num_frames=args.frames, frame_size=384, num_cpus=1, seek=seek,
                                   backend=args.backend, num_gpus=gpu_share) for seek in args.seeks.split(",")}

@@ -2,7 +2,7 @@
 # Pack PyNvVideoCodec (NVIDIA's NVDEC bindings, the `nvdec` decode backend) for the GPU machines,
 # which have no package index: only the files the decoder loads (its CUDA 12.1 and 13.0 builds, the
 # bundled libavformat/libavutil it demuxes with and its CUDA runtime), not the wheel's samples, the
-# FFmpeg source tarball or the copies of each library under three names. ~27 MB wheel -> ~4 MB.
+# FFmpeg source tarball or the copies of each library under three names. ~27 MB wheel -> ~3 MB.
 #
 #   bash tools/gpu/pack-nvdec.sh .gpu/nvdec.tar.xz
 #
